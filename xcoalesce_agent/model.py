@@ -1,0 +1,118 @@
+"""The result of one inspection: plain objects shared by the report, the exporter and the runner.
+
+Nothing here does I/O; `to_dict()` gives the stable JSON shape of `--report --json`.
+"""
+
+# What a VHD is, as far as leaf coalesce is concerned.
+LEAF = "leaf"                            # writable leaf with no parent: nothing to merge
+LEAF_COALESCEABLE = "leaf_coalesceable"  # leaf whose parent has no other child: leaf coalesce frees space
+SNAPSHOT_PRESENT = "snapshot_present"    # leaf whose parent still has other children (snapshots)
+SNAPSHOT = "snapshot"                    # a snapshot VDI itself
+HIDDEN_PARENT = "hidden_parent"          # hidden VHD with several children: stays
+COALESCEABLE = "coalesceable"            # hidden VHD the GC merges on its own
+GARBAGE = "garbage"                      # hidden VHD with no live descendant: the GC deletes it
+ORPHAN = "orphan"                        # its parent is missing
+EXCLUDED = "excluded"                    # leaf-coalesceable, but excluded by policy
+SCAN_ERROR = "scan_error"                # vhd-util could not read it
+NOT_VHD = "not_vhd"                      # raw or qcow2 VDI: skipped, never guessed at
+
+STATES = (LEAF, LEAF_COALESCEABLE, SNAPSHOT_PRESENT, SNAPSHOT, HIDDEN_PARENT, COALESCEABLE,
+          GARBAGE, ORPHAN, EXCLUDED, SCAN_ERROR, NOT_VHD)
+
+MAX_CHAIN_LENGTH = 30
+
+
+class _Record(object):
+    """Keyword-built record with a fixed field list; `to_dict` follows that list."""
+
+    FIELDS = ()
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError("{}: unknown fields {}".format(type(self).__name__, sorted(unknown)))
+        for name in self.FIELDS:
+            setattr(self, name, values.get(name))
+
+    def to_dict(self):
+        return {name: _plain(getattr(self, name)) for name in self.FIELDS}
+
+    def __repr__(self):
+        return "{}({})".format(type(self).__name__, ", ".join(
+            "{}={!r}".format(name, getattr(self, name)) for name in self.FIELDS[:3]))
+
+
+def _plain(value):
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+class VdiReport(_Record):
+    """One VHD of an SR (a VDI, or a hidden VHD that no VDI record names)."""
+
+    FIELDS = (
+        "uuid",               # VDI UUID (the VHD's name)
+        "name",               # VDI name_label, "" for VHDs xapi does not know
+        "vm_uuid",            # VM using it through a VBD, "" when none
+        "vm_name",
+        "chain_length",       # VHDs from this one up to its root, itself included
+        "state",              # one of STATES
+        "reason",             # why not reclaimable, or "" when it is
+        "reclaimable_bytes",  # what a leaf coalesce would free now (0 when not leaf-coalesceable)
+        "merge_bytes",        # bytes a leaf coalesce copies into the parent
+        "merge_free_bytes",   # free space the SR needs before that merge
+        "physical_bytes",     # file size, or LV size on LVM SRs
+        "virtual_size_bytes",
+        "parent_uuid",        # "" for a root
+        "hidden",
+    )
+
+
+class SrReport(_Record):
+    """One SR this host is responsible for."""
+
+    FIELDS = (
+        "uuid",
+        "name",
+        "type",
+        "shared",
+        "size_bytes",             # physical_size
+        "free_bytes",             # physical_size - physical_utilisation
+        "reclaimable_bytes",      # sum over leaf-coalesceable VDIs
+        "gc_pending_bytes",       # what the GC's own pending work (garbage, coalesceable) will free
+        "merge_free_bytes",       # free space the largest pending leaf merge needs first
+        "longest_chain",
+        "gc_running",             # a GC process for this SR exists now
+        "gc_running_seconds",     # for how long, 0 when not running
+        "skipped_vdis",           # non-VHD VDIs, counted and left alone
+        "errors",                 # per-image scan errors, one line each
+        "vdis",                   # [VdiReport]
+    )
+
+    def state_counts(self):
+        counts = dict.fromkeys(STATES, 0)
+        for vdi in self.vdis or ():
+            counts[vdi.state] += 1
+        return counts
+
+
+class Inspection(_Record):
+    """One inspection of the host: what `--report` prints and `/metrics` serves."""
+
+    FIELDS = (
+        "host",                   # {"uuid", "name", "product_version"}
+        "started",                # unix time
+        "duration_seconds",
+        "srs",                    # [SrReport]
+        "skipped_srs",            # [{"uuid", "name", "type", "reason"}]: not ours, not VHD, detached
+        "errors",                 # [{"stage", "message"}]: what went wrong, per stage
+    )
+
+    @property
+    def reclaimable_bytes(self):
+        return sum(sr.reclaimable_bytes for sr in self.srs or ())
