@@ -1,0 +1,114 @@
+"""`xcoalesce-agent`: argument parsing, logging, exit codes and the wiring of the three modes.
+
+`--report` inspects and prints; `--now` runs leaf coalesces (runner.py); nothing runs the daemon.
+Every AgentError becomes one line `xcoalesce-agent: error: ...` and its exit code.
+"""
+import argparse
+import logging
+import sys
+
+from . import __version__, config as config_module
+from .errors import AgentError, EXIT_OK, EXIT_USAGE
+
+PROG = "xcoalesce-agent"
+LOG_FORMAT = "%(levelname)s: %(message)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors say `xcoalesce-agent: error: ...` and exit 2, like the rest."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, "{}: error: {}\n".format(self.prog, message))
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="Reclaims the space deleted VM snapshots leave behind on "
+                     "XenServer / XCP-ng storage, and exports it to Prometheus. Without --report or "
+                     "--now it runs as the service.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default {})".format(config_module.DEFAULT_PATH))
+    parser.add_argument("--log-level", choices=config_module.LOG_LEVELS,
+                        help="overrides [agent] log_level")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--report", action="store_true", help="inspect this host's SRs and print what is reclaimable")
+    mode.add_argument("--now", action="store_true", help="leaf-coalesce the eligible VDIs now")
+    parser.add_argument("--json", action="store_true", help="with --report or --now: print JSON")
+    parser.add_argument("--dry-run", action="store_true", help="with --now: say what would be done")
+    parser.add_argument("--vm", dest="vms", action="append", default=[], metavar="UUID",
+                        help="with --now: only this VM (repeatable)")
+    parser.add_argument("--sr", dest="srs", action="append", default=[], metavar="UUID",
+                        help="with --now: only this SR (repeatable)")
+    parser.add_argument("--max-freeze-seconds", type=float, metavar="S",
+                        help="with --now: longest I/O freeze allowed (default from the configuration)")
+    parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR:PORT",
+                        help="service mode: where /metrics listens (default from the configuration)")
+    return parser
+
+
+def parse_args(argv):
+    """Parse and check which options go with which mode."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    only_now = [("--dry-run", args.dry_run), ("--vm", args.vms), ("--sr", args.srs),
+                ("--max-freeze-seconds", args.max_freeze_seconds is not None)]
+    for flag, given in only_now:
+        if given and not args.now:
+            parser.error("{} goes with --now".format(flag))
+    if args.json and not (args.report or args.now):
+        parser.error("--json goes with --report or --now")
+    if args.web_listen_address is not None:
+        if args.report or args.now:
+            parser.error("--web.listen-address is for the service mode (no --report or --now)")
+        try:
+            config_module.listen_address(args.web_listen_address)
+        except ValueError as error:
+            parser.error("--web.listen-address: {}".format(error))
+    if args.max_freeze_seconds is not None and not args.max_freeze_seconds > 0:
+        parser.error("--max-freeze-seconds must be greater than 0")
+    return args
+
+
+def setup_logging(level):
+    """Log to stderr (the journal, under systemd), which adds its own timestamps."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def report(config, as_json):
+    from . import inspection, report as report_module
+    result = inspection.inspect(config)
+    sys.stdout.write(report_module.render_json(result) if as_json else report_module.render_text(result))
+    for error in result.errors or ():
+        logging.warning("%s: %s", error["stage"], error["message"])
+    return EXIT_OK
+
+
+def dispatch(args):
+    config = config_module.load(args.config)
+    setup_logging(args.log_level or config.agent.log_level)
+    if args.report:
+        return report(config, args.json)
+    if args.now:
+        from . import runner
+        return runner.run_now(config, args)
+    from . import daemon
+    return daemon.run(config, args.web_listen_address)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(args)
+    except AgentError as error:
+        sys.stderr.write("{}: error: {}\n".format(PROG, error.message))
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("{}: error: interrupted\n".format(PROG))
+        return 130
