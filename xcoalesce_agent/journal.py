@@ -1,0 +1,172 @@
+"""The crash journal: every host change the agent makes is written down before it is made.
+
+A step is one change that must be undone if the agent dies before undoing it itself:
+`force` (VDI `other-config:leaf-coalesce=force` set by the agent) and `suspend` (a VM the
+agent, or the `coalesce-leaf` plugin on its behalf, suspends; the plugin also sets `force` on the
+VM's VDIs). The file is rewritten atomically (fsync, rename, fsync of the directory) before the
+step, and the step is dropped once the change is undone. `repair()` undoes what a crash left.
+"""
+import json
+import logging
+import os
+import xmlrpc.client
+
+import XenAPI
+
+LOG = logging.getLogger(__name__)
+
+FILE_NAME = "journal.json"
+LEAF_COALESCE_KEY = "leaf-coalesce"
+FORCE = "force"
+
+FORCE_STEP = "force"
+SUSPEND_STEP = "suspend"
+
+
+def force_step(vdi_uuid, previous):
+    """The agent sets `leaf-coalesce=force` on a VDI whose value was `previous` (None: unset)."""
+    return {"action": FORCE_STEP, "vdi_uuid": vdi_uuid, "previous": previous}
+
+
+def suspend_step(vm_uuid, power_state, forced_vdis=()):
+    """A VM in `power_state` gets suspended; `forced_vdis` are [(vdi_uuid, previous)] also forced."""
+    return {"action": SUSPEND_STEP, "vm_uuid": vm_uuid, "power_state": power_state,
+            "forced_vdis": [[uuid, previous] for uuid, previous in forced_vdis]}
+
+
+class Journal(object):
+    """The journal file in the agent's state directory."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, FILE_NAME)
+
+    def steps(self):
+        """The steps still open, oldest first; an unreadable journal is kept aside and read as empty."""
+        try:
+            with open(self.path, encoding="utf-8") as stream:
+                steps = json.load(stream)["steps"]
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            aside = self.path + ".corrupt"
+            LOG.error("journal %s unreadable (%s), moved to %s", self.path, error, aside)
+            os.replace(self.path, aside)
+            return []
+        return steps
+
+    def begin(self, step):
+        """Record `step` durably; call before making the change. Returns the step's id."""
+        steps = self.steps()
+        step = dict(step, id=max([s["id"] for s in steps] + [0]) + 1)
+        self._write(steps + [step])
+        return step["id"]
+
+    def end(self, step_id):
+        """Drop a step once its change is undone (or turned out not to need undoing)."""
+        self._write([step for step in self.steps() if step["id"] != step_id])
+
+    def _write(self, steps):
+        os.makedirs(self.state_dir, exist_ok=True)
+        if not steps:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+                _fsync_dir(self.state_dir)
+            return
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as stream:
+            json.dump({"steps": steps}, stream, indent=1, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, self.path)
+        _fsync_dir(self.state_dir)
+
+
+def _fsync_dir(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def repair(session, journal):
+    """Undo every open step, newest first; returns one line per action taken.
+
+    A step whose undo fails stays in the journal (the next start tries again) and the error is
+    raised after the other steps were tried.
+    """
+    actions = []
+    failures = []
+    for step in reversed(journal.steps()):
+        try:
+            actions.extend(undo(session, step))
+        except (XenAPI.Failure, OSError, xmlrpc.client.Error) as error:
+            failures.append("{} {}: {}".format(step["action"], _subject(step), _describe(error)))
+            continue
+        journal.end(step["id"])
+    if failures:
+        raise RepairFailed("; ".join(failures))
+    return actions
+
+
+class RepairFailed(Exception):
+    """Some journal steps could not be undone; they stay in the journal."""
+
+
+def undo(session, step):
+    """Undo one step against xapi; idempotent. Returns what was done, one line per change."""
+    if step["action"] == FORCE_STEP:
+        return _unforce(session, step["vdi_uuid"], step["previous"])
+    if step["action"] == SUSPEND_STEP:
+        done = _bring_back(session, step["vm_uuid"], step["power_state"])
+        for vdi_uuid, previous in step["forced_vdis"]:
+            done.extend(_unforce(session, vdi_uuid, previous))
+        return done
+    raise ValueError("unknown journal step {!r}".format(step["action"]))
+
+
+def _subject(step):
+    return step.get("vdi_uuid") or step.get("vm_uuid")
+
+
+def _describe(error):
+    if isinstance(error, XenAPI.Failure):
+        return " ".join(str(part) for part in error.details)
+    return str(error)
+
+
+def _missing(error):
+    return error.details and error.details[0] in ("UUID_INVALID", "HANDLE_INVALID")
+
+
+def _unforce(session, vdi_uuid, previous):
+    """Put the VDI's `leaf-coalesce` back to `previous` if it still says `force`."""
+    try:
+        ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
+        value = session.xenapi.VDI.get_other_config(ref).get(LEAF_COALESCE_KEY)
+        if value != FORCE or previous == FORCE:
+            return []
+        session.xenapi.VDI.remove_from_other_config(ref, LEAF_COALESCE_KEY)
+        if previous is not None:
+            session.xenapi.VDI.add_to_other_config(ref, LEAF_COALESCE_KEY, previous)
+    except XenAPI.Failure as error:
+        if _missing(error):
+            return []
+        raise
+    return ["VDI {}: leaf-coalesce={} restored".format(vdi_uuid, previous if previous is not None else "(unset)")]
+
+
+def _bring_back(session, vm_uuid, power_state):
+    """Resume a VM that was running before the agent (or the plugin) suspended it."""
+    try:
+        ref = session.xenapi.VM.get_by_uuid(vm_uuid)
+        current = session.xenapi.VM.get_power_state(ref)
+        if power_state != "Running" or current != "Suspended":
+            return []
+        session.xenapi.VM.resume(ref, False, False)
+    except XenAPI.Failure as error:
+        if _missing(error):
+            return []
+        raise
+    return ["VM {}: resumed".format(vm_uuid)]
