@@ -163,6 +163,14 @@ def relative_locator_path(child_path, parent_path):
     return rel if rel.startswith("../") else "./" + rel
 
 
+def encode_parent_name(name):
+    """The header's 512-byte UTF-16BE parent name field."""
+    encoded = name.encode("utf-16-be")
+    if not name or len(encoded) > 512:
+        raise VhdError(errno.EINVAL, "invalid parent name {!r}".format(name))
+    return encoded.ljust(512, b"\0")
+
+
 def encode_locator(code, relative):
     """Locator payload: MACX is a UTF-8 `file://` URL, W2KU/W2RU UTF-16LE with `.\\` and backslashes."""
     if code == PLAT_CODE_MACX:
@@ -440,7 +448,10 @@ class Vhd(object):
 
     def _pread(self, offset, length):
         """Exactly `length` bytes, failing like libvhd: nothing there is EPIPE, a short read EIO."""
-        data = os.pread(self._fd, length, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise VhdError(exc.errno, "{}: {}".format(self.path, exc.strerror)) from None
         if len(data) == length:
             return data
         if not data:
@@ -659,7 +670,11 @@ class Vhd(object):
         return self._batmap
 
     def batmap_computed_checksum(self):
-        return checksum(self.batmap) if self.batmap is not None else None
+        """Checksum of the batmap as stored, without rejecting a bad one (for `read -p`)."""
+        header = self.batmap_header
+        if header is None:
+            return None
+        return checksum(self._pread(header.batmap_offset, self._batmap_map_bytes()))
 
     @property
     def marker(self):
@@ -874,6 +889,33 @@ class Vhd(object):
         if self.is_dynamic:
             self._pwrite(0, raw)
 
+    def set_parent(self, parent_path):
+        """Re-link to `parent_path` as libvhd's vhd_change_parent (`vhd-util modify -p`) does."""
+        self._need_writable()
+        if self.disk_type != DISK_DIFF:
+            raise VhdError(errno.EINVAL, "{}: would-be child is not a differencing disk".format(self.path))
+        target = os.path.realpath(parent_path)
+        try:
+            mtime = os.stat(target).st_mtime
+        except OSError as exc:
+            raise VhdError(exc.errno, "{}: {}".format(parent_path, exc.strerror)) from None
+        with Vhd.open(target) as parent:
+            self.header.parent_uuid = parent.uuid
+        self.header.parent_name_raw = encode_parent_name(os.path.basename(target))
+        self.header.parent_timestamp = vhd_time(mtime)
+        relative = relative_locator_path(self.path, target)
+        for i, loc in enumerate(self.header.locators):
+            if loc.code not in (PLAT_CODE_MACX, PLAT_CODE_W2KU, PLAT_CODE_W2RU):
+                continue
+            payload = encode_locator(loc.code, relative)
+            space = padded(len(payload))
+            if space > loc.size:
+                raise VhdError(errno.ENAMETOOLONG, "{}: parent path too long".format(self.path))
+            self._pwrite(loc.data_offset, payload.ljust(space, b"\0"))
+            self.header.locators[i] = Locator(loc.code, space, len(payload), 0, loc.data_offset,
+                                              decode_locator(loc.code, payload))
+        self._pwrite(self.footer.data_offset, self.header.sealed())
+
     def set_hidden(self, flag):
         """`vhd-util set -f hidden -v N`: rewrite both footers with the new byte."""
         self._need_writable()
@@ -1025,10 +1067,7 @@ def dynamic_layout(footer, parent=None):
         parent_uuid, parent_timestamp, parent_name, relative = parent
         header.parent_uuid = parent_uuid
         header.parent_timestamp = parent_timestamp
-        encoded_name = parent_name.encode("utf-16-be")
-        if not parent_name or len(encoded_name) > 512:
-            raise VhdError(errno.EINVAL, "invalid parent name {!r}".format(parent_name))
-        header.parent_name_raw = encoded_name.ljust(512, b"\0")
+        header.parent_name_raw = encode_parent_name(parent_name)
         offset = batmap.batmap_offset + batmap_secs * SECTOR_SIZE
         for i, code in enumerate((PLAT_CODE_MACX, PLAT_CODE_W2KU, PLAT_CODE_W2RU)):
             payload = encode_locator(code, relative)
@@ -1115,6 +1154,12 @@ def resolve_parent(path):
     """
     with Vhd.open(path) as vhd:
         return vhd.parent_path()
+
+
+def set_parent(child_path, parent_path):
+    """`vhd-util modify -n child -p parent`: point the child at another parent."""
+    with Vhd.open(child_path, writable=True) as child:
+        child.set_parent(parent_path)
 
 
 def read_chain(path, offset=0, length=None):
