@@ -1,0 +1,121 @@
+"""RunHistory: runs logged, totals on disk, surviving restarts and other processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xcoalesce_agent import history
+
+SR_A = "11111111-1111-1111-1111-111111111111"
+SR_B = "22222222-2222-2222-2222-222222222222"
+
+
+def a_run(**changes):
+    run = {"vm_uuid": "vm-1", "vdi_uuid": "vdi-1", "sr_uuid": SR_A, "strategy": "live", "result": "success",
+           "reason": "", "estimated_bytes": 4 << 20, "reclaimed_bytes": 4 << 20, "frozen_seconds": 1.5,
+           "predicted_freeze_seconds": 2.0, "started": 1700000000.0, "finished": 1700000010.0}
+    run.update(changes)
+    return run
+
+
+def test_a_new_state_directory_has_empty_totals(tmp_path):
+    runs = history.RunHistory(str(tmp_path / "state"))
+    assert runs.totals() == history.empty_totals()
+    assert runs.runs() == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_record_counts_runs_bytes_and_freeze_buckets(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    runs.record(a_run(frozen_seconds=45.0, reclaimed_bytes=1 << 20))
+    runs.record(a_run(result="failed", reclaimed_bytes=0, frozen_seconds=0.05))
+    runs.record(a_run(sr_uuid=SR_B, strategy="gc", frozen_seconds=0.0, reclaimed_bytes=2 << 20))
+    runs.record(a_run(sr_uuid=SR_B, strategy="plugin", result="skipped", reclaimed_bytes=None, frozen_seconds=None))
+    totals = runs.totals()
+    assert totals["runs"] == 5
+    assert totals["srs"][SR_A] == {"reclaimed_bytes": 5 << 20, "runs": {"live": {"success": 2, "failed": 1}}}
+    assert totals["srs"][SR_B] == {"reclaimed_bytes": 2 << 20, "runs": {"gc": {"success": 1},
+                                                                        "plugin": {"skipped": 1}}}
+    live = totals["frozen_seconds"]["live"]
+    assert live["count"] == 3 and live["sum"] == pytest.approx(46.55)
+    bounds = history.FREEZE_BUCKETS
+    assert live["buckets"][bounds.index(0.1)] == 1
+    assert live["buckets"][bounds.index(2.0)] == 1
+    assert live["buckets"][bounds.index(60.0)] == 1
+    assert sum(live["buckets"]) == 3
+    assert set(totals["frozen_seconds"]) == {"live"}, "GC runs and skipped runs freeze nothing"
+    assert [run["result"] for run in runs.runs()] == ["success", "success", "failed", "success", "skipped"]
+
+
+def test_a_freeze_longer_than_every_bound_lands_in_inf(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run(strategy="plugin", frozen_seconds=4000.0))
+    assert runs.totals()["frozen_seconds"]["plugin"]["buckets"][-1] == 1
+
+
+def test_totals_survive_a_new_instance(tmp_path):
+    history.RunHistory(str(tmp_path)).record(a_run())
+    again = history.RunHistory(str(tmp_path))
+    assert again.totals()["srs"][SR_A]["reclaimed_bytes"] == 4 << 20
+    again.record(a_run())
+    assert history.RunHistory(str(tmp_path)).totals()["srs"][SR_A]["reclaimed_bytes"] == 8 << 20
+
+
+def test_totals_follow_runs_recorded_by_another_process(tmp_path):
+    reader = history.RunHistory(str(tmp_path))
+    assert reader.totals()["runs"] == 0
+    script = ("import sys; from xcoalesce_agent import history; from tests.test_history import a_run; "
+              "history.RunHistory(sys.argv[1]).record(a_run(reclaimed_bytes=123))")
+    subprocess.check_call([sys.executable, "-c", script, str(tmp_path)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert reader.totals()["srs"][SR_A]["reclaimed_bytes"] == 123
+
+
+def test_totals_file_is_replaced_atomically_and_is_json(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    with open(str(tmp_path / history.TOTALS_FILE)) as stream:
+        assert json.load(stream)["runs"] == 1
+    assert sorted(os.listdir(str(tmp_path))) == sorted([history.TOTALS_FILE, history.RUNS_FILE, history.LOCK_FILE])
+
+
+def test_a_lost_or_corrupt_totals_file_is_rebuilt_from_the_log(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    runs.record(a_run(reclaimed_bytes=1))
+    with open(str(tmp_path / history.RUNS_FILE), "a") as stream:
+        stream.write('{"vm_uuid": "cut short by a cra')
+    (tmp_path / history.TOTALS_FILE).write_text("{not json")
+    rebuilt = history.RunHistory(str(tmp_path)).totals()
+    assert rebuilt["runs"] == 2 and rebuilt["srs"][SR_A]["reclaimed_bytes"] == (4 << 20) + 1
+    (tmp_path / history.TOTALS_FILE).unlink()
+    assert history.RunHistory(str(tmp_path)).totals() == rebuilt
+
+
+def test_totals_returns_a_copy(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    runs.totals()["srs"].clear()
+    assert runs.totals()["srs"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"strategy": "magic"}, "unknown strategy"),
+    ({"result": "maybe"}, "unknown result"),
+    ({"sr_uuid": ""}, "no sr_uuid"),
+    ({"reclaimed_bytes": -1}, "negative"),
+])
+def test_bad_run_records_are_refused(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        history.RunHistory(str(tmp_path)).record(a_run(**changes))
+    assert history.RunHistory(str(tmp_path)).runs() == []
+
+
+def test_a_run_lacking_fields_is_refused(tmp_path):
+    run = a_run()
+    del run["finished"]
+    with pytest.raises(ValueError, match="lacks finished"):
+        history.RunHistory(str(tmp_path)).record(run)

@@ -1,0 +1,193 @@
+"""The leaf-coalesce run history: every finished run in a log, and running totals for the exporter.
+
+`RunHistory(state_dir)` keeps two files in the agent's state directory:
+`runs.jsonl`, one JSON line per finished run (append-only), and `totals.json`, the counters
+Prometheus reads (reclaimed bytes and runs per SR, the freeze-time histogram), rewritten atomically
+after each run so they survive restarts. Several processes may record (the service and `--now`):
+a lock file serialises them, and `totals()` rereads the file when another process changed it.
+"""
+import copy
+import errno
+import fcntl
+import json
+import os
+
+RUN_FIELDS = ("vm_uuid", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
+              "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "started", "finished")
+STRATEGIES = ("gc", "live", "plugin")
+FREEZING_STRATEGIES = ("live", "plugin")  # the GC's own runs never stop the guest
+RESULTS = ("success", "failed", "skipped")
+
+# Upper bounds (seconds) of the guest freeze histogram: live coalesce freezes I/O for seconds,
+# the plugin suspends the VM for up to minutes.
+FREEZE_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+FORMAT = 1
+RUNS_FILE = "runs.jsonl"
+TOTALS_FILE = "totals.json"
+LOCK_FILE = "history.lock"
+
+
+def empty_totals():
+    """Totals of no run at all.
+
+    `srs`: {sr_uuid: {"reclaimed_bytes": int, "runs": {strategy: {result: count}}}};
+    `frozen_seconds`: {live or plugin: {"buckets": [count per FREEZE_BUCKETS bound, not cumulative,
+    then one for +Inf], "count": int, "sum": float}}; `runs`: how many runs in all.
+    """
+    return {"format": FORMAT, "runs": 0, "srs": {}, "frozen_seconds": {}}
+
+
+def add_run(totals, run):
+    """Count one finished run into `totals` (in place)."""
+    sr = totals["srs"].setdefault(run["sr_uuid"], {"reclaimed_bytes": 0, "runs": {}})
+    results = sr["runs"].setdefault(run["strategy"], {})
+    results[run["result"]] = results.get(run["result"], 0) + 1
+    sr["reclaimed_bytes"] += int(run.get("reclaimed_bytes") or 0)
+    totals["runs"] += 1
+    frozen = run.get("frozen_seconds")
+    if run["strategy"] in FREEZING_STRATEGIES and run["result"] != "skipped" and frozen is not None:
+        histogram = totals["frozen_seconds"].setdefault(
+            run["strategy"], {"buckets": [0] * (len(FREEZE_BUCKETS) + 1), "count": 0, "sum": 0.0})
+        histogram["buckets"][_bucket_index(float(frozen))] += 1
+        histogram["count"] += 1
+        histogram["sum"] += float(frozen)
+
+
+def _bucket_index(seconds):
+    for index, bound in enumerate(FREEZE_BUCKETS):
+        if seconds <= bound:
+            return index
+    return len(FREEZE_BUCKETS)
+
+
+def check_run(run):
+    """Raise ValueError naming what is wrong with a run record."""
+    missing = [name for name in RUN_FIELDS if name not in run]
+    if missing:
+        raise ValueError("run record lacks {}".format(", ".join(missing)))
+    if run["strategy"] not in STRATEGIES:
+        raise ValueError("unknown strategy {!r} (expected {})".format(run["strategy"], ", ".join(STRATEGIES)))
+    if run["result"] not in RESULTS:
+        raise ValueError("unknown result {!r} (expected {})".format(run["result"], ", ".join(RESULTS)))
+    if not run["sr_uuid"]:
+        raise ValueError("run record has no sr_uuid")
+    if int(run["reclaimed_bytes"] or 0) < 0:
+        raise ValueError("reclaimed_bytes is negative: {!r}".format(run["reclaimed_bytes"]))
+
+
+class RunHistory(object):
+    """The runs recorded under one state directory."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self._runs_path = os.path.join(state_dir, RUNS_FILE)
+        self._totals_path = os.path.join(state_dir, TOTALS_FILE)
+        self._lock_path = os.path.join(state_dir, LOCK_FILE)
+        self._cached = (None, None)  # (stamp of totals.json when read, totals)
+
+    def record(self, run):
+        """Append one finished run to the log and count it into the totals on disk."""
+        check_run(run)
+        line = json.dumps({name: run[name] for name in RUN_FIELDS}, sort_keys=True) + "\n"
+        _make_dirs(self.state_dir)
+        with _Locked(self._lock_path):
+            totals = self._read_totals()
+            with open(self._runs_path, "a", encoding="utf-8") as stream:
+                stream.write(line)
+                stream.flush()
+                os.fsync(stream.fileno())
+            add_run(totals, run)
+            _write_atomically(self._totals_path, json.dumps(totals, sort_keys=True))
+            self._cached = (_stamp(self._totals_path), totals)
+
+    def totals(self):
+        """The totals as on disk now (see `empty_totals` for their shape); a copy the caller may keep."""
+        stamp = _stamp(self._totals_path)
+        cached_stamp, totals = self._cached
+        if totals is None or stamp is None or stamp != cached_stamp:
+            totals = self._read_totals()
+            self._cached = (stamp, totals)
+        return copy.deepcopy(totals)
+
+    def runs(self):
+        """Every recorded run, oldest first; a line cut short by a crash is left out."""
+        return list(_read_log(self._runs_path))
+
+    def _read_totals(self):
+        """Totals from disk; rebuilt from the run log when the totals file is missing or unreadable."""
+        try:
+            with open(self._totals_path, encoding="utf-8") as stream:
+                totals = json.load(stream)
+            if isinstance(totals, dict) and totals.get("format") == FORMAT:
+                return totals
+        except (OSError, ValueError):
+            pass
+        totals = empty_totals()
+        for run in _read_log(self._runs_path):
+            add_run(totals, run)
+        return totals
+
+
+def _read_log(path):
+    try:
+        stream = open(path, encoding="utf-8")
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return
+        raise
+    with stream:
+        for line in stream:
+            try:
+                run = json.loads(line)
+                check_run(run)
+            except (ValueError, TypeError):
+                continue
+            yield run
+
+
+def _stamp(path):
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _make_dirs(path):
+    try:
+        os.makedirs(path, 0o750)
+    except OSError as error:
+        if error.errno != errno.EEXIST:
+            raise
+
+
+def _write_atomically(path, content):
+    """Write a sibling temporary file, flush it to disk, rename it over `path`, sync the directory."""
+    temporary = "{}.{}.tmp".format(path, os.getpid())
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(content)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.rename(temporary, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class _Locked(object):
+    """An exclusive flock on a file, for the time of a `with` block."""
+
+    def __init__(self, path):
+        self._path = path
+        self._fd = None
+
+    def __enter__(self):
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info):
+        os.close(self._fd)
