@@ -13,8 +13,8 @@ def test_journal_records_steps_and_clears(tmp_path):
     state = tmp_path / "state"
     jrn = journal.Journal(str(state))
     assert jrn.steps() == []
-    first = jrn.begin(journal.force_step("vdi-1", None))
-    second = jrn.begin(journal.suspend_step("vm-1", "Running", [("vdi-2", None)]))
+    first = jrn.begin(journal.force_step("sr-1", "vdi-1", None))
+    second = jrn.begin(journal.suspend_step(["sr-1"], "vm-1", "Running", [("vdi-2", None)]))
     on_disk = json.loads((state / "journal.json").read_text())
     assert [step["action"] for step in on_disk["steps"]] == ["force", "suspend"]
     assert on_disk["steps"][1]["forced_vdis"] == [["vdi-2", None]]
@@ -26,9 +26,9 @@ def test_journal_records_steps_and_clears(tmp_path):
 
 
 def test_step_ids_stay_unique_across_instances(tmp_path):
-    journal.Journal(str(tmp_path)).begin(journal.force_step("a", None))
+    journal.Journal(str(tmp_path)).begin(journal.force_step("sr", "a", None))
     again = journal.Journal(str(tmp_path))
-    assert again.begin(journal.force_step("b", "offline")) == 2
+    assert again.begin(journal.force_step("sr", "b", "offline")) == 2
     assert [step["previous"] for step in again.steps()] == [None, "offline"]
 
 

@@ -9,9 +9,10 @@ step, and the step is dropped once the change is undone. `repair()` undoes what 
 import json
 import logging
 import os
-import xmlrpc.client
 
 import XenAPI
+
+from .xapi import TRANSPORT_ERRORS, describe
 
 LOG = logging.getLogger(__name__)
 
@@ -23,15 +24,18 @@ FORCE_STEP = "force"
 SUSPEND_STEP = "suspend"
 
 
-def force_step(vdi_uuid, previous):
+def force_step(sr_uuid, vdi_uuid, previous):
     """The agent sets `leaf-coalesce=force` on a VDI whose value was `previous` (None: unset)."""
-    return {"action": FORCE_STEP, "vdi_uuid": vdi_uuid, "previous": previous}
+    return {"action": FORCE_STEP, "sr_uuids": [sr_uuid], "vdi_uuid": vdi_uuid, "previous": previous}
 
 
-def suspend_step(vm_uuid, power_state, forced_vdis=()):
-    """A VM in `power_state` gets suspended; `forced_vdis` are [(vdi_uuid, previous)] also forced."""
-    return {"action": SUSPEND_STEP, "vm_uuid": vm_uuid, "power_state": power_state,
-            "forced_vdis": [[uuid, previous] for uuid, previous in forced_vdis]}
+def suspend_step(sr_uuids, vm_uuid, power_state, forced_vdis=()):
+    """A VM in `power_state` gets suspended; `forced_vdis` are [(vdi_uuid, previous)] also forced.
+
+    `sr_uuids`: the SRs whose GC works while the step is open (repair waits for them first).
+    """
+    return {"action": SUSPEND_STEP, "sr_uuids": sorted(sr_uuids), "vm_uuid": vm_uuid,
+            "power_state": power_state, "forced_vdis": [[uuid, previous] for uuid, previous in forced_vdis]}
 
 
 class Journal(object):
@@ -101,8 +105,8 @@ def repair(session, journal):
     for step in reversed(journal.steps()):
         try:
             actions.extend(undo(session, step))
-        except (XenAPI.Failure, OSError, xmlrpc.client.Error) as error:
-            failures.append("{} {}: {}".format(step["action"], _subject(step), _describe(error)))
+        except (XenAPI.Failure,) + TRANSPORT_ERRORS as error:
+            failures.append("{} {}: {}".format(step["action"], _subject(step), describe(error)))
             continue
         journal.end(step["id"])
     if failures:
@@ -128,12 +132,6 @@ def undo(session, step):
 
 def _subject(step):
     return step.get("vdi_uuid") or step.get("vm_uuid")
-
-
-def _describe(error):
-    if isinstance(error, XenAPI.Failure):
-        return " ".join(str(part) for part in error.details)
-    return str(error)
 
 
 def _missing(error):

@@ -1,0 +1,672 @@
+"""Leaf-coalesce runs: `--now`, the daemon's scheduled runs and the snapshot-deletion trigger.
+
+Every run: host lock -> repair what a crash left (journal) -> inspect -> plan -> for each SR: the
+SR's normal GC pass, then per VDI still leaf-coalesceable the forced live path or the plugin,
+each host change journalled before it is made and undone in a `finally` -> verify the chain is
+one link shorter -> measure the bytes freed and the freeze -> record in the run history.
+"""
+import datetime
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+import psutil
+import XenAPI
+
+from . import history as history_module
+from . import inspection as inspection_module
+from . import inventory, journal as journal_module, model, planner, schedule
+from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, HostUnreachable, LockHeld
+from .lock import HostLock
+from .xapi import TRANSPORT_ERRORS, describe, fetch_records, open_session
+
+LOG = logging.getLogger(__name__)
+
+PLUGIN = "coalesce-leaf"
+PLUGIN_FUNCTION = "leaf-coalesce"
+GC_TASK_LABEL = "Garbage Collection"
+OLD_LEAF_PREFIX = "OLD_"
+POLL_SECONDS = 0.2
+# After SR.scan, how long the GC may take to show up before it is taken as already done.
+GC_START_SECONDS = 2.0
+SPEEDS_FILE = "merge-speeds.json"
+WINDOW_FILE = "window.json"
+PENDING_FILE = "pending-srs.json"
+SPEEDS_KEPT = 10
+
+
+class XapiLost(Exception):
+    """xapi stopped answering in the middle of a run: the remaining runs are not attempted."""
+
+
+# ---- small I/O helpers -------------------------------------------------------------------
+
+def _read_json(path, default):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, ValueError):
+        return default
+
+
+def _write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(value, stream, sort_keys=True)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def read_speeds(config, sr_uuids):
+    """{sr: {"sm": SM's speed log mean, strategy: the agent's own measured mean}} in bytes/s."""
+    own = _read_json(os.path.join(config.agent.state_dir, SPEEDS_FILE), {})
+    speeds = {}
+    for sr_uuid in sr_uuids:
+        path = os.path.join(config.storage.speed_log_dir, "{}.speed_log".format(sr_uuid))
+        try:
+            with open(path, encoding="utf-8") as stream:
+                sm_speed = planner.parse_speed_log(stream.read())
+        except OSError:
+            sm_speed = None
+        speeds[sr_uuid] = {"sm": sm_speed}
+        for strategy, figures in own.get(sr_uuid, {}).items():
+            if figures:
+                speeds[sr_uuid][strategy] = sum(figures) / len(figures)
+    return speeds
+
+
+def record_speed(config, sr_uuid, strategy, merge_bytes, frozen_seconds):
+    """Keep the speed a run achieved (bytes merged per second frozen) for later predictions."""
+    if not merge_bytes or not frozen_seconds or frozen_seconds <= 0:
+        return
+    path = os.path.join(config.agent.state_dir, SPEEDS_FILE)
+    speeds = _read_json(path, {})
+    figures = speeds.setdefault(sr_uuid, {}).setdefault(strategy, [])
+    figures.append(merge_bytes / frozen_seconds)
+    del figures[:-SPEEDS_KEPT]
+    _write_json(path, speeds)
+
+
+def load_per_cpu():
+    return os.getloadavg()[0] / (os.cpu_count() or 1)
+
+
+# ---- xapi: facts, the GC, the two forcing paths ------------------------------------------
+
+def gather_facts(config, session, sr_uuids):
+    records = fetch_records(config, session)
+    return planner.HostFacts(
+        vms={record["uuid"]: record for record in records.vms.values()},
+        vdis={record["uuid"]: record for record in records.vdis.values()},
+        srs={record["uuid"]: record for record in records.srs.values()},
+        speeds=read_speeds(config, sr_uuids),
+        load_per_cpu=load_per_cpu(),
+    )
+
+
+def gc_running(session, sr_uuid):
+    """True while SM's GC works on the SR: a `cleanup ... -u <sr>` process or its xapi task."""
+    for process in psutil.process_iter(attrs=["cmdline"]):
+        command = process.info.get("cmdline") or []
+        if sr_uuid in command and any("cleanup" in part for part in command):
+            return True
+    sr_ref = session.xenapi.SR.get_by_uuid(sr_uuid)
+    for task in session.xenapi.task.get_all_records().values():
+        if (task.get("name_label") == GC_TASK_LABEL and task.get("status") == "pending"
+                and task.get("other_config", {}).get("applies_to") == sr_ref):
+            return True
+    return False
+
+
+def wait_gc_idle(session, sr_uuid, timeout):
+    """Wait (bounded) until the SR's GC is not running; True if it is idle."""
+    deadline = time.monotonic() + timeout
+    while gc_running(session, sr_uuid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def gc_pass(config, session, sr_uuid):
+    """Kick the SR's GC with SR.scan and wait for it to finish; raises when it outlasts gc_wait_seconds."""
+    timeout = config.coalesce.gc_wait_seconds
+    if not wait_gc_idle(session, sr_uuid, timeout):
+        raise RunError("the SR's garbage collector is still busy after {:g} s".format(timeout))
+    session.xenapi.SR.scan(session.xenapi.SR.get_by_uuid(sr_uuid))
+    appear_by = time.monotonic() + GC_START_SECONDS
+    while not gc_running(session, sr_uuid) and time.monotonic() < appear_by:
+        time.sleep(POLL_SECONDS)
+    if not wait_gc_idle(session, sr_uuid, timeout):
+        raise RunError("the SR's garbage collector did not finish within {:g} s".format(timeout))
+
+
+class RunError(Exception):
+    """One run could not be carried out; its message is the run's reason."""
+
+
+def _other_config_value(session, vdi_uuid):
+    ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
+    return ref, session.xenapi.VDI.get_other_config(ref).get(journal_module.LEAF_COALESCE_KEY)
+
+
+def run_live(config, session, journal, entry):
+    """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case. Returns seconds frozen."""
+    ref, previous = _other_config_value(session, entry["vdi_uuid"])
+    step = journal.begin(journal_module.force_step(entry["sr_uuid"], entry["vdi_uuid"], previous))
+    started = time.monotonic()
+    try:
+        if previous is not None:
+            session.xenapi.VDI.remove_from_other_config(ref, journal_module.LEAF_COALESCE_KEY)
+        session.xenapi.VDI.add_to_other_config(ref, journal_module.LEAF_COALESCE_KEY, journal_module.FORCE)
+        gc_pass(config, session, entry["sr_uuid"])
+        return time.monotonic() - started
+    finally:
+        _close_step(session, journal, step)
+
+
+def run_plugin(config, session, journal, entry, facts):
+    """The `coalesce-leaf` plugin for the entry's VM (suspends it); the VM comes back in every case."""
+    vm_uuid = entry["vm_uuid"]
+    vm_ref = session.xenapi.VM.get_by_uuid(vm_uuid)
+    power_state = session.xenapi.VM.get_power_state(vm_ref)
+    forced, sr_uuids = [], set()
+    for vbd_ref in session.xenapi.VM.get_VBDs(vm_ref):
+        vdi_ref = session.xenapi.VBD.get_VDI(vbd_ref)
+        if vdi_ref == "OpaqueRef:NULL":
+            continue
+        record = session.xenapi.VDI.get_record(vdi_ref)
+        sr = facts.srs.get(session.xenapi.SR.get_uuid(record["SR"]), {})
+        if planner.is_lvm(sr.get("type", "")):
+            sr_uuids.add(sr["uuid"])
+            forced.append((record["uuid"], record["other_config"].get(journal_module.LEAF_COALESCE_KEY)))
+    host_ref = session.xenapi.host.get_by_uuid(inventory.host_uuid(config.xapi.inventory))
+    step = journal.begin(journal_module.suspend_step(sr_uuids, vm_uuid, power_state, forced))
+    started = time.monotonic()
+    try:
+        answer = session.xenapi.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
+        LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(str(answer).split()))
+        return time.monotonic() - started
+    finally:
+        _close_step(session, journal, step)
+
+
+def _close_step(session, journal, step_id):
+    """Undo one journal step now; if that fails it stays for `repair` and the error propagates."""
+    step = next(item for item in journal.steps() if item["id"] == step_id)
+    for line in journal_module.undo(session, step):
+        LOG.info("%s", line)
+    journal.end(step_id)
+
+
+def repair(config, session, journal):
+    """Undo what an earlier run left behind, once the GCs it started have settled."""
+    steps = journal.steps()
+    if not steps:
+        return []
+    for sr_uuid in sorted({sr for step in steps for sr in step.get("sr_uuids", ())}):
+        if not wait_gc_idle(session, sr_uuid, config.coalesce.gc_wait_seconds):
+            LOG.warning("repairing while the GC of SR %s still runs", sr_uuid)
+    actions = journal_module.repair(session, journal)
+    for line in actions:
+        LOG.warning("repaired after an interrupted run: %s", line)
+    return actions
+
+
+# ---- one run over a plan -----------------------------------------------------------------
+
+def _find(inspection, vdi_uuid):
+    for sr in inspection.srs or ():
+        for vdi in sr.vdis or ():
+            if vdi.uuid == vdi_uuid:
+                return sr, vdi
+    return None, None
+
+
+def _physical(inspection, uuids):
+    total = 0
+    for sr in inspection.srs or ():
+        total += sum(vdi.physical_bytes or 0 for vdi in sr.vdis or () if vdi.uuid in uuids)
+    return total
+
+
+def _sr_free(inspection, sr_uuid):
+    for sr in inspection.srs or ():
+        if sr.uuid == sr_uuid:
+            return sr.free_bytes or 0
+    return 0
+
+
+def _run_record(entry, started):
+    return {
+        "vm_uuid": entry["vm_uuid"], "vm_name": entry["vm_name"], "vdi_uuid": entry["vdi_uuid"],
+        "sr_uuid": entry["sr_uuid"], "strategy": entry["strategy"], "result": entry["result"],
+        "reason": entry["reason"], "estimated_bytes": entry["estimated_bytes"], "reclaimed_bytes": 0,
+        "merge_bytes": entry["merge_bytes"], "frozen_seconds": None,
+        "predicted_freeze_seconds": entry["predicted_freeze_seconds"], "started": started, "finished": started,
+    }
+
+
+class Runner(object):
+    """Carries out a plan on the host through one xapi session."""
+
+    def __init__(self, config, session, policy):
+        self.config = config
+        self.session = session
+        self.policy = policy
+        self.journal = journal_module.Journal(config.agent.state_dir)
+        self.lost = None  # why xapi was lost mid-run, if it was
+
+    def inspect(self):
+        return inspection_module.inspect(self.config)
+
+    def facts(self, inspection):
+        return gather_facts(self.config, self.session, [sr.uuid for sr in inspection.srs or ()])
+
+    def execute(self, entries, before):
+        """Run the planned entries SR by SR; returns one run record per entry."""
+        runs = [_run_record(entry, time.time()) for entry in entries if entry["result"] != planner.PLANNED]
+        by_sr = {}
+        for entry in entries:
+            if entry["result"] == planner.PLANNED:
+                by_sr.setdefault(entry["sr_uuid"], []).append(entry)
+        for sr_uuid, group in by_sr.items():
+            if self.lost is not None:
+                runs.extend(self._not_attempted(group, self.lost))
+                continue
+            try:
+                runs.extend(self._run_sr(sr_uuid, group, before))
+            except XapiLost as error:
+                self.lost = str(error)
+                runs.extend(self._not_attempted(group, self.lost))
+        return runs
+
+    def _not_attempted(self, group, why):
+        runs = []
+        for entry in group:
+            run = _run_record(entry, time.time())
+            run.update(result=planner.FAILED, reason="not attempted: {}".format(why))
+            runs.append(run)
+        return runs
+
+    def _run_sr(self, sr_uuid, group, before):
+        started = time.time()
+        try:
+            gc_pass(self.config, self.session, sr_uuid)
+            current = self.inspect()
+        except TRANSPORT_ERRORS as error:
+            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+        except (XenAPI.Failure, RunError, HostUnreachable) as error:
+            return [self._failed(entry, started, "GC pass: {}".format(describe(error))) for entry in group]
+        runs = []
+        plugin_done = {}
+        for entry in group:
+            run, current = self._run_one(entry, before, current, plugin_done)
+            runs.append(run)
+        LOG.info("SR %s: free space %d -> %d bytes", sr_uuid, _sr_free(before, sr_uuid), _sr_free(current, sr_uuid))
+        return runs
+
+    def _failed(self, entry, started, reason):
+        run = _run_record(entry, started)
+        run.update(result=planner.FAILED, reason=reason, finished=time.time())
+        return run
+
+    def _run_one(self, entry, before, current, plugin_done):
+        """One VDI after the GC pass: done already, or forced now. Returns (run, inspection after)."""
+        started = time.time()
+        run = _run_record(entry, started)
+        _, report = _find(current, entry["vdi_uuid"])
+        if report is not None and report.chain_length < entry["chain_length"]:
+            strategy, frozen = plugin_done.get(entry["vm_uuid"], (planner.GC, None))
+            return self._verified(run, entry, before, current, strategy, frozen), current
+        try:
+            (fresh,) = [item for item in planner.plan(current, self.facts(current), self.policy.without(planner.GC),
+                                                      vms=[entry["vm_uuid"]] if entry["vm_uuid"] else (),
+                                                      srs=[entry["sr_uuid"]])
+                        if item["vdi_uuid"] == entry["vdi_uuid"]] or [None]
+            if fresh is None or fresh["result"] != planner.PLANNED:
+                reason = fresh["reason"] if fresh else "no longer leaf-coalesceable after the GC pass"
+                run.update(result=planner.SKIPPED, reason="after the GC pass: " + reason, finished=time.time())
+                return run, current
+            run.update(strategy=fresh["strategy"], predicted_freeze_seconds=fresh["predicted_freeze_seconds"])
+            if fresh["strategy"] == planner.LIVE:
+                frozen = run_live(self.config, self.session, self.journal, entry)
+            else:
+                facts = self.facts(current)
+                frozen = run_plugin(self.config, self.session, self.journal, entry, facts)
+                plugin_done[entry["vm_uuid"]] = (planner.PLUGIN, frozen)
+            self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(entry["sr_uuid"]))
+            wait_gc_idle(self.session, entry["sr_uuid"], self.config.coalesce.gc_wait_seconds)
+            after = self.inspect()
+        except TRANSPORT_ERRORS as error:
+            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+        except (XenAPI.Failure, RunError, HostUnreachable, journal_module.RepairFailed) as error:
+            run.update(result=planner.FAILED, reason=describe(error), finished=time.time())
+            return run, current
+        _, report = _find(after, entry["vdi_uuid"])
+        if report is None or report.chain_length >= entry["chain_length"]:
+            run.update(result=planner.FAILED, frozen_seconds=round(frozen, 3), finished=time.time(),
+                       reason="the chain is not shorter after the run ({} links)".format(
+                           report.chain_length if report else "VDI gone"))
+            return run, after
+        return self._verified(run, entry, before, after, run["strategy"], frozen), after
+
+    def _verified(self, run, entry, before, after, strategy, frozen):
+        uuids = {entry["vdi_uuid"], entry["parent_uuid"], OLD_LEAF_PREFIX + entry["vdi_uuid"]}
+        reclaimed = max(0, _physical(before, uuids) - _physical(after, uuids))
+        run.update(strategy=strategy, result=planner.SUCCESS, reclaimed_bytes=reclaimed, finished=time.time(),
+                   frozen_seconds=round(frozen, 3) if frozen is not None else None)
+        if reclaimed != entry["estimated_bytes"]:
+            LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", entry["vdi_uuid"], reclaimed,
+                        entry["estimated_bytes"])
+        if frozen is not None and strategy != planner.GC:
+            record_speed(self.config, entry["sr_uuid"], strategy, entry["merge_bytes"], frozen)
+            predicted = run["predicted_freeze_seconds"]
+            LOG.info("VDI %s: frozen %.2f s by %s, %s s predicted", entry["vdi_uuid"], frozen, strategy, predicted)
+        return run
+
+
+# ---- the entry points ----------------------------------------------------------------------
+
+def _policy(config, max_freeze_seconds=None):
+    return planner.Policy.from_config(config.coalesce, max_freeze_seconds)
+
+
+def _record_history(config, runs, record_skipped):
+    history = history_module.RunHistory(config.agent.state_dir)
+    for run in runs:
+        if run["strategy"] in history_module.STRATEGIES and (record_skipped or run["result"] != planner.SKIPPED):
+            history.record(run)
+
+
+def _final_repair(config, journal):
+    """After a run: whatever is still open in the journal is undone now with a fresh session."""
+    if not journal.steps():
+        return ""
+    try:
+        with open_session(config) as session:
+            repair(config, session, journal)
+    except (HostUnreachable, journal_module.RepairFailed) + TRANSPORT_ERRORS as error:
+        return "could not undo everything yet (the next run will): {}".format(describe(error))
+    return ""
+
+
+def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False, caps=(None, None),
+                 record_skipped=True):
+    """Lock, repair, inspect, plan, run. Returns (entries or runs, problems: [str], lost xapi: bool).
+
+    Raises `LockHeld` when another run holds the host lock, `HostUnreachable` when xapi or
+    `vhd-util` cannot be reached before anything was done.
+    """
+    journal = journal_module.Journal(config.agent.state_dir)
+    problems = []
+    with HostLock(config.agent.state_dir):
+        runs = []
+        lost = False
+        try:
+            with open_session(config) as session:
+                repair(config, session, journal)
+                runner = Runner(config, session, policy)
+                before = inspection or runner.inspect()
+                before = _settled(config, session, runner, before, srs)
+                entries = planner.plan(before, runner.facts(before), policy, vms=vms, srs=srs)
+                planner.apply_caps(entries, *caps)
+                if dry_run:
+                    return entries, problems, False
+                runs = runner.execute(entries, before)
+                lost = runner.lost is not None
+        finally:
+            problem = _final_repair(config, journal)
+            if problem:
+                problems.append(problem)
+        _record_history(config, runs, record_skipped)
+    return runs, problems, lost
+
+
+def _settled(config, session, runner, inspection, srs):
+    """Wait (bounded) for the GCs already running on the SRs concerned, then look again."""
+    busy = [sr.uuid for sr in inspection.srs or () if sr.gc_running and (not srs or sr.uuid in srs)]
+    if not busy:
+        return inspection
+    for sr_uuid in busy:
+        wait_gc_idle(session, sr_uuid, config.coalesce.gc_wait_seconds)
+    return runner.inspect()
+
+
+def run_now(config, options):
+    """`xcoalesce-agent --now`: returns the exit code (docs/design.md)."""
+    dry_run = bool(getattr(options, "dry_run", False))
+    policy = _policy(config, getattr(options, "max_freeze_seconds", None))
+    caps = schedule.caps_left(policy.max_vms_per_window, policy.max_bytes_per_window, 0, 0)
+    runs, problems, lost = plan_and_run(config, policy, vms=getattr(options, "vms", None) or (),
+                                        srs=getattr(options, "srs", None) or (), dry_run=dry_run, caps=caps)
+    output = render_json(runs, dry_run) if getattr(options, "json", False) else render_text(runs, dry_run)
+    sys.stdout.write(output)
+    for problem in problems:
+        sys.stderr.write("xcoalesce-agent: error: {}\n".format(problem))
+    if lost:
+        return EXIT_UNREACHABLE
+    if problems or any(run["result"] == planner.FAILED for run in runs):
+        return EXIT_RUNS_FAILED
+    return EXIT_OK
+
+
+# ---- the daemon: scheduled runs and the snapshot-deletion trigger ----------------------------
+
+def scheduled_run(config, inspection, now=None):
+    """Called by the daemon after each inspection: in `auto` mode, inside a window and under the
+    caps, leaf-coalesce what is eligible (with `trigger_on_snapshot_delete`, only on the SRs where
+    a snapshot was deleted since). Returns the runs done ([] when none); never raises for a held
+    lock (the other run acts) or an unreachable host (the next inspection will tell).
+    """
+    coalesce = config.coalesce
+    if coalesce.mode != "auto":
+        return []
+    moment = datetime.datetime.fromtimestamp(time.time() if now is None else now)
+    window = schedule.current_window_start(coalesce.windows, moment)
+    if window is None:
+        return []
+    usage_path = os.path.join(config.agent.state_dir, WINDOW_FILE)
+    usage = _read_json(usage_path, {})
+    if usage.get("window") != window.isoformat():
+        usage = {"window": window.isoformat(), "vms": [], "bytes": 0}
+    caps = schedule.caps_left(coalesce.max_vms_per_window, coalesce.max_bytes_per_window,
+                              len(usage["vms"]), usage["bytes"])
+    if 0 in caps:
+        return []
+    pending = PendingSrs(config)
+    srs = pending.load() if coalesce.trigger_on_snapshot_delete else None
+    if srs is not None and not srs:
+        return []
+    if not _anything_to_do(inspection, srs):
+        return []
+    try:
+        runs, problems, _ = plan_and_run(config, _policy(config), inspection=inspection, srs=srs or (),
+                                         caps=caps, record_skipped=False)
+    except (LockHeld, HostUnreachable) as error:
+        LOG.info("scheduled leaf coalesce not run: %s", error)
+        return []
+    for problem in problems:
+        LOG.error("%s", problem)
+    done = [run for run in runs if run["result"] == planner.SUCCESS]
+    usage["vms"] = sorted(set(usage["vms"]) | {run["vm_uuid"] or run["vdi_uuid"] for run in done})
+    usage["bytes"] += sum(run["reclaimed_bytes"] for run in done)
+    _write_json(usage_path, usage)
+    if srs:
+        pending.remove(srs)
+    return runs
+
+
+def _anything_to_do(inspection, srs):
+    return any(vdi.state == model.LEAF_COALESCEABLE for sr in inspection.srs or () if not srs or sr.uuid in srs
+               for vdi in sr.vdis or ())
+
+
+class PendingSrs(object):
+    """SRs where a snapshot was deleted and whose leaves wait for the next window (kept on disk)."""
+
+    def __init__(self, config):
+        self.path = os.path.join(config.agent.state_dir, PENDING_FILE)
+        self._lock = threading.Lock()
+
+    def load(self):
+        return sorted(_read_json(self.path, []))
+
+    def add(self, sr_uuids):
+        with self._lock:
+            _write_json(self.path, sorted(set(self.load()) | set(sr_uuids)))
+
+    def remove(self, sr_uuids):
+        with self._lock:
+            _write_json(self.path, sorted(set(self.load()) - set(sr_uuids)))
+
+
+def watching(config):
+    """Whether the daemon should run a `SnapshotWatcher`."""
+    return config.coalesce.mode != "off" and config.coalesce.trigger_on_snapshot_delete
+
+
+class SnapshotWatcher(object):
+    """Follows xapi's VDI events (`event.from`) in a thread; when a snapshot VDI is deleted, waits
+    for the SR's GC to settle, then marks the SR pending (for `scheduled_run`) and settled (so the
+    daemon inspects it now). `start()`, `stop()`, `wait_settled(timeout) -> [sr_uuid]`.
+    """
+
+    EVENT_TIMEOUT = 5.0
+    RETRY_SECONDS = 10.0
+
+    def __init__(self, config):
+        self.config = config
+        self.pending = PendingSrs(config)
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._settled = set()
+        self._deleted = {}   # sr_uuid -> monotonic time of the deletion
+        self._snapshots = {}  # VDI ref -> SR ref, for snapshot VDIs
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="snapshot-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.EVENT_TIMEOUT + 5)
+
+    def wait_settled(self, timeout):
+        """Block up to `timeout` seconds for SRs that settled after a snapshot deletion; returns them."""
+        with self._changed:
+            if not self._settled:
+                self._changed.wait(timeout)
+            settled, self._settled = sorted(self._settled), set()
+        return settled
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                with open_session(self.config) as session:
+                    self._follow(session)
+            except (HostUnreachable, XenAPI.Failure) + TRANSPORT_ERRORS as error:
+                LOG.warning("snapshot watcher: %s; retrying in %g s", describe(error), self.RETRY_SECONDS)
+                self._stop.wait(self.RETRY_SECONDS)
+
+    def _follow(self, session):
+        event_from = getattr(session.xenapi.event, "from")
+        token = ""
+        sr_uuids = {}
+        while not self._stop.is_set():
+            result = event_from(["VDI"], token, self.EVENT_TIMEOUT)
+            token = result["token"]
+            for event in result["events"]:
+                self._note(session, event, sr_uuids)
+            self._settle(session)
+
+    def _note(self, session, event, sr_uuids):
+        ref = event["ref"]
+        if event["operation"] == "del":
+            sr_ref = self._snapshots.pop(ref, None)
+            if sr_ref is not None and sr_ref in sr_uuids:
+                LOG.info("snapshot VDI deleted on SR %s", sr_uuids[sr_ref])
+                self._deleted[sr_uuids[sr_ref]] = time.monotonic()
+            return
+        record = event.get("snapshot") or {}
+        if record.get("is_a_snapshot"):
+            sr_ref = record["SR"]
+            self._snapshots[ref] = sr_ref
+            if sr_ref not in sr_uuids:
+                sr_uuids[sr_ref] = session.xenapi.SR.get_uuid(sr_ref)
+
+    def _settle(self, session):
+        for sr_uuid, deleted in list(self._deleted.items()):
+            if time.monotonic() - deleted < GC_START_SECONDS or gc_running(session, sr_uuid):
+                continue
+            del self._deleted[sr_uuid]
+            self.pending.add([sr_uuid])
+            with self._changed:
+                self._settled.add(sr_uuid)
+                self._changed.notify_all()
+
+
+# ---- output ------------------------------------------------------------------------------
+
+JSON_FIELDS = ("vm_uuid", "vm_name", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
+               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "merge_bytes")
+
+
+def render_json(runs, dry_run=False):
+    document = {
+        "dry_run": dry_run,
+        "runs": [{name: run.get(name) for name in JSON_FIELDS} for run in runs],
+        "estimated_bytes": sum(run["estimated_bytes"] for run in runs if run["result"] != planner.SKIPPED),
+        "reclaimed_bytes": sum(run.get("reclaimed_bytes") or 0 for run in runs),
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def _size(value):
+    value = float(value or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return "{:.1f} {}".format(value, unit) if unit != "B" else "{:.0f} B".format(value)
+        value /= 1024
+    return ""
+
+
+def _seconds(value):
+    return "-" if value is None else "{:.2f} s".format(value)
+
+
+def render_text(runs, dry_run=False):
+    if not runs:
+        return "Nothing to leaf-coalesce.\n"
+    header = ("VDI", "VM", "STRATEGY", "PREDICTED", "ESTIMATED") + (
+        ("PLAN", "REASON") if dry_run else ("FROZEN", "RECLAIMED", "RESULT", "REASON"))
+    rows = [header]
+    for run in runs:
+        row = (run["vdi_uuid"], run["vm_name"] or run["vm_uuid"] or "-", run["strategy"] or "-",
+               _seconds(run["predicted_freeze_seconds"]), _size(run["estimated_bytes"]))
+        if dry_run:
+            row += (run["result"], run["reason"] or "")
+        else:
+            row += (_seconds(run["frozen_seconds"]), _size(run["reclaimed_bytes"]), run["result"], run["reason"] or "")
+        rows.append(row)
+    widths = [max(len(str(row[column])) for row in rows) for column in range(len(header) - 1)]
+    lines = ["  ".join(str(row[column]).ljust(width) for column, width in enumerate(widths)) + "  " + str(row[-1])
+             for row in rows]
+    planned = [run for run in runs if run["result"] != planner.SKIPPED]
+    if dry_run:
+        lines.append("Would leaf-coalesce {} VDI(s), expected to free {}.".format(
+            len(planned), _size(sum(run["estimated_bytes"] for run in planned))))
+    else:
+        lines.append("Reclaimed {} in {} successful run(s), {} failed, {} skipped.".format(
+            _size(sum(run["reclaimed_bytes"] or 0 for run in runs)),
+            sum(1 for run in runs if run["result"] == planner.SUCCESS),
+            sum(1 for run in runs if run["result"] == planner.FAILED),
+            sum(1 for run in runs if run["result"] == planner.SKIPPED)))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
