@@ -228,6 +228,7 @@ SCHEMA = (
     Key("storage", "sr_mount_dir", absolute_path, "/run/sr-mount"),
     Key("storage", "speed_log_dir", absolute_path, "/run"),
     Key("storage", "sm_lock_dir", absolute_path, "/var/lock/sm"),
+    Key("storage", "lvm_device_dir", absolute_path, "/dev"),
     Key("inspection", "interval_seconds", number(0, exclusive=True), 300.0),
     Key("web", "listen_address", listen_address, DEFAULT_LISTEN_ADDRESS),
     Key("web", "tls_cert_file", optional_path, ""),

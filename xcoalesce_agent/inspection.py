@@ -1,0 +1,284 @@
+"""One inspection of this host: its SRs → one scan each → join with xapi → classify → estimate.
+
+Per-SR and per-image failures are recorded in the result; only an unreachable xapi or
+`vhd-util` raises. Bitmaps of hidden VHDs are cached across inspections: a hidden VHD changes
+only when a child is merged into it, which also changes its children.
+"""
+import functools
+import logging
+import os
+import time
+
+import psutil
+
+from . import estimate, inventory, model, vhdtree, vhdutil, xapi
+from .errors import HostUnreachable
+
+FILE_SR_TYPES = ("ext", "nfs", "smb")
+LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
+NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
+
+log = logging.getLogger(__name__)
+
+
+class BitmapCache(object):
+    """Block bitmaps by key; `prune()` after an inspection keeps only the keys it used."""
+
+    def __init__(self):
+        self._entries = {}
+        self._used = set()
+
+    def get(self, key, read):
+        if key not in self._entries:
+            self._entries[key] = read()
+        self._used.add(key)
+        return self._entries[key]
+
+    def prune(self):
+        for key in set(self._entries) - self._used:
+            del self._entries[key]
+        self._used = set()
+
+    def __len__(self):
+        return len(self._entries)
+
+
+BITMAPS = BitmapCache()
+
+
+def inspect(config, tools=None, bitmaps=None):
+    """Inspect this host's SRs; `tools` (a VhdUtil) and `bitmaps` may be given to reuse them."""
+    started = time.time()
+    host_uuid = inventory.host_uuid(config.xapi.inventory)
+    tools = tools or vhdutil.VhdUtil(config)
+    bitmaps = BITMAPS if bitmaps is None else bitmaps
+    with xapi.open_session(config) as session:
+        result = _Inspector(config, session, tools, bitmaps).run(host_uuid)
+    bitmaps.prune()
+    result.started = started
+    result.duration_seconds = time.time() - started
+    return result
+
+
+def select_srs(host_ref, is_master, srs, pbds):
+    """([(ref, record)] of the SRs this host inspects, [skipped {uuid, name, type, reason}])."""
+    attached_here = set()
+    hosts_of = {}
+    for pbd in pbds.values():
+        hosts_of.setdefault(pbd["SR"], set()).add(pbd["host"])
+        if pbd["host"] == host_ref and pbd["currently_attached"]:
+            attached_here.add(pbd["SR"])
+    ours, skipped = [], []
+    for ref, sr in sorted(srs.items(), key=lambda item: (item[1]["name_label"], item[1]["uuid"])):
+        reason = ""
+        if sr["type"] not in FILE_SR_TYPES + LVM_SR_TYPES:
+            reason = "type {} does not hold VHDs".format(sr["type"])
+        elif sr["shared"] and not is_master:
+            reason = "shared SR: the pool master inspects it"
+        elif not sr["shared"] and host_ref not in hosts_of.get(ref, ()):
+            reason = "local to another host"
+        elif ref not in attached_here:
+            reason = "not attached on this host"
+        if reason:
+            skipped.append({"uuid": sr["uuid"], "name": sr["name_label"], "type": sr["type"], "reason": reason})
+        else:
+            ours.append((ref, sr))
+    return ours, skipped
+
+
+def running_gcs(now=None):
+    """{sr_uuid: seconds running} of SM's GC processes (`cleanup ... -u <sr>`, also under SMGC@<sr>)."""
+    now = time.time() if now is None else now
+    running = {}
+    for process in psutil.process_iter(attrs=["cmdline", "create_time"]):
+        cmdline = process.info.get("cmdline") or []
+        if not any(os.path.basename(arg).startswith("cleanup") for arg in cmdline):
+            continue
+        for index, arg in enumerate(cmdline[:-1]):
+            if arg in ("-u", "--uuid"):
+                sr_uuid = cmdline[index + 1]
+                started = process.info.get("create_time") or now
+                running[sr_uuid] = max(running.get(sr_uuid, 0.0), max(0.0, now - started))
+    return running
+
+
+def vdi_users(vbds, vms):
+    """{VDI ref: VM record} of the VM using each VDI, preferring a real VM over a snapshot."""
+    users = {}
+    for vbd in vbds.values():
+        vm = vms.get(vbd["VM"])
+        if vm is None or vm.get("is_control_domain") or vbd.get("type") == "CD":
+            continue
+        current = users.get(vbd["VDI"])
+        if current is None or (current.get("is_a_snapshot") and not vm.get("is_a_snapshot")):
+            users[vbd["VDI"]] = vm
+    return users
+
+
+def _is_true(value):
+    return value is True or str(value).lower() == "true"
+
+
+class _Inspector(object):
+    """The state of one inspection, spread over the SRs it covers."""
+
+    def __init__(self, config, session, tools, bitmaps):
+        self.config = config
+        self.session = session
+        self.tools = tools
+        self.bitmaps = bitmaps
+        self.errors = []
+
+    def fetch(self, class_name):
+        return xapi.fetch_all(self.config, self.session, class_name)
+
+    def run(self, host_uuid):
+        pools, hosts = self.fetch("pool"), self.fetch("host")
+        srs, pbds = self.fetch("SR"), self.fetch("PBD")
+        host_ref = next((ref for ref, host in hosts.items() if host["uuid"] == host_uuid), None)
+        if host_ref is None:
+            raise HostUnreachable("xapi at {} does not know this host {} (from {})".format(
+                self.config.xapi.socket, host_uuid, self.config.xapi.inventory))
+        master = next(iter(pools.values()), {}).get("master")
+        ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
+        scans = [(ref, sr, self.scan(sr)) for ref, sr in ours]
+        vdis, vbds, vms = self.fetch("VDI"), self.fetch("VBD"), self.fetch("VM")
+        users = vdi_users(vbds, vms)
+        by_sr = {}
+        for ref, vdi in vdis.items():
+            by_sr.setdefault(vdi["SR"], []).append((ref, vdi))
+        gcs = running_gcs()
+        reports = [self.sr_report(sr, scan, by_sr.get(ref, []), users, gcs.get(sr["uuid"])) for ref, sr, scan in scans]
+        host = hosts[host_ref]
+        return model.Inspection(
+            host={"uuid": host["uuid"], "name": host["name_label"],
+                  "product_version": (host.get("software_version") or {}).get("product_version", "")},
+            srs=reports, skipped_srs=skipped, errors=self.errors)
+
+    def error(self, stage, sr, message):
+        self.errors.append({"stage": stage, "message": "SR {} ({}): {}".format(sr["name_label"], sr["uuid"], message)})
+
+    def scan(self, sr):
+        try:
+            if sr["type"] in LVM_SR_TYPES:
+                return self.tools.scan_lvm_sr(sr["uuid"])
+            return self.tools.scan_file_sr(os.path.join(self.config.storage.sr_mount_dir, sr["uuid"]))
+        except vhdutil.VhdUtilError as error:
+            self.error("scan", sr, str(error))
+            return error
+
+    def image_path(self, sr, uuid):
+        if sr["type"] in LVM_SR_TYPES:
+            return os.path.join(self.config.storage.lvm_device_dir, vhdutil.lvm_vg_name(sr["uuid"]),
+                                vhdtree.LV_PREFIX + uuid)
+        return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
+
+    def bitmap(self, sr, node):
+        """A node's block bitmap; hidden nodes' from the cache."""
+        path = self.image_path(sr, node.uuid)
+        read = functools.partial(self.tools.read_bitmap, path, node.record.virtual_size)
+        if not node.record.hidden:
+            return read()
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return read()
+        key = (path, node.record.size, mtime, tuple(sorted(child.uuid for child in node.children)))
+        return self.bitmaps.get(key, read)
+
+    def sr_report(self, sr, scan, vdi_records, users, gc_seconds):
+        size = int(sr["physical_size"])
+        report = model.SrReport(
+            uuid=sr["uuid"], name=sr["name_label"], type=sr["type"], shared=bool(sr["shared"]),
+            size_bytes=size, free_bytes=size - int(sr["physical_utilisation"]),
+            reclaimable_bytes=0, gc_pending_bytes=0, merge_free_bytes=0, longest_chain=0,
+            gc_running=gc_seconds is not None, gc_running_seconds=gc_seconds or 0.0,
+            skipped_vdis=0, errors=[], vdis=[])
+        facts, names, reports = {}, {}, []
+        for ref, vdi in vdi_records:
+            vm = users.get(ref) or {}
+            vdi_type = (vdi.get("sm_config") or {}).get("vdi_type", "vhd")
+            if vdi_type in NOT_VHD_TYPES:
+                report.skipped_vdis += 1
+                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi_type]))
+                continue
+            uuid = vdi.get("location") or vdi["uuid"]
+            names[uuid] = (vdi["name_label"], vm)
+            facts[uuid] = vhdtree.VdiFacts(
+                vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")), on_boot=vdi.get("on_boot", "persist"),
+                allow_caching=_is_true(vdi.get("allow_caching")),
+                leaf_coalesce=(vdi.get("other_config") or {}).get("leaf-coalesce", ""),
+                vm_uuid=vm.get("uuid", ""), vm_tags=tuple(vm.get("tags") or ()))
+        if isinstance(scan, vhdutil.VhdUtilError):
+            report.errors.append(str(scan))
+            report.vdis = reports
+            return report
+        report.errors.extend(scan.errors)
+        nodes = vhdtree.build_forest(scan.records)
+        policy = vhdtree.Policy(sr.get("other_config"), self.config.coalesce.exclude_vdis,
+                                self.config.coalesce.exclude_vms, self.config.coalesce.exclude_tag)
+        states = vhdtree.classify(nodes, facts, policy)
+        lvm = sr["type"] in LVM_SR_TYPES
+        for uuid, node in nodes.items():
+            state, reason = states[uuid]
+            name, vm = names.get(uuid, ("", {}))
+            vdi_report = model.VdiReport(
+                uuid=uuid, name=name, vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
+                chain_length=node.chain_length, state=state, reason=reason,
+                reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=node.record.size,
+                virtual_size_bytes=node.record.virtual_size, parent_uuid=node.record.parent_uuid,
+                hidden=node.record.hidden)
+            if node.record.error:
+                report.errors.append("{}: {}".format(uuid, node.record.error))
+            elif state == model.LEAF_COALESCEABLE:
+                self.estimate_leaf(sr, node, lvm, vdi_report, report)
+            elif state == model.GARBAGE:
+                report.gc_pending_bytes += node.record.size
+            elif state == model.COALESCEABLE:
+                merge = self.merge(sr, node, lvm, report, leaf=False)
+                if isinstance(merge, estimate.Estimate):
+                    report.gc_pending_bytes += max(0, merge.freed_bytes)
+            report.longest_chain = max(report.longest_chain, node.chain_length)
+            reports.append(vdi_report)
+        reports.sort(key=lambda item: (item.vm_name == "", item.vm_name, item.name == "", item.name, item.uuid))
+        report.vdis = reports
+        return report
+
+    def estimate_leaf(self, sr, node, lvm, vdi_report, report):
+        merge = self.merge(sr, node, lvm, report, leaf=True)
+        if isinstance(merge, vhdutil.VhdUtilError):
+            vdi_report.state = model.SCAN_ERROR
+            vdi_report.reason = "its block bitmaps could not be read: {}".format(merge)
+            return
+        vdi_report.reclaimable_bytes = max(0, merge.freed_bytes)
+        vdi_report.merge_bytes = merge.merge_bytes
+        vdi_report.merge_free_bytes = merge.merge_free_bytes
+        report.reclaimable_bytes += vdi_report.reclaimable_bytes
+        report.merge_free_bytes = max(report.merge_free_bytes, merge.merge_free_bytes)
+
+    def merge(self, sr, node, lvm, report, leaf):
+        """The Estimate of merging `node` into its parent, or the VhdUtilError that prevented it."""
+        try:
+            child_bitmap = self.bitmap(sr, node)
+            parent_bitmap = self.bitmap(sr, node.parent)
+        except vhdutil.VhdUtilError as error:
+            report.errors.append(str(error))
+            self.error("bitmap", sr, str(error))
+            return error
+        child_blocks = estimate.count_blocks(child_bitmap)
+        new_blocks = estimate.blocks_missing_from_parent(child_bitmap, parent_bitmap)
+        child, parent = node.record, node.parent.record
+        if not lvm:
+            return estimate.file_merge(child.size, child_blocks, new_blocks)
+        if leaf:
+            return estimate.lvm_leaf_merge(child.size, parent.size, child.virtual_size, child_blocks)
+        return estimate.lvm_inner_merge(child.size, parent.size, child_blocks, new_blocks)
+
+
+def _not_vhd_report(vdi, vm, kind):
+    return model.VdiReport(
+        uuid=vdi["uuid"], name=vdi["name_label"], vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
+        chain_length=0, state=model.NOT_VHD, reason="{} VDI: vhd-util does not read it; left alone".format(kind),
+        reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
+        physical_bytes=int(vdi.get("physical_utilisation") or 0), virtual_size_bytes=int(vdi.get("virtual_size") or 0),
+        parent_uuid="", hidden=False)

@@ -1,0 +1,79 @@
+"""`--report`: a table per SR with totals, or the inspection as JSON with stable keys. Pure."""
+import json
+
+from . import model
+
+COLUMNS = ("VM", "VDI", "CHAIN", "STATE", "RECLAIMABLE", "REASON")
+NAME_WIDTH = 28
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(value):
+    """IEC units: `0 B`, `1023 B`, `1.5 KiB`, `20.0 GiB`."""
+    amount = float(value)
+    for unit in UNITS:
+        if abs(amount) < 1024 or unit == UNITS[-1]:
+            return "{} {}".format(int(amount), unit) if unit == "B" else "{:.1f} {}".format(amount, unit)
+        amount /= 1024
+    return ""
+
+
+def _clip(text, width=NAME_WIDTH):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _vdi_label(vdi):
+    return "{} ({})".format(_clip(vdi.name), vdi.uuid[:8]) if vdi.name else vdi.uuid
+
+
+def _table(rows):
+    widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(widths[index]) for index, cell in enumerate(row)).rstrip() for row in rows]
+
+
+def _sr_heading(sr):
+    gc = "running for {:.0f} s".format(sr.gc_running_seconds) if sr.gc_running else "not running"
+    return ("SR {} ({}, {})\n  size {}, free {}, reclaimable by leaf coalesce {}, GC pending {}, "
+            "free space the largest merge needs {}, longest chain {}, GC {}").format(
+        sr.name, sr.type, sr.uuid, human_bytes(sr.size_bytes), human_bytes(sr.free_bytes),
+        human_bytes(sr.reclaimable_bytes), human_bytes(sr.gc_pending_bytes), human_bytes(sr.merge_free_bytes),
+        sr.longest_chain, gc)
+
+
+def render_text(inspection):
+    host = inspection.host or {}
+    lines = ["Host {} ({})".format(host.get("name", ""), host.get("uuid", "")), ""]
+    for sr in inspection.srs or ():
+        lines.append(_sr_heading(sr))
+        rows = [COLUMNS] + [(_clip(vdi.vm_name) or "-", _vdi_label(vdi), str(vdi.chain_length), vdi.state,
+                             human_bytes(vdi.reclaimable_bytes) if vdi.state == model.LEAF_COALESCEABLE else "-",
+                             vdi.reason) for vdi in sr.vdis or ()]
+        lines.extend(_table(rows) if len(rows) > 1 else ["  no VHDs"])
+        if sr.skipped_vdis:
+            lines.append("  {} non-VHD VDIs skipped".format(sr.skipped_vdis))
+        lines.extend("  error: {}".format(error) for error in sr.errors or ())
+        lines.append("")
+    for skipped in inspection.skipped_srs or ():
+        lines.append("Skipped SR {} ({}, {}): {}".format(skipped["name"], skipped["type"], skipped["uuid"],
+                                                       skipped["reason"]))
+    if inspection.skipped_srs:
+        lines.append("")
+    srs = inspection.srs or ()
+    lines.append("Total: {} reclaimable by leaf coalesce on {} SRs; the GC's own pending work frees {}".format(
+        human_bytes(inspection.reclaimable_bytes), len(srs), human_bytes(sum(sr.gc_pending_bytes for sr in srs))))
+    return "\n".join(lines) + "\n"
+
+
+def to_json_dict(inspection):
+    """The JSON document: the model's fields plus totals and state counts per SR."""
+    document = inspection.to_dict()
+    srs = inspection.srs or ()
+    for index, sr in enumerate(srs):
+        document["srs"][index]["state_counts"] = sr.state_counts()
+    document["reclaimable_bytes"] = inspection.reclaimable_bytes
+    document["gc_pending_bytes"] = sum(sr.gc_pending_bytes for sr in srs)
+    return document
+
+
+def render_json(inspection):
+    return json.dumps(to_json_dict(inspection), indent=2, sort_keys=True) + "\n"
