@@ -1,0 +1,285 @@
+"""Prometheus metrics from the last inspection, the run history and the agent's own health.
+
+Nothing here calls xapi or runs a tool: a scrape renders what the service already holds, so it is
+cheap however often Prometheus comes. The inspection's families (per SR and per VDI, thousands of
+samples on a big host) are rendered once per inspection and the bytes kept; only the small
+families (run counters, health, process) are rendered at each scrape. docs/metrics.md lists them.
+"""
+import gzip
+import platform
+import threading
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+
+from . import __version__, history, model
+
+SR_LABELS = ("host", "sr_uuid", "sr_name", "sr_type")
+VDI_LABELS = ("host", "sr_uuid", "vdi_uuid", "vm_uuid", "vm_name")
+
+# VHDs a VM writes to: the ones whose chain length matters (snapshots and hidden parents are left
+# out to bound the number of series).
+LEAF_STATES = (model.LEAF, model.LEAF_COALESCEABLE, model.SNAPSHOT_PRESENT, model.EXCLUDED)
+
+_FREEZE_BOUNDS = [repr(bound) for bound in history.FREEZE_BUCKETS] + ["+Inf"]
+
+
+class AgentStatus(object):
+    """What the service knows about itself; written by the inspection thread, read by scrapes."""
+
+    def __init__(self, host=""):
+        self._lock = threading.Lock()
+        self._host = host
+        self._inspection = None
+        self._last_success = None
+        self._xapi_reachable = None
+        self._errors = {}
+        self._inspections = {"success": 0, "failure": 0}
+
+    def succeeded(self, inspection, finished):
+        """A finished inspection (its per-stage errors included) becomes the one served."""
+        with self._lock:
+            self._inspection = inspection
+            self._host = (inspection.host or {}).get("name") or self._host
+            self._last_success = finished
+            self._xapi_reachable = True
+            self._inspections["success"] += 1
+            for error in inspection.errors or ():
+                self._count_error(error["stage"])
+
+    def failed(self, stage, xapi_reachable=None):
+        """An inspection that produced nothing: the last good one stays served."""
+        with self._lock:
+            self._inspections["failure"] += 1
+            self._count_error(stage)
+            if xapi_reachable is not None:
+                self._xapi_reachable = xapi_reachable
+
+    def _count_error(self, stage):
+        self._errors[stage] = self._errors.get(stage, 0) + 1
+
+    @property
+    def inspection(self):
+        return self._inspection
+
+    def snapshot(self):
+        """A consistent copy of the health fields, as a dict."""
+        with self._lock:
+            return {
+                "host": self._host,
+                "inspection": self._inspection,
+                "last_success": self._last_success,
+                "xapi_reachable": self._xapi_reachable,
+                "errors": dict(self._errors),
+                "inspections": dict(self._inspections),
+            }
+
+
+def _gauge(name, documentation, labels):
+    return GaugeMetricFamily(name, documentation, labels=labels)
+
+
+def _sr_labels(host, sr):
+    return [host, sr.uuid or "", sr.name or "", sr.type or ""]
+
+
+def _vdi_labels(host, sr, vdi):
+    return [host, sr.uuid or "", vdi.uuid or "", vdi.vm_uuid or "", vdi.vm_name or ""]
+
+
+class InspectionCollector(object):
+    """The families of one inspection: SR space, chains, VHD states, GC, per-VDI reclaimable bytes."""
+
+    def __init__(self, inspection):
+        self._inspection = inspection
+
+    def collect(self):
+        inspection = self._inspection
+        host = (inspection.host or {}).get("name") or ""
+        srs = inspection.srs or ()
+        sr_families = (
+            ("xcoalesce_sr_size_bytes", "Size of the SR (physical_size).", "size_bytes"),
+            ("xcoalesce_sr_free_bytes", "Free space on the SR (physical_size - physical_utilisation).",
+             "free_bytes"),
+            ("xcoalesce_sr_reclaimable_bytes", "Bytes a leaf coalesce of every leaf-coalesceable VDI on the SR "
+             "would free now.", "reclaimable_bytes"),
+            ("xcoalesce_sr_gc_pending_bytes", "Bytes the SR's garbage collector frees on its own "
+             "(garbage VHDs, coalesceable hidden VHDs).", "gc_pending_bytes"),
+            ("xcoalesce_sr_merge_required_free_bytes", "Free space the largest pending leaf merge on the SR "
+             "needs before it can run.", "merge_free_bytes"),
+            ("xcoalesce_sr_chain_length_max", "Longest VHD chain on the SR (the storage manager's limit is "
+             "{}).".format(model.MAX_CHAIN_LENGTH), "longest_chain"),
+            ("xcoalesce_sr_gc_running_seconds", "How long the SR's garbage collector had been running at the "
+             "last inspection, 0 when not running.", "gc_running_seconds"),
+        )
+        for name, documentation, field in sr_families:
+            family = _gauge(name, documentation, SR_LABELS)
+            for sr in srs:
+                family.add_metric(_sr_labels(host, sr), getattr(sr, field) or 0)
+            yield family
+
+        info = _gauge("xcoalesce_sr_info", "SRs this host inspects (value 1); join on sr_uuid for names.",
+                      SR_LABELS + ("shared",))
+        running = _gauge("xcoalesce_sr_gc_running", "1 when a garbage collector process for the SR existed "
+                         "at the last inspection.", SR_LABELS)
+        skipped = _gauge("xcoalesce_sr_skipped_vdis", "VDIs on the SR that are not VHD (raw, qcow2), left alone.",
+                         SR_LABELS)
+        scan_errors = _gauge("xcoalesce_sr_scan_errors", "VHDs on the SR that vhd-util could not read at the "
+                             "last inspection.", SR_LABELS)
+        states = _gauge("xcoalesce_sr_vhds", "VHDs on the SR by leaf-coalesce state.", SR_LABELS + ("state",))
+        for sr in srs:
+            labels = _sr_labels(host, sr)
+            info.add_metric(labels + ["true" if sr.shared else "false"], 1)
+            running.add_metric(labels, 1 if sr.gc_running else 0)
+            skipped.add_metric(labels, sr.skipped_vdis or 0)
+            scan_errors.add_metric(labels, len(sr.errors or ()))
+            counts = sr.state_counts()
+            for state in model.STATES:
+                states.add_metric(labels + [state], counts[state])
+        for family in (info, running, skipped, scan_errors, states):
+            yield family
+
+        reclaimable = _gauge("xcoalesce_vdi_reclaimable_bytes", "Bytes a leaf coalesce of the VDI would free "
+                             "now; only VDIs with something to reclaim.", VDI_LABELS)
+        chains = _gauge("xcoalesce_vdi_chain_length", "VHDs from the VDI up to its root, itself included; "
+                        "VDIs a VM writes to (leaves) only.", VDI_LABELS)
+        for sr in srs:
+            for vdi in sr.vdis or ():
+                if vdi.reclaimable_bytes:
+                    reclaimable.add_metric(_vdi_labels(host, sr, vdi), vdi.reclaimable_bytes)
+                if vdi.state in LEAF_STATES and not vdi.hidden:
+                    chains.add_metric(_vdi_labels(host, sr, vdi), vdi.chain_length or 0)
+        yield reclaimable
+        yield chains
+
+        duration = _gauge("xcoalesce_inspection_duration_seconds", "How long the last good inspection took.",
+                          ("host",))
+        duration.add_metric([host], inspection.duration_seconds or 0)
+        yield duration
+
+
+class StatusCollector(object):
+    """The families that change between inspections: run counters from the history, and health."""
+
+    def __init__(self, status, run_history):
+        self._status = status
+        self._history = run_history
+
+    def collect(self):
+        status = self._status.snapshot()
+        host = status["host"]
+        inspection = status["inspection"]
+        totals = self._history.totals()
+        for family in _history_families(host, inspection, totals):
+            yield family
+
+        build = _gauge("xcoalesce_build_info", "The agent's version, its Python and the host's product version "
+                       "(value 1).", ("host", "version", "python_version", "host_product_version"))
+        product = ((inspection.host or {}).get("product_version") or "") if inspection else ""
+        build.add_metric([host, __version__, platform.python_version(), product], 1)
+        yield build
+
+        last_success = _gauge("xcoalesce_last_inspection_success_timestamp_seconds", "When the last good "
+                              "inspection finished (unix time); absent until one did.", ("host",))
+        if status["last_success"] is not None:
+            last_success.add_metric([host], status["last_success"])
+        yield last_success
+
+        reachable = _gauge("xcoalesce_xapi_reachable", "1 when xapi answered the last inspection, 0 when it "
+                           "could not be reached; absent before the first attempt.", ("host",))
+        if status["xapi_reachable"] is not None:
+            reachable.add_metric([host], 1 if status["xapi_reachable"] else 0)
+        yield reachable
+
+        inspections = CounterMetricFamily("xcoalesce_inspections", "Inspections since the service started, "
+                                          "by result.", labels=("host", "result"))
+        for result in ("success", "failure"):
+            inspections.add_metric([host, result], status["inspections"][result])
+        yield inspections
+
+        errors = CounterMetricFamily("xcoalesce_inspection_errors", "Errors met by inspections since the "
+                                     "service started, by stage.", labels=("host", "stage"))
+        for stage in sorted(status["errors"]):
+            errors.add_metric([host, stage], status["errors"][stage])
+        yield errors
+
+
+def _history_families(host, inspection, totals):
+    """Counters of the run history; every inspected SR gets its series at 0 before its first run."""
+    sr_uuids = set(totals["srs"])
+    if inspection is not None:
+        sr_uuids.update(sr.uuid for sr in inspection.srs or ())
+    reclaimed = CounterMetricFamily("xcoalesce_reclaimed_bytes", "Bytes leaf coalesces gave back on the SR, "
+                                    "all runs recorded in the state directory.", labels=("host", "sr_uuid"))
+    runs = CounterMetricFamily("xcoalesce_leaf_coalesce_runs", "Leaf-coalesce runs by SR, strategy and result.",
+                               labels=("host", "sr_uuid", "strategy", "result"))
+    for sr_uuid in sorted(sr_uuids):
+        sr = totals["srs"].get(sr_uuid, {"reclaimed_bytes": 0, "runs": {}})
+        reclaimed.add_metric([host, sr_uuid], sr["reclaimed_bytes"])
+        for strategy in history.STRATEGIES:
+            counts = sr["runs"].get(strategy, {})
+            for result in history.RESULTS:
+                runs.add_metric([host, sr_uuid, strategy, result], counts.get(result, 0))
+    yield reclaimed
+    yield runs
+
+    frozen = HistogramMetricFamily("xcoalesce_leaf_coalesce_guest_frozen_seconds", "How long each run froze the "
+                                   "guest's I/O (live) or kept it suspended (plugin).", labels=("host", "strategy"))
+    for strategy in history.FREEZING_STRATEGIES:
+        observed = totals["frozen_seconds"].get(strategy)
+        counts = observed["buckets"] if observed else [0] * (len(history.FREEZE_BUCKETS) + 1)
+        buckets, cumulative = [], 0
+        for index, count in enumerate(counts):
+            cumulative += count
+            buckets.append((_FREEZE_BOUNDS[index], cumulative))
+        frozen.add_metric([host, strategy], buckets, observed["sum"] if observed else 0.0)
+    yield frozen
+
+
+def render(collectors):
+    """The text exposition (format 0.0.4: every name here is a classic one) of some collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+class Exposition(object):
+    """The /metrics body: the last inspection's part cached per inspection, the rest built per scrape.
+
+    The gzip form joins two gzip members (cached, then fresh), which RFC 1952 allows and
+    Prometheus' reader follows.
+    """
+
+    def __init__(self, status, run_history):
+        self._status = status
+        self._render_lock = threading.Lock()
+        self._cached = (None, b"", gzip.compress(b""))
+        self._dynamic = CollectorRegistry(auto_describe=False)
+        self._dynamic.register(StatusCollector(status, run_history))
+        ProcessCollector(registry=self._dynamic)
+        PlatformCollector(registry=self._dynamic)
+        GCCollector(registry=self._dynamic)
+
+    def _inspection_part(self):
+        inspection = self._status.inspection
+        cached = self._cached
+        if cached[0] is inspection:
+            return cached
+        with self._render_lock:
+            if self._cached[0] is not inspection:
+                text = render([InspectionCollector(inspection)]) if inspection is not None else b""
+                self._cached = (inspection, text, gzip.compress(text, 6))
+            return self._cached
+
+    def prepare(self):
+        """Render the current inspection's part now, so the next scrape does not have to."""
+        self._inspection_part()
+
+    def body(self, gzipped=False):
+        _, text, compressed = self._inspection_part()
+        dynamic = generate_latest(self._dynamic)
+        if gzipped:
+            return compressed + gzip.compress(dynamic, 6)
+        return text + dynamic
