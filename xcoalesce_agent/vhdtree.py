@@ -229,8 +229,8 @@ def _classify_node(node, facts, live, policy, sr_exclusion):
         return model.ORPHAN, "its parent {} is missing".format(record.parent_uuid)
     if node.parent is not None and node.parent.record.error:
         return model.SCAN_ERROR, "its parent {} could not be read".format(record.parent_uuid)
-    if node.chain_length > model.MAX_CHAIN_LENGTH or _in_loop(node):
-        return model.SCAN_ERROR, "its parent chain is longer than {} or loops".format(model.MAX_CHAIN_LENGTH)
+    if _in_loop(node):
+        return model.SCAN_ERROR, "its parent chain loops back on itself"
     if record.hidden:
         return _classify_hidden(node, live)
     if node.children:
