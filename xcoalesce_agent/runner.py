@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import psutil
 import XenAPI
 
 from . import history as history_module
@@ -111,10 +110,8 @@ def gather_facts(config, session, sr_uuids):
 
 def gc_running(session, sr_uuid):
     """True while SM's GC works on the SR: a `cleanup ... -u <sr>` process or its xapi task."""
-    for process in psutil.process_iter(attrs=["cmdline"]):
-        command = process.info.get("cmdline") or []
-        if sr_uuid in command and any("cleanup" in part for part in command):
-            return True
+    if sr_uuid in inspection_module.running_gcs():
+        return True
     sr_ref = session.xenapi.SR.get_by_uuid(sr_uuid)
     for task in session.xenapi.task.get_all_records().values():
         if (task.get("name_label") == GC_TASK_LABEL and task.get("status") == "pending"
@@ -146,6 +143,115 @@ def gc_pass(config, session, sr_uuid):
         raise RunError("the SR's garbage collector did not finish within {:g} s".format(timeout))
 
 
+class FreezeMeter(object):
+    """How long each watched VDI's running VM is kept from running, measured from xapi's events.
+
+    A VDI counts as frozen while SM has paused its tapdisk (`sm_config:paused=true`) or while its
+    VM is suspending, suspended, pausing or paused. Only VMs running when the meter starts count;
+    a VM that was not running loses nothing. Falls back to the elapsed time if xapi's events fail.
+    """
+
+    EVENT_TIMEOUT = 1.0
+
+    def __init__(self, config, vdi_vms):
+        self.config = config
+        self.vdi_vms = dict(vdi_vms)  # vdi_uuid -> vm_uuid ("" when none)
+        self._stop = threading.Event()
+        self._thread = None
+        self._failed = None
+        self._started = None
+        self._down_since = {}
+        self._frozen = dict.fromkeys(self.vdi_vms, 0.0)
+        self._vdi_paused = {}
+        self._vm_down = {}
+        self._refs = {}
+        self._running = set()
+        self._elapsed = 0.0
+
+    def __enter__(self):
+        self._started = time.monotonic()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(ready,), name="freeze-meter", daemon=True)
+        self._thread.start()
+        ready.wait(self.config.xapi.timeout_seconds)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(self.config.xapi.timeout_seconds)
+        self._finish(time.monotonic())
+
+    def seconds(self, vdi_uuid):
+        if self._failed is not None:
+            LOG.warning("freeze not measured from xapi events (%s); counting the elapsed time", self._failed)
+            return self._elapsed
+        return self._frozen.get(vdi_uuid, 0.0)
+
+    def _watch(self, ready):
+        try:
+            with open_session(self.config) as session:
+                event_from = getattr(session.xenapi.event, "from")
+                watched = self._subscriptions(session)
+                token = ""
+                while True:
+                    last = self._stop.is_set()
+                    result = event_from(watched, token, 0.0 if last or not token else self.EVENT_TIMEOUT)
+                    token = result["token"]
+                    for event in result["events"]:
+                        self._apply(event)
+                    ready.set()
+                    if last:
+                        return
+        except (HostUnreachable, XenAPI.Failure) + TRANSPORT_ERRORS as error:
+            self._failed = describe(error)
+        finally:
+            ready.set()
+
+    def _subscriptions(self, session):
+        self._refs = {}
+        running = set()
+        for vdi_uuid, vm_uuid in self.vdi_vms.items():
+            if not vm_uuid:
+                continue
+            vm_ref = session.xenapi.VM.get_by_uuid(vm_uuid)
+            if session.xenapi.VM.get_power_state(vm_ref) != planner.RUNNING:
+                continue
+            running.add(vm_uuid)
+            self._refs[session.xenapi.VDI.get_by_uuid(vdi_uuid)] = ("vdi", vdi_uuid)
+            self._refs[vm_ref] = ("vm", vm_uuid)
+        self._running = running
+        return ["{}/{}".format(kind, ref) for ref, (kind, _) in self._refs.items()]
+
+    def _apply(self, event):
+        kind, uuid = self._refs.get(event["ref"], (None, None))
+        record = event.get("snapshot")
+        if kind is None or record is None:
+            return
+        if kind == "vdi":
+            self._vdi_paused[uuid] = record.get("sm_config", {}).get("paused") == "true"
+        else:
+            operations = set(record.get("current_operations", {}).values())
+            self._vm_down[uuid] = (record.get("power_state") in ("Suspended", "Paused")
+                                   or bool(operations & {"suspend", "pause"}))
+        self._account(time.monotonic())
+
+    def _account(self, now):
+        for vdi_uuid, vm_uuid in self.vdi_vms.items():
+            down = vm_uuid in self._running and (self._vdi_paused.get(vdi_uuid) or self._vm_down.get(vm_uuid))
+            since = self._down_since.get(vdi_uuid)
+            if down and since is None:
+                self._down_since[vdi_uuid] = now
+            elif not down and since is not None:
+                self._frozen[vdi_uuid] += now - since
+                del self._down_since[vdi_uuid]
+
+    def _finish(self, now):
+        self._elapsed = now - self._started
+        for vdi_uuid, since in list(self._down_since.items()):
+            self._frozen[vdi_uuid] += now - since
+        self._down_since = {}
+
+
 class RunError(Exception):
     """One run could not be carried out; its message is the run's reason."""
 
@@ -156,16 +262,14 @@ def _other_config_value(session, vdi_uuid):
 
 
 def run_live(config, session, journal, entry):
-    """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case. Returns seconds frozen."""
+    """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case."""
     ref, previous = _other_config_value(session, entry["vdi_uuid"])
     step = journal.begin(journal_module.force_step(entry["sr_uuid"], entry["vdi_uuid"], previous))
-    started = time.monotonic()
     try:
         if previous is not None:
             session.xenapi.VDI.remove_from_other_config(ref, journal_module.LEAF_COALESCE_KEY)
         session.xenapi.VDI.add_to_other_config(ref, journal_module.LEAF_COALESCE_KEY, journal_module.FORCE)
         gc_pass(config, session, entry["sr_uuid"])
-        return time.monotonic() - started
     finally:
         _close_step(session, journal, step)
 
@@ -187,11 +291,9 @@ def run_plugin(config, session, journal, entry, facts):
             forced.append((record["uuid"], record["other_config"].get(journal_module.LEAF_COALESCE_KEY)))
     host_ref = session.xenapi.host.get_by_uuid(inventory.host_uuid(config.xapi.inventory))
     step = journal.begin(journal_module.suspend_step(sr_uuids, vm_uuid, power_state, forced))
-    started = time.monotonic()
     try:
         answer = session.xenapi.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
         LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(str(answer).split()))
-        return time.monotonic() - started
     finally:
         _close_step(session, journal, step)
 
@@ -297,16 +399,18 @@ class Runner(object):
     def _run_sr(self, sr_uuid, group, before):
         started = time.time()
         try:
-            gc_pass(self.config, self.session, sr_uuid)
+            with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in group}) as meter:
+                gc_pass(self.config, self.session, sr_uuid)
             current = self.inspect()
         except TRANSPORT_ERRORS as error:
             raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
         except (XenAPI.Failure, RunError, HostUnreachable) as error:
             return [self._failed(entry, started, "GC pass: {}".format(describe(error))) for entry in group]
         runs = []
+        gc_frozen = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in group}
         plugin_done = {}
         for entry in group:
-            run, current = self._run_one(entry, before, current, plugin_done)
+            run, current = self._run_one(entry, before, current, gc_frozen, plugin_done)
             runs.append(run)
         LOG.info("SR %s: free space %d -> %d bytes", sr_uuid, _sr_free(before, sr_uuid), _sr_free(current, sr_uuid))
         return runs
@@ -316,29 +420,31 @@ class Runner(object):
         run.update(result=planner.FAILED, reason=reason, finished=time.time())
         return run
 
-    def _run_one(self, entry, before, current, plugin_done):
-        """One VDI after the GC pass: done already, or forced now. Returns (run, inspection after)."""
+    def _run_one(self, entry, before, current, gc_frozen, plugin_done):
+        """One VDI after the GC pass: done already (by the GC, or by the plugin for a sibling VDI of
+        its VM), or forced now. Returns (run, inspection after)."""
         started = time.time()
         run = _run_record(entry, started)
         _, report = _find(current, entry["vdi_uuid"])
         if report is not None and report.chain_length < entry["chain_length"]:
-            strategy, frozen = plugin_done.get(entry["vm_uuid"], (planner.GC, None))
+            strategy, frozen = plugin_done.get(entry["vm_uuid"]) or (planner.GC, gc_frozen[entry["vdi_uuid"]])
             return self._verified(run, entry, before, current, strategy, frozen), current
         try:
-            (fresh,) = [item for item in planner.plan(current, self.facts(current), self.policy.without(planner.GC),
-                                                      vms=[entry["vm_uuid"]] if entry["vm_uuid"] else (),
-                                                      srs=[entry["sr_uuid"]])
-                        if item["vdi_uuid"] == entry["vdi_uuid"]] or [None]
+            facts = self.facts(current)
+            replanned = planner.plan(current, facts, self.policy.without(planner.GC), srs=[entry["sr_uuid"]])
+            fresh = next((item for item in replanned if item["vdi_uuid"] == entry["vdi_uuid"]), None)
             if fresh is None or fresh["result"] != planner.PLANNED:
                 reason = fresh["reason"] if fresh else "no longer leaf-coalesceable after the GC pass"
                 run.update(result=planner.SKIPPED, reason="after the GC pass: " + reason, finished=time.time())
                 return run, current
             run.update(strategy=fresh["strategy"], predicted_freeze_seconds=fresh["predicted_freeze_seconds"])
-            if fresh["strategy"] == planner.LIVE:
-                frozen = run_live(self.config, self.session, self.journal, entry)
-            else:
-                facts = self.facts(current)
-                frozen = run_plugin(self.config, self.session, self.journal, entry, facts)
+            with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"]}) as meter:
+                if fresh["strategy"] == planner.LIVE:
+                    run_live(self.config, self.session, self.journal, entry)
+                else:
+                    run_plugin(self.config, self.session, self.journal, entry, facts)
+            frozen = meter.seconds(entry["vdi_uuid"])
+            if fresh["strategy"] == planner.PLUGIN:
                 plugin_done[entry["vm_uuid"]] = (planner.PLUGIN, frozen)
             self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(entry["sr_uuid"]))
             wait_gc_idle(self.session, entry["sr_uuid"], self.config.coalesce.gc_wait_seconds)
@@ -534,14 +640,16 @@ def watching(config):
 class SnapshotWatcher(object):
     """Follows xapi's VDI events (`event.from`) in a thread; when a snapshot VDI is deleted, waits
     for the SR's GC to settle, then marks the SR pending (for `scheduled_run`) and settled (so the
-    daemon inspects it now). `start()`, `stop()`, `wait_settled(timeout) -> [sr_uuid]`.
+    daemon inspects it now). `start()`, `stop()`, `wait_settled(timeout) -> [sr_uuid]`;
+    `on_settled(sr_uuid)`, if given, is called from the watcher's thread (e.g. to wake the daemon).
     """
 
     EVENT_TIMEOUT = 5.0
     RETRY_SECONDS = 10.0
 
-    def __init__(self, config):
+    def __init__(self, config, on_settled=None):
         self.config = config
+        self.on_settled = on_settled
         self.pending = PendingSrs(config)
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -611,6 +719,8 @@ class SnapshotWatcher(object):
             with self._changed:
                 self._settled.add(sr_uuid)
                 self._changed.notify_all()
+            if self.on_settled is not None:
+                self.on_settled(sr_uuid)
 
 
 # ---- output ------------------------------------------------------------------------------
