@@ -68,7 +68,7 @@ class Api(object):
             raise
         except Exception as error:
             LOG.warning("%s failed: %s: %s", name, type(error).__name__, error)
-            raise XapiError("INTERNAL_ERROR", "{}: {}".format(type(error).__name__, error))
+            raise XapiError("INTERNAL_ERROR", "{}: {}".format(type(error).__name__, error)) from error
 
     def _run_async(self, name, method, session, args):
         task = tasks.create(self.db, "Async." + name)
@@ -113,8 +113,8 @@ class Api(object):
             return
         self._add("{}.set_{}".format(cls, name), lambda c, ref, value: db.set(cls, ref, name, value), 2)
         if f.kind == "map":
-            self._add("{}.add_to_{}".format(cls, name),
-                      lambda c, ref, key, value: db.add_to_map(cls, ref, name, _string(name, key), _string(name, value)), 3)
+            self._add("{}.add_to_{}".format(cls, name), lambda c, ref, key, value: db.add_to_map(
+                cls, ref, name, _string(name, key), _string(name, value)), 3)
             self._add("{}.remove_from_{}".format(cls, name),
                       lambda c, ref, key: db.remove_from_map(cls, ref, name, key), 2)
         elif f.kind == "strs":
@@ -187,7 +187,7 @@ class Api(object):
         except XapiError:
             raise
         except Exception as error:
-            raise XapiError("XENAPI_PLUGIN_FAILURE", fn, type(error).__name__, str(error))
+            raise XapiError("XENAPI_PLUGIN_FAILURE", fn, type(error).__name__, str(error)) from error
         return "" if result is None else str(result)
 
     def _scan(self, context, sr):

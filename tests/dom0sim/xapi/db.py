@@ -39,8 +39,9 @@ class Database(object):
 
     # ---- objects -------------------------------------------------------------------------------
 
-    def create(self, cls, ref=None, **fields):
+    def create(self, class_name, ref=None, **fields):
         """A new object with defaults for the fields not given; returns its ref ("OpaqueRef:<uuid>")."""
+        cls = class_name
         ref = ref or "OpaqueRef:" + str(uuidlib.uuid4())
         with self.lock:
             record = schema.defaults(cls)
@@ -59,8 +60,9 @@ class Database(object):
             self._notify(cls, ref, None, record)
             return ref
 
-    def update(self, cls, ref, **fields):
+    def update(self, class_name, ref, **fields):
         """Set several fields of one object in one change (one "mod" event)."""
+        cls = class_name
         with self.lock:
             record = self._record(cls, ref)
             old = copy.deepcopy(record)
@@ -252,7 +254,7 @@ class Database(object):
         try:
             return self._tables[cls][ref]
         except KeyError:
-            raise XapiError("HANDLE_INVALID", cls, ref)
+            raise XapiError("HANDLE_INVALID", cls, ref) from None
 
     def _classes_of(self, ref):
         return [cls for cls, table in self._tables.items() if ref in table]

@@ -72,7 +72,7 @@ def decode(field, value):
     try:
         return DECODERS[field.kind](value)
     except (TypeError, ValueError):
-        raise XapiError("FIELD_TYPE_ERROR", field.name)
+        raise XapiError("FIELD_TYPE_ERROR", field.name) from None
 
 
 def now():
