@@ -156,7 +156,7 @@ def test_requirements_name_the_host_python_and_xapi(packages):
     rpmlib = {re.match(r"rpmlib\((\w+)\)", line).group(1) for line in requires if line.startswith("rpmlib(")}
     assert rpmlib <= RPMLIB_OF_RPM_4_11
     assert query(packages[1], "--qf", "%{PAYLOADCOMPRESSOR}") == "xz"
-    assert query(packages[1], "--recommends").split() == ["python3-psutil"]
+    assert "psutil" not in query(packages[1], "--recommends")  # optional; EL7's rpm has no weak dependencies
     assert "bundled(python3-prometheus_client)" in query(packages[1], "--provides")
 
 
