@@ -26,7 +26,7 @@ SYSTEMD_219_DIRECTIVES = {
     "Unit": {"Description": 1, "Documentation": 183, "Wants": 1, "After": 1},
     "Service": {
         "Type": 1, "ExecStart": 1, "ExecReload": 1, "Restart": 1, "RestartSec": 1, "TimeoutStartSec": 188,
-        "Nice": 1, "IOSchedulingClass": 1, "IOSchedulingPriority": 1, "UMask": 1,
+        "Nice": 1, "IOSchedulingClass": 1, "IOSchedulingPriority": 1, "UMask": 1, "SyslogIdentifier": 1,
         "CapabilityBoundingSet": 1, "NoNewPrivileges": 187, "ProtectSystem": 214, "ProtectHome": 214,
         "PrivateTmp": 1, "ReadWriteDirectories": 1, "RestrictAddressFamilies": 211,
         "SystemCallArchitectures": 209, "SystemCallErrorNumber": 209, "SystemCallFilter": 187,
