@@ -404,6 +404,11 @@ def test_injected_method_failure(sim, api):
     sim.db.faults.fail_method("SR.scan", "SR_BACKEND_FAILURE_47", "", "The SR is not available", "", times=1)
     assert failure(api.SR.scan, sim.sr) == ["SR_BACKEND_FAILURE_47", "", "The SR is not available", ""]
     api.SR.scan(sim.sr)
+    sim.db.faults.fail_method("*", "HOST_IS_SLAVE", "192.0.2.1")
+    assert failure(api.VM.get_all) == ["HOST_IS_SLAVE", "192.0.2.1"]
+    assert failure(connect, sim.path) == ["HOST_IS_SLAVE", "192.0.2.1"]
+    sim.db.faults.clear()
+    assert api.VM.get_all()
 
 
 def test_injected_suspend_and_resume_failures(sim, api):

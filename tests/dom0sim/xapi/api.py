@@ -137,9 +137,7 @@ class Api(object):
         self._add("SR.scan", self._scan, 1)
         self._add("message.create", self._create_message, 5)
         self._add("message.destroy", lambda c, ref: db.destroy("message", ref), 1)
-        self._add("message.get_since", lambda c, since: {
-            ref: wire.encode_record("message", record) for ref, record in db.records("message").items()
-            if record["timestamp"] > wire.decode(schema.field("message", "timestamp"), since)}, 1)
+        self._add("message.get_since", self._messages_since, 1)
         self._add("task.create", lambda c, label, description: tasks.create(db, label, description), 2)
         self._add("task.destroy", lambda c, ref: db.destroy("task", ref), 1)
         self._add("event.from", lambda c, classes, token, timeout: events.event_from(db, classes, token, timeout), 3)
@@ -159,14 +157,16 @@ class Api(object):
                              auth_user_name=user, last_active=wire.now(), validation_time=wire.now(),
                              is_local_superuser=True)
         if local:
-            self._local_sessions.add(ref)
+            with self.db.lock:
+                self._local_sessions.add(ref)
         return ref
 
     def _logout(self, session, local):
-        if (session in self._local_sessions) != local:
-            raise XapiError("SESSION_INVALID", session)
-        self._local_sessions.discard(session)
-        self.db.destroy("session", session)
+        with self.db.lock:
+            if (session in self._local_sessions) != local:
+                raise XapiError("SESSION_INVALID", session)
+            self._local_sessions.discard(session)
+            self.db.destroy("session", session)
         return ""
 
     def _power_operation(self, op):
@@ -195,6 +195,11 @@ class Api(object):
         for handler in self.db.sr_scan_handlers():
             handler(sr)
         return ""
+
+    def _messages_since(self, context, since):
+        since = wire.decode(schema.field("message", "timestamp"), since)
+        return {ref: wire.encode_record("message", record) for ref, record in self.db.records("message").items()
+                if record["timestamp"] > since}
 
     def _create_message(self, context, name, priority, cls, obj_uuid, body):
         if cls not in MESSAGE_CLASSES:

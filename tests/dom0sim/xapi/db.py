@@ -97,7 +97,7 @@ class Database(object):
 
     def exists(self, cls, ref):
         with self.lock:
-            return ref in self._tables[cls]
+            return isinstance(ref, str) and ref in self._tables[cls]
 
     def all(self, cls):
         with self.lock:
@@ -253,7 +253,7 @@ class Database(object):
     def _record(self, cls, ref):
         try:
             return self._tables[cls][ref]
-        except KeyError:
+        except (KeyError, TypeError):
             raise XapiError("HANDLE_INVALID", cls, ref) from None
 
     def _classes_of(self, ref):

@@ -23,7 +23,8 @@ class Faults(object):
             self._calls = 0
 
     def fail_method(self, method, code, *params, **options):
-        """Calls of `method` (e.g. "SR.scan") fail with [code, *params]; `times=N` for only the next N calls."""
+        """Calls of `method` (e.g. "SR.scan", or "*" for every method) fail with [code, *params];
+        `times=N` for only the next N calls."""
         with self._lock:
             self._methods[method] = [[code] + list(params), options.get("times")]
 
@@ -64,13 +65,14 @@ class Faults(object):
     def check_method(self, method):
         """Raise the failure injected for `method`, if any."""
         with self._lock:
-            entry = self._methods.get(method)
+            key = method if method in self._methods else "*"
+            entry = self._methods.get(key)
             if entry is None:
                 return
             details, times = entry
             if times is not None:
                 if times <= 1:
-                    del self._methods[method]
+                    del self._methods[key]
                 else:
                     entry[1] = times - 1
         raise XapiError(*details)
