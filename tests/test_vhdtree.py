@@ -74,6 +74,7 @@ def test_lvm_scan_keeps_non_vhd_lvs_as_sr_errors():
     "vhd=a.vhd capacity=lots size=1 hidden=0 parent=none\n",
     "vhd=a.vhd capacity=1 size=1 hidden=0 parent=none\n\x00\x01garbage\n",
     "vhd=a.raw capacity=1 size=1 hidden=0 parent=none\n",
+    "vhd=a.vhd capacity=1 size=1 hidden=0\n",
 ])
 def test_garbage_output_is_rejected_whole(text):
     with pytest.raises(vhdtree.ScanOutputError) as caught:

@@ -70,10 +70,11 @@ def parse_scan(text, lvm):
             if name in _PHANTOM_NAMES:
                 continue  # the zeroed slot `-c` leaves for a target that failed early: its error line came before
             uuid = image_uuid(name, lvm)
-            parent = image.group("parent")
-            parent_uuid = "" if parent == "none" else image_uuid(parent, lvm)
-            if uuid is None or parent_uuid is None:
+            if uuid is None:
                 raise ScanOutputError("line {}: unexpected image name: {}".format(number, _clip(line)))
+            parent = image.group("parent")
+            # A parent name that names no image of this SR is kept as printed: that parent is missing.
+            parent_uuid = "" if parent == "none" else image_uuid(parent, lvm) or parent
             records.append(ScanRecord(uuid, int(image.group("capacity")), int(image.group("size")),
                                       image.group("hidden") != "0", parent_uuid))
             continue
