@@ -1,0 +1,394 @@
+"""A whole simulated Dom0 under one state directory: build a scenario's files and xapi objects, then
+serve them (xapi on DIR/xapi.sock, SM's GC and plugin, VMs that keep writing) until stopped.
+
+    host = SimHost(state_dir, "demo").build()
+    host.start()
+    ...                      # the agent runs with --config DIR/agent.conf
+    host.stop()
+"""
+import os
+import time
+import uuid as uuidlib
+
+from tests.dom0sim import lvm, scenarios, sm, tools, vhdfile
+from tests.dom0sim.xapi import wire
+from tests.dom0sim.xapi.db import Database
+from tests.dom0sim.xapi.schema import NULL_REF
+from tests.dom0sim.xapi.server import XapiServer
+
+MIB = 1024 * 1024
+UUID_NAMESPACE = uuidlib.UUID("6c6e0d5a-2f0e-4a55-9b49-64f3a3c1a0de")
+QCOW2_HEADER = b"QFI\xfb" + (3).to_bytes(4, "big")
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+AGENT_CONF = """# The agent's configuration for the simulated host in {root}
+[agent]
+state_dir = {root}/agent-state
+
+[xapi]
+socket = {root}/xapi.sock
+inventory = {root}/xensource-inventory
+
+[tools]
+vhd_util = {root}/bin/vhd-util
+path = {root}/bin:{path}
+
+[storage]
+sr_mount_dir = {root}/sr-mount
+speed_log_dir = {root}/run
+sm_lock_dir = {root}/lock/sm
+lvm_device_dir = {root}/lvm
+
+[coalesce]
+mode = auto
+"""
+
+
+def stable_uuid(*parts):
+    """The same UUID for the same scenario object on every build."""
+    return str(uuidlib.uuid5(UUID_NAMESPACE, ":".join(str(part) for part in parts)))
+
+
+def pattern(label, mib):
+    """1 MiB of data that says which disk, step and MiB it belongs to."""
+    line = "{} MiB {}\n".format(label, mib).encode("ascii").ljust(64, b".")[:63] + b"\n"
+    return line * (MIB // 64)
+
+
+class SimHost(object):
+    """One simulated host: `build()` once, then `start()` / `stop()` (also a context manager)."""
+
+    def __init__(self, state_dir, scenario, **params):
+        self.state_dir = os.path.abspath(state_dir)
+        self.scenario = scenarios.get(scenario, **params) if isinstance(scenario, str) else scenario
+        self.db = Database()
+        self.server = None
+        self.sm = None
+        self.host_uuid = None
+        self.srs = {}           # scenario key -> SR uuid
+        self.vdis = {}          # disk key -> VDI uuid
+        self.vms = {}           # VM name -> VM uuid
+        self.parents = {}       # disk key -> uuid of its leaf's parent VHD ("" if none)
+        self._writers = []
+        self.socket_path = os.path.join(self.state_dir, "xapi.sock")
+        self.agent_conf = os.path.join(self.state_dir, "agent.conf")
+        self.inventory = os.path.join(self.state_dir, "xensource-inventory")
+        self.bin_dir = os.path.join(self.state_dir, "bin")
+        self.run_dir = os.path.join(self.state_dir, "run")
+        self.sr_mount = os.path.join(self.state_dir, "sr-mount")
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def build(self):
+        for directory in (self.state_dir, self.bin_dir, self.run_dir, self.sr_mount,
+                          os.path.join(self.state_dir, "agent-state")):
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+        tools.install_tools(self.state_dir, self.bin_dir)
+        _Builder(self).build()
+        with open(self.inventory, "w") as handle:
+            handle.write("PRIMARY_DISK='/dev/sda'\nBUILD_NUMBER='release/yangtze/master/58'\n"
+                         "INSTALLATION_UUID='{}'\nPRODUCT_BRAND='XCP-ng'\n".format(self.host_uuid))
+        with open(self.agent_conf, "w") as handle:
+            handle.write(AGENT_CONF.format(root=self.state_dir, path=DEFAULT_PATH))
+        return self
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def start(self):
+        self.server = XapiServer(self.db, self.socket_path)
+        self.server.start()
+        self.sm.install()
+        for spec in self.scenario["vms"]:
+            if spec["writes_mib_s"] and spec["power_state"] == "Running" and spec["disks"]:
+                first = spec["disks"][0]
+                if first["key"] in self.vdis and self.srs[first["sr"]]:
+                    self._writers.append(self.sm.start_writer(
+                        self.vms[spec["name"]], self.srs[first["sr"]], self.vdis[first["key"]],
+                        spec["writes_mib_s"] * MIB, start_offset=first["size_mib"] * MIB // 2))
+        return self
+
+    def stop(self):
+        if self.sm is not None:
+            self.sm.stop()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def describe(self):
+        """Where everything is, for people."""
+        lines = ["simulated host {} ({} scenario)".format(self.host_uuid, self.scenario["name"]),
+                 "  xapi socket   {}".format(self.socket_path),
+                 "  agent config  {}".format(self.agent_conf),
+                 "  inventory     {}".format(self.inventory),
+                 "  tools         {}".format(self.bin_dir),
+                 "  speed logs    {}".format(self.run_dir),
+                 "  SM log        {}".format(self.sm.log_path)]
+        for key, sr_uuid in sorted(self.srs.items()):
+            lines.append("  SR {:<12} {}".format(key, sr_uuid))
+        return "\n".join(lines)
+
+    # ---- looking at it -------------------------------------------------------------------------
+
+    def sr_ref(self, key):
+        return self.db.ref_of("SR", self.srs[key])
+
+    def vdi_ref(self, disk_key):
+        return self.db.ref_of("VDI", self.vdis[disk_key])
+
+    def vm_ref(self, name):
+        return self.db.ref_of("VM", self.vms[name])
+
+    def store(self, key):
+        return self.sm.store(self.srs[key])
+
+    def vdi_path(self, disk_key):
+        """The VHD of a disk's leaf."""
+        disk = self._disk_spec(disk_key)
+        return self.store(disk["sr"]).path(self.vdis[disk_key])
+
+    def _disk_spec(self, disk_key):
+        for spec in self.scenario["vms"]:
+            for disk in spec["disks"]:
+                if disk["key"] == disk_key:
+                    return disk
+        raise KeyError(disk_key)
+
+
+class _Builder(object):
+    """Turns a scenario into files under the state directory and objects in the xapi database."""
+
+    def __init__(self, host):
+        self.host = host
+        self.db = host.db
+        self.scenario = host.scenario
+        self.name = self.scenario["name"]
+        self.host_refs = {}
+        self.snapshot_vdis = {}     # (VM name, snapshot name) -> [VDI ref]
+
+    def uuid(self, *parts):
+        return stable_uuid(self.name, *parts)
+
+    def build(self):
+        db = self.db
+        for index, name in enumerate(self.scenario["hosts"]):
+            self.host_refs[name] = db.create("host", uuid=self.uuid("host", name), name_label=name,
+                                             name_description="Default install", hostname=name,
+                                             address="10.0.0.{}".format(index + 11))
+        master = self.host_refs[self.scenario["master"]]
+        db.create("pool", uuid=self.uuid("pool"), name_label=self.scenario["name"] + "-pool", master=master)
+        self.host.host_uuid = self.uuid("host", self.scenario["this_host"])
+        self.host.sm = sm.StorageManager(self.host.state_dir, db, self.host.host_uuid,
+                                         live_timeout=self.scenario["live_timeout"])
+        for name, ref in self.host_refs.items():
+            db.create("VM", name_label="Control domain on host: " + name, is_control_domain=True,
+                      power_state="Running", resident_on=ref, domid=0)
+        for spec in self.scenario["srs"]:
+            self.build_sr(spec)
+        for spec in self.scenario["vms"]:
+            self.build_vm(spec)
+        for spec in self.scenario["loose"]:
+            self.build_garbage_file(spec)
+        self.build_vm_snapshots()
+        for spec in self.scenario["srs"]:
+            if spec["attached"]:
+                self.host.sm.refresh_sr(self.host.srs[spec["key"]])
+
+    # -- SRs --
+
+    def build_sr(self, spec):
+        db = self.db
+        sr_uuid = self.uuid("sr", spec["key"])
+        size = spec["size_mib"] * MIB
+        lvm_sr = sm.is_lvm_type(spec["type"])
+        sr_ref = db.create("SR", uuid=sr_uuid, name_label=spec["name"], type=spec["type"], shared=spec["shared"],
+                           content_type="user", physical_size=size, other_config=spec["other_config"],
+                           sm_config={"allocation": "thick"} if lvm_sr else {})
+        self.host.srs[spec["key"]] = sr_uuid
+        self.host.sm.speeds[sr_uuid] = spec["speed_mib"] * MIB
+        hosts = self.scenario["hosts"] if spec["shared"] else [spec["host"] or self.scenario["master"]]
+        for name in hosts:
+            db.create("PBD", host=self.host_refs[name], SR=sr_ref, currently_attached=spec["attached"],
+                      device_config=self.device_config(spec))
+        if not spec["attached"]:
+            return
+        if lvm_sr:
+            vg = lvm.VolumeGroup.for_sr(self.host.state_dir, sr_uuid, create=True, pv_size=size + lvm.PE_START)
+            vg.create_lv("MGT", lvm.EXTENT_SIZE)
+            with open(vg.lv_path("MGT"), "wb") as handle:
+                handle.write(b"SR metadata\n".ljust(4096, b"\0"))
+        else:
+            os.makedirs(os.path.join(self.host.sr_mount, sr_uuid))
+        if spec["seed_speed_log"]:
+            sm.record_speed(self.host.sm.speed_log(sr_uuid), spec["speed_mib"] * MIB)
+
+    @staticmethod
+    def device_config(spec):
+        if spec["type"] == "nfs":
+            return {"server": "nfs.example.lan", "serverpath": "/export/" + spec["key"]}
+        if spec["type"] == "lvmoiscsi":
+            return {"target": "10.0.0.200", "targetIQN": "iqn.2026-01.lan.example:" + spec["key"],
+                    "SCSIid": "36001405" + spec["key"].encode("ascii").hex()}
+        return {"device": "/dev/disk/by-id/scsi-" + spec["key"]}
+
+    def build_garbage_file(self, spec):
+        store = self.host.sm.store(self.host.srs[spec["sr"]])
+        if store.lvm:
+            uuid = spec["name"][:-len(".vhd")] if spec["name"].endswith(".vhd") else spec["name"]
+            store.vg.create_lv(store.PREFIX + uuid, spec["size"])
+            path = store.path(uuid)
+        else:
+            path = os.path.join(store.directory, spec["name"])
+        with open(path, "wb") as handle:
+            handle.write(b"this is not a VHD\n".ljust(spec["size"], b"\0"))
+
+    # -- VMs and disks --
+
+    def build_vm(self, spec):
+        db = self.db
+        running = spec["power_state"] in ("Running", "Paused")
+        host_ref = self.host_refs[spec["host"] or self.scenario["master"]]
+        vm_uuid = self.uuid("vm", spec["name"])
+        vm_ref = db.create("VM", uuid=vm_uuid, name_label=spec["name"], power_state=spec["power_state"],
+                           resident_on=host_ref if running else NULL_REF, affinity=host_ref,
+                           domid=db.next_domid() if running else -1, tags=spec["tags"],
+                           ha_restart_priority=spec["ha_restart_priority"])
+        self.host.vms[spec["name"]] = vm_uuid
+        for position, disk in enumerate(spec["disks"]):
+            vdi_ref = self.build_disk(spec, disk)
+            if vdi_ref is not None:
+                db.create("VBD", VM=vm_ref, VDI=vdi_ref, device="xvd" + "abcdefgh"[position],
+                          userdevice=str(position), bootable=position == 0, currently_attached=running)
+
+    def build_disk(self, vm_spec, disk):
+        db = self.db
+        sr_spec = self.sr_spec(disk["sr"])
+        sr_uuid = self.host.srs[disk["sr"]]
+        vdi_uuid = self.uuid("vdi", disk["key"])
+        self.host.vdis[disk["key"]] = vdi_uuid
+        size = vhdfile.rounded_size(disk["size_mib"])
+        vdi_ref = db.create("VDI", uuid=vdi_uuid, name_label=disk["name"], SR=self.host.sr_ref(disk["sr"]),
+                            virtual_size=size, location=vdi_uuid, other_config=disk["other_config"],
+                            on_boot=disk["on_boot"], allow_caching=disk["allow_caching"],
+                            sm_config={"vdi_type": disk["vdi_type"]})
+        if not sr_spec["attached"]:
+            return vdi_ref
+        store = self.host.sm.store(sr_uuid)
+        if disk["vdi_type"] != "vhd":
+            self.build_other_format(store, disk, vdi_uuid, size)
+            return vdi_ref
+        store.create_base(vdi_uuid, disk["size_mib"])
+        chain = _DiskHistory(self, vm_spec, disk, store, vdi_uuid, vdi_ref)
+        for number, step in enumerate(disk["steps"]):
+            chain.apply(number, step)
+        self.host.parents[disk["key"]] = chain.parent
+        return None if chain.deleted else vdi_ref
+
+    def build_other_format(self, store, disk, vdi_uuid, size):
+        if store.lvm:
+            store.vg.create_lv("LV-" + vdi_uuid, size)
+            return
+        extension = ".raw" if disk["vdi_type"] == "aio" else "." + disk["vdi_type"]
+        path = os.path.join(store.directory, vdi_uuid + extension)
+        with open(path, "wb") as handle:
+            if disk["vdi_type"] == "qcow2":
+                handle.write(QCOW2_HEADER + bytes(8) + bytes(12) + size.to_bytes(8, "big"))
+            handle.truncate(size if disk["vdi_type"] == "aio" else 196608)
+
+    def sr_spec(self, key):
+        for spec in self.scenario["srs"]:
+            if spec["key"] == key:
+                return spec
+        raise KeyError("scenario {}: no SR {!r}".format(self.name, key))
+
+    def build_vm_snapshots(self):
+        db = self.db
+        for (vm_name, snap_name), vdi_refs in sorted(self.snapshot_vdis.items()):
+            live = [ref for ref in vdi_refs if db.exists("VDI", ref)]
+            if not live:
+                continue
+            vm_ref = db.ref_of("VM", self.host.vms[vm_name])
+            snap_ref = db.create("VM", name_label=snap_name, is_a_snapshot=True, snapshot_of=vm_ref,
+                                 snapshot_time=wire.now(), power_state="Halted")
+            for position, vdi_ref in enumerate(live):
+                db.create("VBD", VM=snap_ref, VDI=vdi_ref, device="xvd" + "abcdefgh"[position],
+                          userdevice=str(position))
+
+
+class _DiskHistory(object):
+    """Replays one disk's steps on its files and records."""
+
+    def __init__(self, builder, vm_spec, disk, store, vdi_uuid, vdi_ref):
+        self.builder = builder
+        self.db = builder.db
+        self.vm_spec = vm_spec
+        self.disk = disk
+        self.store = store
+        self.vdi_uuid = vdi_uuid
+        self.vdi_ref = vdi_ref
+        self.snapshots = {}
+        self.parent = ""
+        self.deleted = False
+
+    def apply(self, number, step):
+        getattr(self, "step_" + step[0])(number, *step[1:])
+
+    def step_write(self, number, offset_mib, length_mib):
+        label = "{} step {}".format(self.disk["key"], number)
+        with vhdfile.Vhd.open(self.store.path(self.vdi_uuid), writable=True) as vhd:
+            for mib in range(offset_mib, offset_mib + length_mib):
+                vhd.write(mib * MIB, pattern(label, mib))
+
+    def step_sparse(self, number, first_block, count):
+        with vhdfile.Vhd.open(self.store.path(self.vdi_uuid), writable=True) as vhd:
+            for block in range(first_block, first_block + count):
+                vhd.allocate_block(block)
+
+    def step_snapshot(self, number, name):
+        """xapi's VDI.snapshot on a VHD SR: the leaf becomes a hidden base of two new leaves."""
+        base = self.builder.uuid("base", self.disk["key"], name)
+        snap = self.builder.uuid("snapshot", self.disk["key"], name)
+        size = vhdfile.rounded_size(self.disk["size_mib"])
+        self.store.rename(self.vdi_uuid, base)
+        with vhdfile.Vhd.open(self.store.path(base), writable=True) as vhd:
+            vhd.set_hidden(True)
+        self.store.deflate(base)
+        self.store.create_leaf(self.vdi_uuid, base, size, skip_empty_parents=False)
+        self.store.create_leaf(snap, base, size, skip_empty_parents=False)
+        self.store.deflate(snap)
+        record = self.db.get("VDI", self.vdi_ref)
+        ref = self.db.create("VDI", uuid=snap, name_label=record["name_label"], SR=record["SR"],
+                             virtual_size=size, location=snap, is_a_snapshot=True, snapshot_of=self.vdi_ref,
+                             snapshot_time=wire.now(), sm_config={"vdi_type": "vhd"}, read_only=False)
+        self.snapshots[name] = snap
+        self.builder.snapshot_vdis.setdefault((self.vm_spec["name"], name), []).append(ref)
+        self.parent = base
+
+    def step_delete_snapshot(self, number, name):
+        snap = self.snapshots.pop(name)
+        self.store.remove(snap)
+        self.db.destroy("VDI", self.db.ref_of("VDI", snap))
+
+    def step_delete_disk(self, number):
+        self.store.remove(self.vdi_uuid)
+        self.db.destroy("VDI", self.vdi_ref)
+        self.deleted = True
+
+    def step_lose_parent(self, number):
+        self.store.remove(self.parent)
+
+
+def wait_until(predicate, timeout=30.0, interval=0.02):
+    """Poll `predicate` until it is true; its last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value

@@ -1,0 +1,207 @@
+"""Declarative descriptions of simulated pools: hosts, SRs, VMs, their disks and each disk's history.
+
+A scenario is plain data: `get(name, **params)` returns a dict that `host.SimHost` builds. A disk's
+`steps` replay what happened to it on a real host, in order:
+
+    write(offset_mib, length_mib)  the VM wrote real data (a pattern unique to the disk and step)
+    sparse(first_block, count)     blocks allocated without data (big disks, for benchmarks)
+    snapshot(name)                 a VM snapshot: the leaf becomes a hidden base with two children,
+                                   the disk's new leaf and the snapshot VDI `name`
+    delete_snapshot(name)          the snapshot VDI is deleted, before any GC ran
+    delete_disk()                  the disk itself is deleted: what is left above it is garbage
+    lose_parent()                  the leaf's parent VHD vanishes: the leaf is an orphan
+
+`expect` names the state (xcoalesce_agent.model vocabulary) the disk's leaf is in once built, and
+`expect_parent` that of its parent; tests check them.
+"""
+MIB = 1024 * 1024
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+def write(offset_mib, length_mib):
+    return ("write", offset_mib, length_mib)
+
+
+def sparse(first_block, count):
+    return ("sparse", first_block, count)
+
+
+def snapshot(name):
+    return ("snapshot", name)
+
+
+def delete_snapshot(name):
+    return ("delete_snapshot", name)
+
+
+def delete_disk():
+    return ("delete_disk",)
+
+
+def lose_parent():
+    return ("lose_parent",)
+
+
+def sr(key, sr_type, size_mib, name=None, shared=False, host=None, attached=True, speed_mib=200.0,
+       seed_speed_log=True, other_config=None):
+    """An SR; `host` is the host of a local SR's PBD (default: the pool master)."""
+    return {"key": key, "type": sr_type, "size_mib": size_mib, "name": name or key, "shared": shared,
+            "host": host, "attached": attached, "speed_mib": speed_mib, "seed_speed_log": seed_speed_log,
+            "other_config": dict(other_config or {})}
+
+
+def disk(key, sr_key, size_mib, steps=(), name=None, expect=None, expect_parent=None, other_config=None,
+         on_boot="persist", allow_caching=False, vdi_type="vhd"):
+    return {"key": key, "sr": sr_key, "size_mib": size_mib, "steps": list(steps), "name": name or key,
+            "expect": expect, "expect_parent": expect_parent, "other_config": dict(other_config or {}),
+            "on_boot": on_boot, "allow_caching": allow_caching, "vdi_type": vdi_type}
+
+
+def vm(name, disks=(), power_state="Running", host=None, writes_mib_s=0.0, ha_restart_priority="", tags=()):
+    """A VM; `writes_mib_s` makes a running VM keep writing fresh data into its first disk."""
+    return {"name": name, "disks": list(disks), "power_state": power_state, "host": host,
+            "writes_mib_s": writes_mib_s, "ha_restart_priority": ha_restart_priority, "tags": list(tags)}
+
+
+def garbage_file(sr_key, name, size=4096):
+    """A file (or LV) in the SR that is not a VHD at all."""
+    return {"sr": sr_key, "name": name, "size": size}
+
+
+def pool(name, srs, vms, hosts=("xcp-ng-1",), master=None, this_host=None, loose=(), live_timeout=10.0,
+         description=""):
+    hosts = list(hosts)
+    return {"name": name, "description": description, "hosts": hosts, "master": master or hosts[0],
+            "this_host": this_host or hosts[0], "srs": list(srs), "vms": list(vms), "loose": list(loose),
+            "live_timeout": live_timeout}
+
+
+# ---- the scenarios ---------------------------------------------------------------------------------
+
+def demo():
+    """A small realistic host: a few VMs on local ext storage and on an iSCSI LVM SR, with deleted
+    snapshots left to merge on both."""
+    srs = [sr("local", "ext", 2048, name="Local storage", speed_mib=400),
+           sr("iscsi", "lvmoiscsi", 2048, name="iSCSI SAN", shared=True, speed_mib=400)]
+    vms = [
+        vm("web-01", [disk("web-01-root", "local", 256, name="web-01 root", expect="leaf_coalesceable",
+                           steps=[write(0, 48), snapshot("nightly"), write(16, 24), write(96, 16),
+                                  delete_snapshot("nightly")])]),
+        vm("db-01", [disk("db-01-data", "iscsi", 128, name="db-01 data", expect="leaf_coalesceable",
+                          steps=[write(0, 40), snapshot("backup"), write(8, 16), delete_snapshot("backup")])]),
+        vm("build-01", [disk("build-01-root", "iscsi", 128, name="build-01 root", expect="snapshot_present",
+                             expect_parent="hidden_parent",
+                             steps=[write(0, 24), snapshot("before-upgrade"), write(0, 8)])]),
+        vm("mail-01", [disk("mail-01-root", "local", 128, name="mail-01 root", expect="leaf_coalesceable",
+                            expect_parent="coalesceable",
+                            steps=[write(0, 24), snapshot("monday"), write(24, 8), snapshot("tuesday"),
+                                   write(40, 8), delete_snapshot("monday"), delete_snapshot("tuesday")])],
+           power_state="Halted"),
+    ]
+    return pool("demo", srs, vms, description=demo.__doc__)
+
+
+def large(count=10000, srs_count=4, size_mib=10240):
+    """Thousands of VDIs over a few SRs for benchmarks; most chains short, no real data (sparse)."""
+    types = ("ext", "lvmoiscsi", "nfs", "lvm")
+    srs = [sr("sr{}".format(i), types[i % len(types)], 64 * 1024 * 1024, name="Storage {}".format(i),
+              shared=types[i % len(types)] in ("nfs", "lvmoiscsi")) for i in range(srs_count)]
+    vms = []
+    for index in range(count):
+        sr_key = "sr{}".format(index % srs_count)
+        shape = index % 10
+        if shape < 6:
+            steps = [sparse(0, 2 + index % 5)]
+        elif shape < 9:
+            steps = [sparse(0, 3), snapshot("s"), sparse(3 + index % 7, 1 + index % 3), delete_snapshot("s")]
+        else:
+            steps = [sparse(0, 2), snapshot("s"), sparse(2, 1)]
+        disks = [disk("vdi-{}".format(index), sr_key, size_mib, steps=steps)]
+        vms.append(vm("vm-{:05d}".format(index), disks, power_state="Running" if index % 3 else "Halted"))
+    return pool("large", srs, vms, description=large.__doc__)
+
+
+def states():
+    """One disk in every state the agent classifies, spread so that each SR's GC can still run."""
+    srs = [sr("ext", "ext", 1024, name="Local ext"),
+           sr("lvm", "lvm", 1024, name="Local LVM"),
+           sr("nolc", "ext", 512, name="No leaf coalesce", other_config={"leaf-coalesce": "false"}),
+           sr("broken", "ext", 512, name="Broken chains"),
+           sr("qcow", "ext", 512, name="Mixed formats")]
+    leaf_history = [write(0, 4), snapshot("s"), write(2, 4), delete_snapshot("s")]
+    vms = [
+        vm("plain", [disk("active-leaf", "ext", 16, steps=[write(0, 4)], expect="leaf")]),
+        vm("kept-snapshot", [disk("snapshot-present", "lvm", 16, steps=[write(0, 4), snapshot("keep"), write(4, 2)],
+                                  expect="snapshot_present", expect_parent="hidden_parent")]),
+        vm("pending-gc", [disk("gc-pending", "ext", 16, expect="leaf_coalesceable", expect_parent="coalesceable",
+                               steps=[write(0, 4), snapshot("a"), write(4, 2), snapshot("b"), write(6, 2),
+                                      delete_snapshot("a"), delete_snapshot("b")])]),
+        vm("leafy", [disk("leaf-file", "ext", 16, steps=leaf_history, expect="leaf_coalesceable"),
+                     disk("leaf-lvm", "lvm", 16, steps=leaf_history, expect="leaf_coalesceable")]),
+        vm("gone", [disk("garbage", "ext", 16, expect_parent="garbage",
+                         steps=[write(0, 4), snapshot("s"), write(0, 2), delete_snapshot("s"), delete_disk()])],
+           power_state="Halted"),
+        vm("excluded", [
+            disk("excluded-vdi", "ext", 16, steps=leaf_history, expect="excluded",
+                 other_config={"leaf-coalesce": "false"}),
+            disk("excluded-reset", "lvm", 16, steps=leaf_history, expect="excluded", on_boot="reset"),
+            disk("excluded-caching", "ext", 16, steps=leaf_history, expect="excluded", allow_caching=True),
+            disk("excluded-sr", "nolc", 16, steps=leaf_history, expect="excluded")]),
+        vm("orphaned", [disk("orphan", "broken", 16, expect="orphan",
+                             steps=[write(0, 4), snapshot("s"), write(0, 2), lose_parent()])]),
+        vm("formats", [disk("raw-disk", "lvm", 16, vdi_type="aio", expect="not_vhd"),
+                       disk("qcow2-disk", "qcow", 16, vdi_type="qcow2", expect="not_vhd")]),
+    ]
+    loose = [garbage_file("broken", "0badf11e-0000-4000-8000-000000000000.vhd")]
+    return pool("states", srs, vms, loose=loose, description=states.__doc__)
+
+
+def pool_member():
+    """This host is a pool member: a shared NFS SR whose master is another host, a detached SR."""
+    srs = [sr("nfs", "nfs", 1024, name="NFS shared", shared=True),
+           sr("local", "ext", 512, name="Local storage", host="xcp-ng-2"),
+           sr("old", "lvm", 512, name="Detached LVM", host="xcp-ng-2", attached=False)]
+    leaf_history = [write(0, 4), snapshot("s"), write(2, 4), delete_snapshot("s")]
+    vms = [vm("shared-vm", [disk("shared-leaf", "nfs", 16, steps=leaf_history, expect="leaf_coalesceable")],
+              host="xcp-ng-2"),
+           vm("local-vm", [disk("local-leaf", "local", 16, steps=leaf_history, expect="leaf_coalesceable")],
+              host="xcp-ng-2"),
+           vm("detached-vm", [disk("detached-disk", "old", 16, steps=leaf_history)], power_state="Halted")]
+    return pool("pool-member", srs, vms, hosts=("xcp-ng-1", "xcp-ng-2"), master="xcp-ng-1",
+                this_host="xcp-ng-2", description=pool_member.__doc__)
+
+
+def long_chain(length=29):
+    """A disk whose chain is `length` VHDs long (SM refuses snapshots past 30)."""
+    steps = []
+    for index in range(length - 1):
+        steps += [write(index % 8, 1), snapshot("s{:02d}".format(index))]
+    srs = [sr("ext", "ext", 2048, name="Local storage")]
+    vms = [vm("chained", [disk("long-chain", "ext", 16, steps=steps + [write(0, 1)], expect="snapshot_present",
+                               expect_parent="hidden_parent")])]
+    return pool("long-chain", srs, vms, description=long_chain.__doc__)
+
+
+def busy(speed_mib=4.0, writes_mib_s=8.0, leaf_mib=64, live_timeout=10.0):
+    """A VM that writes faster than its SR merges: SM snapshot-coalesces and gives up on it."""
+    srs = [sr("ext", "ext", 8192, name="Slow storage", speed_mib=speed_mib)]
+    vms = [vm("busy-db", [disk("busy-leaf", "ext", 4096, expect="leaf_coalesceable",
+                               steps=[write(0, 8), snapshot("s"), write(8, leaf_mib), delete_snapshot("s")])],
+              writes_mib_s=writes_mib_s)]
+    return pool("busy", srs, vms, live_timeout=live_timeout, description=busy.__doc__)
+
+
+SCENARIOS = {"demo": demo, "large": large, "states": states, "pool-member": pool_member,
+             "long-chain": long_chain, "busy": busy}
+
+
+def names():
+    return sorted(SCENARIOS)
+
+
+def get(name, **params):
+    """The scenario `name` built with `params`; KeyError naming the known ones otherwise."""
+    if name not in SCENARIOS:
+        raise KeyError("unknown scenario {!r} (known: {})".format(name, ", ".join(names())))
+    return SCENARIOS[name](**params)

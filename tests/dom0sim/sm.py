@@ -1,0 +1,1216 @@
+"""The storage manager of the simulated host: SR.scan, one garbage collector per SR, the
+`coalesce-leaf` plugin and the speed log.
+
+It behaves as SM's `cleanup.py` does (see shared/reference/storage-manager.md): the GC deletes
+garbage, coalesces hidden single-child parents, leaf-coalesces live (I/O frozen) or through
+snapshot-coalesce, gives up on leaves written faster than they merge, checks free space first,
+renames the parent to the leaf's UUID after a leaf coalesce, and keeps xapi's records in step.
+Every merge really copies data (vhdfile.coalesce) and lasts bytes / SR speed.
+"""
+import collections
+import contextlib
+import fcntl
+import os
+import subprocess
+import threading
+import time
+import uuid as uuidlib
+
+from tests.dom0sim import lvm, vhdfile
+from tests.dom0sim.xapi import tasks, vm
+from tests.dom0sim.xapi.errors import XapiError
+
+MIB = 1024 * 1024
+VHD_BLOCK_SIZE = 2 * MIB
+LVM_SIZE_INCREMENT = 4 * MIB
+MAX_FAST_RESIZE_SIZE = 2 * 1024 * 1024 * MIB      # LVHD preallocates metadata for 2 TiB
+LIVE_LEAF_COALESCE_MAX_SIZE = 20 * MIB
+LIVE_LEAF_COALESCE_TIMEOUT = 10.0
+TIMEOUT_SAFETY_MARGIN = 0.5
+SPEED_LOG_KEEP = 10
+DEFAULT_SPEED = 200 * MIB
+TMP_RENAME_PREFIX = "OLD_"
+LVM_TYPES = ("lvm", "lvmoiscsi", "lvmohba", "lvhd", "lvhdoiscsi", "lvhdohba")
+FILE_TYPES = ("ext", "nfs", "smb", "ocfsoiscsi", "ocfsohba", "file")
+LEAF_COALESCE_KEY = "leaf-coalesce"
+GC_NO_SPACE_KEY = "gc_no_space"
+GC_TASK_LABEL = "Garbage Collection"
+
+PLUGIN_NAME = "coalesce-leaf"
+RET_SUCCESS, RET_NOTHING_TODO, RET_NO_SUCH_VM, RET_ERROR_VM, RET_ERROR_XAPI, RET_ERROR_OTHER = range(6)
+RET_MSG = {
+    RET_SUCCESS: "Success",
+    RET_NOTHING_TODO: "VM has no leaf-coalesceable VDIs",
+    RET_NO_SUCH_VM: "VM not found",
+    RET_ERROR_VM: "Failed to suspend the VM",
+    RET_ERROR_XAPI: "XAPI error",
+    RET_ERROR_OTHER: "Error",
+}
+
+CLEANUP_SCRIPT = """#!/bin/sh
+# Stands for SM's `cleanup.py -g -b -u <sr>` while the simulated GC works on that SR:
+# it lives until the storage manager closes its stdin.
+while read -r _line; do :; done
+"""
+
+
+class SmError(Exception):
+    """An SM operation that failed; the GC logs it and skips the VDI, as SMException."""
+
+
+# ---- SM's size arithmetic (lvhdutil / vhdutil) -------------------------------------------
+
+def roundup(divisor, value):
+    return (value + divisor - 1) // divisor * divisor
+
+
+def overhead_empty(virtual_size):
+    """Metadata of an empty VHD: footers, header, locators, BAT and batmap."""
+    blocks = virtual_size // MIB // 2
+    overhead = roundup(512, 3 * 1024 + blocks * 4)
+    return roundup(4096, overhead + blocks // 8)
+
+
+def overhead_bitmap(virtual_size):
+    return roundup(VHD_BLOCK_SIZE, virtual_size) // VHD_BLOCK_SIZE * 4096
+
+
+def lv_size_for(vhd_size):
+    """An LV holding `vhd_size` bytes of VHD (calcSizeLV)."""
+    return roundup(LVM_SIZE_INCREMENT, vhd_size)
+
+
+def full_lv_size(virtual_size):
+    """A fully inflated VHD LV (calcSizeVHDLV): data, bitmaps and metadata for 2 TiB."""
+    return lv_size_for(virtual_size + overhead_empty(MAX_FAST_RESIZE_SIZE) + overhead_bitmap(virtual_size))
+
+
+def is_lvm_type(sr_type):
+    return sr_type in LVM_TYPES
+
+
+# ---- the speed log -----------------------------------------------------------------------
+
+def speed_log_path(run_dir, sr_uuid):
+    return os.path.join(run_dir, "{}.speed_log".format(sr_uuid))
+
+
+def read_speed(path):
+    """Mean of the logged merge speeds (bytes/s), or None without a usable figure."""
+    try:
+        with open(path) as handle:
+            values = [float(line) for line in handle if line.strip()]
+    except (IOError, OSError, ValueError):
+        return None
+    if not values:
+        return None
+    speed = sum(values) / len(values)
+    return speed if speed > 0 else None
+
+
+def record_speed(path, speed):
+    """Append one figure, keeping the last SPEED_LOG_KEEP, replaced atomically."""
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as handle:
+            lines = [line for line in handle if line.strip()]
+    lines.append("{}\n".format(float(speed)))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write("".join(lines[-SPEED_LOG_KEEP:]))
+    os.rename(tmp, path)
+
+
+# ---- the VHD forest of one SR, as cleanup.py sees it ------------------------------------
+
+class Image(object):
+    """One VHD of an SR: its VHD facts, its place in the tree, what the GC decides about it."""
+
+    def __init__(self, uuid, path):
+        self.uuid = uuid
+        self.path = path
+        self.scan_error = True
+        self.footer_uuid = None
+        self.parent_footer_uuid = None
+        self.hidden = False
+        self.virtual_size = 0
+        self.vhd_size = 0            # the VHD's physical size (file size / end of data)
+        self.lv_size = None          # LVM SRs: the LV's size
+        self.parent = None
+        self.children = []
+        self._blocks = None
+
+    def load(self):
+        try:
+            with vhdfile.Vhd.open(self.path) as vhd:
+                self.footer_uuid = str(vhd.uuid)
+                self.parent_footer_uuid = str(vhd.parent_uuid) if vhd.disk_type == vhdfile.DISK_DIFF else None
+                self.hidden = bool(vhd.hidden)
+                self.virtual_size = int(vhd.virtual_size)
+                self.vhd_size = int(vhd.physical_size)
+            self.scan_error = False
+        except Exception:  # anything that is not a readable VHD is a scan error, as vhd-util says
+            self.scan_error = True
+        return self
+
+    @property
+    def blocks(self):
+        if self._blocks is None:
+            self._blocks = frozenset(vhdfile.allocated_blocks(self.path))
+        return self._blocks
+
+    @property
+    def allocated_size(self):
+        return len(self.blocks) * VHD_BLOCK_SIZE
+
+    @property
+    def physical_bytes(self):
+        return self.vhd_size if self.lv_size is None else self.lv_size
+
+    def is_coalesceable(self):
+        return (not self.scan_error and self.parent is not None and len(self.parent.children) == 1
+                and self.hidden and len(self.children) > 0)
+
+    def is_leaf_coalesceable(self):
+        return (not self.scan_error and self.parent is not None and len(self.parent.children) == 1
+                and not self.hidden and not self.children)
+
+    def prunable(self):
+        """This image's subtree part that is garbage: hidden VHDs with no live descendant."""
+        if not self.children:
+            return [self] if (not self.scan_error and self.hidden) else []
+        found = []
+        whole = True
+        for child in self.children:
+            below = child.prunable()
+            found.extend(below)
+            if child not in below:
+                whole = False
+        if whole and not self.scan_error:
+            found.append(self)
+        return found
+
+    def root(self):
+        node = self
+        while node.parent is not None:
+            node = node.parent
+        return node
+
+    def height(self):
+        return 1 + max([child.height() for child in self.children] or [0])
+
+    def depth(self):
+        depth, node = 1, self
+        while node.parent is not None:
+            depth, node = depth + 1, node.parent
+        return depth
+
+    def coalesced_data_size(self):
+        return len(self.blocks | self.parent.blocks) * VHD_BLOCK_SIZE
+
+
+class Forest(object):
+    """All VHDs of an SR linked into trees; `orphans` are children whose parent is missing."""
+
+    def __init__(self, images):
+        self.images = dict((image.uuid, image) for image in images)
+        by_footer = dict((image.footer_uuid, image) for image in images if not image.scan_error)
+        self.roots = []
+        self.orphans = []
+        for image in sorted(images, key=lambda item: item.uuid):
+            parent = by_footer.get(image.parent_footer_uuid) if image.parent_footer_uuid else None
+            if parent is not None:
+                image.parent = parent
+                parent.children.append(image)
+            else:
+                self.roots.append(image)
+                if image.parent_footer_uuid and not image.uuid.startswith(TMP_RENAME_PREFIX):
+                    self.orphans.append(image)
+
+    def get(self, uuid):
+        return self.images.get(uuid)
+
+    def garbage(self):
+        found = []
+        for root in self.roots:
+            found.extend(root.prunable())
+        return found
+
+    def coalesceable(self):
+        return sorted((image for image in self.images.values() if image.is_coalesceable()),
+                      key=lambda image: (-image.root().height(), image.uuid))
+
+    def leaf_coalesceable(self):
+        return sorted((image for image in self.images.values() if image.is_leaf_coalesceable()),
+                      key=lambda image: image.uuid)
+
+
+# ---- where an SR's VHDs live --------------------------------------------------------------
+
+class FileStore(object):
+    """A file SR: DIR/sr-mount/<sr>/<uuid>.vhd."""
+
+    lvm = False
+
+    def __init__(self, state_dir, sr_uuid, physical_size):
+        self.sr_uuid = sr_uuid
+        self.directory = os.path.join(state_dir, "sr-mount", sr_uuid)
+        self.physical_size = physical_size
+
+    def exists(self):
+        return os.path.isdir(self.directory)
+
+    def path(self, uuid):
+        return os.path.join(self.directory, uuid + ".vhd")
+
+    def link_path(self, uuid):
+        """The path a child VHD names this one by."""
+        return self.path(uuid)
+
+    def scan(self):
+        images = []
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".vhd"):
+                images.append(Image(name[:-len(".vhd")], os.path.join(self.directory, name)).load())
+        return images
+
+    def utilisation(self):
+        total = 0
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if os.path.isfile(path):
+                total += os.path.getsize(path)
+        return total
+
+    def free_space(self):
+        return self.physical_size - self.utilisation()
+
+    def create_base(self, uuid, size_mib):
+        vhdfile.create(self.path(uuid), size_mib)
+
+    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True):
+        vhdfile.snapshot(self.path(uuid), self.path(parent_uuid), skip_empty_parents)
+
+    def remove(self, uuid):
+        os.unlink(self.path(uuid))
+
+    def rename(self, old, new):
+        if os.path.exists(self.path(new)):
+            raise SmError("{} exists".format(self.path(new)))
+        os.rename(self.path(old), self.path(new))
+
+    def inflate(self, uuid, size):
+        """File SRs grow on demand."""
+
+    def deflate(self, uuid):
+        """File SRs hold no slack."""
+
+    def extra_for_coalesce(self, image):
+        data = image.coalesced_data_size()
+        merged = data + overhead_bitmap(data) + overhead_empty(image.virtual_size)
+        return merged - image.parent.vhd_size
+
+    def extra_for_leaf_coalesce(self, image):
+        return self.extra_for_coalesce(image)
+
+    def extra_for_snapshot_coalesce(self, image):
+        return self.extra_for_coalesce(image) + overhead_empty(image.virtual_size)
+
+
+class LvmStore(object):
+    """An LVM SR: VG_XenStorage-<sr> with LVs VHD-<uuid> (tests/dom0sim/lvm.py)."""
+
+    lvm = True
+    PREFIX = "VHD-"
+
+    def __init__(self, state_dir, sr_uuid):
+        self.sr_uuid = sr_uuid
+        self.vg = lvm.VolumeGroup.for_sr(state_dir, sr_uuid)
+
+    def exists(self):
+        return self.vg.exists()
+
+    def path(self, uuid):
+        return self.vg.lv_path(self.PREFIX + uuid)
+
+    def scan(self):
+        images = []
+        for lv in self.vg.lvs():
+            if lv["name"].startswith(self.PREFIX):
+                image = Image(lv["name"][len(self.PREFIX):], self.vg.lv_path(lv["name"])).load()
+                image.lv_size = lv["size"]
+                images.append(image)
+        return images
+
+    def utilisation(self):
+        return sum(lv["size"] for lv in self.vg.lvs())
+
+    def free_space(self):
+        free = self.vg.free_bytes()
+        return free if free is not None else 1 << 60
+
+    def link_path(self, uuid):
+        """The device-mapper name of the LV (`VG_XenStorage--<sr>-VHD--<uuid>`), which children name
+        their parent by; kept as a hard link to the LV's file, as /dev/mapper nodes are kept by LVM."""
+        name = "{}-{}{}".format(self.vg.name.replace("-", "--"), self.PREFIX.replace("-", "--"),
+                                uuid.replace("-", "--"))
+        return os.path.join(self.vg.path, name)
+
+    def activate(self, uuid):
+        if not os.path.exists(self.link_path(uuid)):
+            os.link(self.path(uuid), self.link_path(uuid))
+
+    def create_base(self, uuid, size_mib):
+        """A new writable VHD in a fully inflated LV."""
+        self.vg.create_lv(self.PREFIX + uuid, full_lv_size(vhdfile.rounded_size(size_mib)))
+        vhdfile.create(self.path(uuid), size_mib)
+        self.activate(uuid)
+
+    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True):
+        self.vg.create_lv(self.PREFIX + uuid, full_lv_size(virtual_size))
+        vhdfile.snapshot(self.path(uuid), self.link_path(parent_uuid), skip_empty_parents)
+        self.activate(uuid)
+
+    def remove(self, uuid):
+        if os.path.exists(self.link_path(uuid)):
+            os.unlink(self.link_path(uuid))
+        self.vg.remove_lv(self.PREFIX + uuid)
+
+    def rename(self, old, new):
+        self.vg.rename_lv(self.PREFIX + old, self.PREFIX + new)
+        if os.path.exists(self.link_path(old)):
+            os.rename(self.link_path(old), self.link_path(new))
+
+    def inflate(self, uuid, size):
+        """Grow the LV to `size` (rounded to 4 MiB) if it is smaller; LvmError when the VG is full."""
+        name = self.PREFIX + uuid
+        if lv_size_for(size) > self.vg.lv_size(name):
+            self.vg.resize_lv(name, lv_size_for(size))
+
+    def deflate(self, uuid):
+        """Shrink the LV to its VHD's physical size rounded up to 4 MiB."""
+        name = self.PREFIX + uuid
+        with vhdfile.Vhd.open(self.path(uuid)) as vhd:
+            wanted = lv_size_for(int(vhd.physical_size))
+        if wanted < self.vg.lv_size(name):
+            self.vg.resize_lv(name, wanted)
+
+    def extra_for_coalesce(self, image):
+        return full_lv_size(image.coalesced_data_size()) - image.parent.lv_size
+
+    def extra_for_leaf_coalesce(self, image):
+        deflate_gain = image.lv_size - lv_size_for(image.vhd_size)
+        return self.extra_for_coalesce(image) - deflate_gain
+
+    def extra_for_snapshot_coalesce(self, image):
+        return self.extra_for_coalesce(image) + lv_size_for(image.vhd_size)
+
+
+def make_store(state_dir, sr_uuid, sr_type, physical_size):
+    if is_lvm_type(sr_type):
+        return LvmStore(state_dir, sr_uuid)
+    if sr_type in FILE_TYPES:
+        return FileStore(state_dir, sr_uuid, physical_size)
+    return None
+
+
+# ---- what SM reads and writes in xapi -------------------------------------------------------
+
+class Records(object):
+    """SM's view of the xapi database: the few lookups and updates cleanup.py makes."""
+
+    def __init__(self, db, host_uuid):
+        self.db = db
+        self.host_uuid = host_uuid
+
+    def find(self, cls, **match):
+        return self.db.find(cls, **match)
+
+    def find_one(self, cls, **match):
+        refs = self.find(cls, **match)
+        return refs[0] if refs else None
+
+    def get(self, cls, ref):
+        return self.db.get(cls, ref)
+
+    def update(self, cls, ref, **fields):
+        self.db.update(cls, ref, **fields)
+
+    def host_ref(self):
+        return self.find_one("host", uuid=self.host_uuid)
+
+    def sr_ref(self, sr_uuid):
+        return self.find_one("SR", uuid=sr_uuid)
+
+    def sr(self, sr_ref):
+        return self.db.get("SR", sr_ref)
+
+    def vdi_ref(self, vdi_uuid):
+        return self.find_one("VDI", uuid=vdi_uuid)
+
+    def vdi_config(self, vdi_uuid):
+        ref = self.vdi_ref(vdi_uuid)
+        return self.db.get("VDI", ref) if ref else None
+
+    def attached_pbds(self, sr_ref):
+        return [self.db.get("PBD", ref) for ref in self.find("PBD", SR=sr_ref)
+                if self.db.get_field("PBD", ref, "currently_attached")]
+
+    def pool_master(self):
+        pools = self.db.all("pool")
+        return self.db.get_field("pool", pools[0], "master") if pools else None
+
+    def sr_master_uuid(self, sr_ref):
+        """(uuid of the SR's master, attached there?) as the coalesce-leaf plugin works it out."""
+        sr = self.sr(sr_ref)
+        master_ref = self.pool_master() if sr["shared"] else None
+        for pbd_ref in self.find("PBD", SR=sr_ref):
+            pbd = self.db.get("PBD", pbd_ref)
+            if not sr["shared"] or pbd["host"] == master_ref:
+                return self.db.get_field("host", pbd["host"], "uuid"), bool(pbd["currently_attached"])
+        return None, False
+
+    def is_master(self, sr_ref, host_ref):
+        """cleanup.py's rule: the pool master for shared SRs, the one attached host for local ones."""
+        if self.sr(sr_ref)["shared"]:
+            return self.pool_master() == host_ref
+        pbds = self.attached_pbds(sr_ref)
+        return len(pbds) == 1 and pbds[0]["host"] == host_ref
+
+    def is_plugged_on(self, sr_ref, host_ref):
+        return any(pbd["host"] == host_ref for pbd in self.attached_pbds(sr_ref))
+
+    def set_map_key(self, cls, ref, field, key, value):
+        """add_to_<field> / remove_from_<field> (value None)."""
+        current = dict(self.db.get_field(cls, ref, field))
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+        self.db.update(cls, ref, **{field: current})
+
+    def running_vm_of_vdi(self, vdi_uuid):
+        """The uuid of the running VM whose attached VBD uses this VDI, or None."""
+        ref = self.vdi_ref(vdi_uuid)
+        if ref is None:
+            return None
+        for vbd_ref in self.db.get_field("VDI", ref, "VBDs"):
+            vm_ref = self.db.get_field("VBD", vbd_ref, "VM")
+            if self.db.exists("VM", vm_ref) and self.db.get_field("VM", vm_ref, "power_state") == "Running":
+                return self.db.get_field("VM", vm_ref, "uuid")
+        return None
+
+
+# ---- one GC pass over one SR ---------------------------------------------------------------
+
+class CoalesceTracker(object):
+    """When to give up snapshot-coalescing a leaf that does not shrink (cleanup.py's rules)."""
+
+    GRACE_ITERATIONS = 2
+    MAX_ITERATIONS_NO_PROGRESS = 3
+    MAX_ITERATIONS = 10
+    MAX_INCREASE_FROM_MINIMUM = 1.2
+
+    def __init__(self):
+        self.iterations = 0
+        self.no_progress = 0
+        self.minimum = float("inf")
+        self.grace = self.GRACE_ITERATIONS
+        self.history = []
+        self.reason = ""
+
+    def give_up(self, before, after):
+        self.iterations += 1
+        self.history.append("Iteration: {} -- Initial size {} --> Final size {}".format(
+            self.iterations, before, after))
+        self.minimum = min(self.minimum, before, after)
+        if self.iterations == 1 or before >= after:
+            return False
+        self.no_progress += 1
+        if self.iterations > self.MAX_ITERATIONS:
+            self.reason = "Max iterations ({}) exceeded".format(self.MAX_ITERATIONS)
+            return True
+        if self.no_progress > self.MAX_ITERATIONS_NO_PROGRESS:
+            self.reason = "No progress made for {} iterations".format(self.MAX_ITERATIONS_NO_PROGRESS)
+            return True
+        if after > self.MAX_INCREASE_FROM_MINIMUM * self.minimum:
+            self.grace -= 1
+            if self.grace == 0:
+                self.reason = "Unexpected bump in size, compared to minimum achieved"
+                return True
+        return False
+
+
+class GcPass(object):
+    """cleanup.py's loop for one SR: garbage, then one coalesce or one leaf coalesce, rescan, repeat."""
+
+    def __init__(self, sm, sr_uuid):
+        self.sm = sm
+        self.records = sm.records
+        self.sr_uuid = sr_uuid
+        self.sr_ref = self.records.sr_ref(sr_uuid)
+        sr = self.records.sr(self.sr_ref)
+        self.store = make_store(sm.state_dir, sr_uuid, sr["type"], int(sr["physical_size"]))
+        self.failed = set()
+        self.no_space = {}
+        self.log = sm.log
+
+    # -- the loop --
+
+    def run(self):
+        if not self.enabled():
+            return
+        while not self.sm.stopping.is_set():
+            forest = self.scan()
+            garbage = forest.garbage()
+            if garbage:
+                self.log("Found {} VDIs for deletion:".format(len(garbage)))
+                for image in garbage:
+                    self.log("Deleting unlinked VDI {}".format(image.uuid))
+                    self.delete(image)
+                forest = self.scan()
+            candidate = self.find_coalesceable(forest)
+            if candidate is not None:
+                self.coalesce(candidate)
+                continue
+            candidate = self.find_leaf_coalesceable(forest)
+            if candidate is not None:
+                self.coalesce_leaf(candidate)
+                continue
+            break
+        self.report_no_space()
+
+    def enabled(self):
+        other = self.records.sr(self.sr_ref)["other_config"]
+        if other.get("gc") == "false":
+            self.log("GC is disabled for this SR, abort")
+            return False
+        return True
+
+    def switch(self, key):
+        return self.records.sr(self.sr_ref)["other_config"].get(key)
+
+    def scan(self):
+        forest = Forest(self.store.scan())
+        if forest.orphans:
+            orphan = forest.orphans[0]
+            raise SmError("Parent VDI {} of {} not found".format(orphan.parent_footer_uuid, orphan.uuid))
+        return forest
+
+    def vdi_setting(self, image, field, key=None):
+        record = self.records.vdi_config(image.uuid)
+        if record is None:
+            return None
+        return record[field].get(key) if key else record[field]
+
+    # -- candidates --
+
+    def find_coalesceable(self, forest):
+        if self.switch("coalesce") == "false":
+            self.log("Coalesce disabled for this SR")
+            return None
+        free = self.store.free_space()
+        for candidate in forest.coalesceable():
+            if candidate.uuid in self.failed:
+                continue
+            if self.store.extra_for_coalesce(candidate) <= free:
+                self.log("Coalesce candidate: {} (tree height {})".format(candidate.uuid, candidate.root().height()))
+                self.no_space.pop(candidate.uuid, None)
+                return candidate
+            self.no_space[candidate.uuid] = candidate
+            self.log("No space to coalesce {} (free space: {})".format(candidate.uuid, free))
+        return None
+
+    def find_leaf_coalesceable(self, forest):
+        if self.switch("coalesce") == "false":
+            self.log("Coalesce disabled for this SR")
+            return None
+        if self.switch(LEAF_COALESCE_KEY) == "false":
+            self.log("Leaf-coalesce disabled for this SR")
+            return None
+        free = self.store.free_space()
+        for candidate in forest.leaf_coalesceable():
+            if candidate.uuid in self.failed or not self.leaf_allowed(candidate):
+                continue
+            needed = self.store.extra_for_snapshot_coalesce(candidate)
+            needed_live = needed
+            if needed > free:
+                needed_live = self.store.extra_for_leaf_coalesce(candidate)
+                if self.can_live_coalesce(candidate):
+                    needed = needed_live
+            if needed <= free:
+                self.log("Leaf-coalesce candidate: {}".format(candidate.uuid))
+                self.no_space.pop(candidate.uuid, None)
+                return candidate
+            self.log("No space to leaf-coalesce {} (free space: {})".format(candidate.uuid, free))
+            if needed_live <= free:
+                self.log("...but enough space if skip snap-coalesce")
+                self.set_leaf_coalesce(candidate.uuid, "offline")
+            self.no_space[candidate.uuid] = candidate
+        return None
+
+    def leaf_allowed(self, image):
+        record = self.records.vdi_config(image.uuid)
+        if record is None:
+            return False
+        if record["on_boot"] == "reset":
+            self.log("Skipping reset-on-boot {}".format(image.uuid))
+            return False
+        if record["allow_caching"]:
+            self.log("Skipping allow_caching=true {}".format(image.uuid))
+            return False
+        if record["other_config"].get(LEAF_COALESCE_KEY) == "false":
+            self.log("Leaf-coalesce disabled for {}".format(image.uuid))
+            return False
+        return True
+
+    def forced(self, image):
+        return self.vdi_setting(image, "other_config", LEAF_COALESCE_KEY) == "force"
+
+    def can_live_coalesce(self, image):
+        speed = read_speed(self.sm.speed_log(self.sr_uuid))
+        allowed = TIMEOUT_SAFETY_MARGIN * self.sm.live_timeout
+        if speed:
+            feasible = image.allocated_size // speed < allowed
+        else:
+            feasible = image.allocated_size < LIVE_LEAF_COALESCE_MAX_SIZE
+        return feasible or self.forced(image)
+
+    # -- deleting, coalescing a hidden parent --
+
+    def delete(self, image):
+        self.store.remove(image.uuid)
+        self.sm.forget_vdi(image.uuid)
+
+    def coalesce(self, image):
+        """Merge a hidden single-child VHD into its parent, relink its children, delete it."""
+        self.log("Coalescing {} -> {}".format(image.uuid, image.parent.uuid))
+        parent = image.parent
+        try:
+            if self.store.lvm:
+                extra = self.store.extra_for_coalesce(image)
+                if extra > 0:
+                    self.store.inflate(parent.uuid, parent.lv_size + extra)
+            try:
+                self.sm.timed_merge(self.sr_uuid, image.path)
+            finally:
+                self.store.deflate(parent.uuid)
+            for child in image.children:
+                self.log("  Relinking {} from {} to {}".format(child.uuid, image.uuid, parent.uuid))
+                with self.sm.io_lock(child.uuid):
+                    vhdfile.set_parent(child.path, self.store.link_path(parent.uuid))
+                self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
+            self.delete(image)
+            self.sm.update_vdi(self.sr_uuid, parent.uuid)
+        except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
+            self.failed.add(image.uuid)
+            self.log("Coalesce failed, skipping: {}".format(exc))
+
+    # -- leaf coalesce --
+
+    def set_leaf_coalesce(self, vdi_uuid, value):
+        ref = self.records.vdi_ref(vdi_uuid)
+        if ref:
+            self.records.set_map_key("VDI", ref, "other_config", LEAF_COALESCE_KEY, value)
+
+    def coalesce_leaf(self, image):
+        vdi_uuid = image.uuid
+        self.log("Leaf-coalescing {} -> {}".format(vdi_uuid, image.parent.uuid))
+        try:
+            tracker = CoalesceTracker()
+            while not self.can_live_coalesce(image):
+                before = image.vhd_size
+                image = self.snapshot_coalesce(image)
+                if image is None:
+                    return
+                if tracker.give_up(before, image.vhd_size):
+                    self.log("Aborted coalesce")
+                    for line in tracker.history + [tracker.reason]:
+                        self.log(line)
+                    raise SmError("VDI {} could not be coalesced".format(vdi_uuid))
+            self.live_leaf_coalesce(vdi_uuid)
+        except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
+            self.failed.add(vdi_uuid)
+            self.log("Leaf-coalesce failed on {}, skipping: {}".format(vdi_uuid, exc))
+        finally:
+            self.set_leaf_coalesce(vdi_uuid, None)
+
+    def snapshot_coalesce(self, image):
+        """Single-snapshot the leaf, coalesce the temporary snapshot away; the leaf as it is now, or None."""
+        self.log("Single-snapshotting {}".format(image.uuid))
+        temp_uuid = str(uuidlib.uuid4())
+        with self.sm.io_lock(image.uuid):
+            self.store.rename(image.uuid, temp_uuid)
+            with vhdfile.Vhd.open(self.store.path(temp_uuid), writable=True) as vhd:
+                vhd.set_hidden(True)
+            self.store.deflate(temp_uuid)
+            self.store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
+        self.sm.update_vdi(self.sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
+        self.sm.update_vdi(self.sr_uuid, image.uuid, parent_uuid=temp_uuid)
+        forest = self.scan()
+        temp = forest.get(temp_uuid)
+        if temp is None or not temp.is_coalesceable():
+            self.log("The VDI appears to have been concurrently snapshotted")
+            return None
+        self.log("Coalescing parent {}".format(temp_uuid))
+        self.coalesce(temp)
+        leaf = self.scan().get(image.uuid)
+        if leaf is None or not leaf.is_leaf_coalesceable():
+            self.log("The VDI tree appears to have been altered since")
+            return None
+        return leaf
+
+    def live_leaf_coalesce(self, vdi_uuid):
+        """Freeze the VDI's I/O, merge the leaf into its parent, give the parent the leaf's name."""
+        image = self.scan().get(vdi_uuid)
+        if image is None or not image.is_leaf_coalesceable():
+            self.log("The VDI is no longer leaf-coalesceable")
+            return
+        parent = image.parent
+        timeout = None if self.forced(image) else self.sm.live_timeout
+        if timeout is None:
+            self.log("Leaf-coalesce forced, will not use timeout")
+        old_uuid = TMP_RENAME_PREFIX + vdi_uuid
+        with self.sm.frozen(vdi_uuid):
+            if self.store.lvm:
+                self.store.deflate(vdi_uuid)
+                self.store.inflate(parent.uuid, full_lv_size(parent.virtual_size))
+            self.set_hidden(parent.uuid, False)
+            try:
+                self.sm.timed_merge(self.sr_uuid, image.path, timeout)
+            except SmError:
+                self.set_hidden(parent.uuid, True)
+                self.store.deflate(parent.uuid)
+                raise
+            self.store.rename(vdi_uuid, old_uuid)
+            self.store.rename(parent.uuid, vdi_uuid)
+            self.set_hidden(old_uuid, True)
+            self.sm.forget_vdi(parent.uuid)
+            self.sm.update_vdi(self.sr_uuid, vdi_uuid,
+                               parent_uuid=parent.parent.uuid if parent.parent is not None else "")
+        self.store.remove(old_uuid)
+        self.sm.update_vdi(self.sr_uuid, vdi_uuid)
+
+    def set_hidden(self, uuid, hidden):
+        with vhdfile.Vhd.open(self.store.path(uuid), writable=True) as vhd:
+            vhd.set_hidden(hidden)
+
+    # -- reporting a lack of space --
+
+    def report_no_space(self):
+        self.sm.report_no_space(self.sr_ref, self.sr_uuid, sorted(self.no_space))
+
+
+# ---- the storage manager of the host -------------------------------------------------------
+
+class VmWriter(threading.Thread):
+    """A running VM writing `rate` bytes/s of fresh data sequentially into its disk's leaf."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, sm, vm_uuid, sr_uuid, vdi_uuid, rate, start_offset=0):
+        threading.Thread.__init__(self, name="writer-" + vm_uuid[:8])
+        self.daemon = True
+        self.sm = sm
+        self.vm_uuid = vm_uuid
+        self.sr_uuid = sr_uuid
+        self.vdi_uuid = vdi_uuid
+        self.rate = float(rate)
+        self.offset = start_offset
+        self.written = 0
+
+    def run(self):
+        interval = self.CHUNK / self.rate
+        deadline = time.monotonic()
+        while not self.sm.stopping.is_set():
+            deadline += interval
+            delay = deadline - time.monotonic()
+            if delay > 0 and self.sm.stopping.wait(delay):
+                return
+            if self.sm.vm_power_state(self.vm_uuid) == "Running":
+                self.write_chunk()
+
+    def write_chunk(self):
+        data = (b"%015x\n" % (self.written // 16)) * (self.CHUNK // 16)
+        path = self.sm.store(self.sr_uuid).path(self.vdi_uuid)
+        with self.sm.io_lock(self.vdi_uuid):
+            with vhdfile.Vhd.open(path, writable=True) as vhd:
+                self.offset %= int(vhd.virtual_size)
+                vhd.write(self.offset, data)
+        self.offset += len(data)
+        self.written += len(data)
+
+
+class StorageManager(object):
+    """SM on the simulated host: SR.scan, one GC thread per SR, the coalesce-leaf plugin, writing VMs."""
+
+    def __init__(self, state_dir, db, host_uuid, speeds=None, live_timeout=LIVE_LEAF_COALESCE_TIMEOUT):
+        self.state_dir = os.path.abspath(state_dir)
+        self.db = db
+        self.records = Records(db, host_uuid)
+        self.speeds = dict(speeds or {})
+        self.live_timeout = float(live_timeout)
+        self.run_dir = os.path.join(self.state_dir, "run")
+        self.lock_dir = os.path.join(self.state_dir, "lock", "sm")
+        self.cleanup_path = os.path.join(self.state_dir, "bin", "cleanup")
+        self.log_path = os.path.join(self.state_dir, "SMlog")
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._gcs = {}
+        self._io_locks = {}
+        self._writers = []
+        for directory in (self.run_dir, self.lock_dir, os.path.dirname(self.cleanup_path)):
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+        with open(self.cleanup_path, "w") as handle:
+            handle.write(CLEANUP_SCRIPT)
+        os.chmod(self.cleanup_path, 0o755)
+
+    # -- small services --
+
+    def log(self, text):
+        line = "{} SMGC: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), threading.current_thread().name, text)
+        with self._log_lock:
+            with open(self.log_path, "a") as handle:
+                handle.write(line)
+
+    def speed_log(self, sr_uuid):
+        return speed_log_path(self.run_dir, sr_uuid)
+
+    def store(self, sr_uuid):
+        sr = self.records.sr(self.records.sr_ref(sr_uuid))
+        return make_store(self.state_dir, sr_uuid, sr["type"], int(sr["physical_size"]))
+
+    def vm_power_state(self, vm_uuid):
+        ref = self.records.find_one("VM", uuid=vm_uuid)
+        return self.db.get_field("VM", ref, "power_state") if ref else None
+
+    def io_lock(self, vdi_uuid):
+        """The lock a VDI's I/O path (its tapdisk) holds for each write; SM takes it to pause I/O."""
+        with self._lock:
+            return self._io_locks.setdefault(vdi_uuid, threading.Lock())
+
+    @contextlib.contextmanager
+    def frozen(self, vdi_uuid):
+        """tap-pause: the VDI's I/O stops (recorded as downtime of its running VM) until the block ends."""
+        vm_uuid = self.records.running_vm_of_vdi(vdi_uuid)
+        ref = self.records.vdi_ref(vdi_uuid)
+        with self.io_lock(vdi_uuid):
+            if vm_uuid:
+                self.db.freeze_io(vm_uuid)
+            if ref:
+                self.records.set_map_key("VDI", ref, "sm_config", "paused", "true")
+            try:
+                yield
+            finally:
+                ref = self.records.vdi_ref(vdi_uuid)
+                if ref:
+                    self.records.set_map_key("VDI", ref, "sm_config", "paused", None)
+                if vm_uuid:
+                    self.db.thaw_io(vm_uuid)
+
+    def timed_merge(self, sr_uuid, child_path, timeout=None):
+        """`vhd-util coalesce` of child_path at the SR's speed; logs the speed; bytes merged.
+
+        With a timeout the merge is abandoned once it has taken that long (SmError "Timed out").
+        """
+        start = time.monotonic()
+        merged = vhdfile.coalesce(child_path) * vhdfile.SECTOR_SIZE
+        duration = merged / float(self.speeds.get(sr_uuid, DEFAULT_SPEED))
+        if timeout is not None and duration > timeout:
+            self.stopping.wait(max(0.0, timeout - (time.monotonic() - start)))
+            raise SmError("Timed out")
+        remaining = duration - (time.monotonic() - start)
+        if remaining > 0:
+            self.stopping.wait(remaining)
+        elapsed = time.monotonic() - start
+        if merged and elapsed > 0:
+            record_speed(self.speed_log(sr_uuid), merged / elapsed)
+        return merged
+
+    # -- xapi records --
+
+    def vdi_fields(self, image, parent_uuid, sm_config):
+        config = dict(sm_config)
+        config.setdefault("vdi_type", "vhd")
+        if parent_uuid:
+            config["vhd-parent"] = parent_uuid
+        elif parent_uuid is not None:
+            config.pop("vhd-parent", None)
+        return {"virtual_size": image.virtual_size, "physical_utilisation": image.physical_bytes,
+                "managed": not image.hidden, "sm_config": config}
+
+    def upsert_vdi(self, sr_ref, image, parent_uuid):
+        ref = self.records.vdi_ref(image.uuid)
+        if ref is None:
+            fields = self.vdi_fields(image, parent_uuid, {})
+            fields.update(uuid=image.uuid, location=image.uuid, SR=sr_ref, read_only=image.hidden,
+                          name_label="base copy" if image.hidden else "")
+            self.db.create("VDI", **fields)
+        else:
+            current = self.db.get_field("VDI", ref, "sm_config")
+            self.db.update("VDI", ref, **self.vdi_fields(image, parent_uuid, current))
+
+    def update_vdi(self, sr_uuid, vdi_uuid, parent_uuid=None):
+        """Bring one VDI record in line with its VHD (parent_uuid "" = no parent, None = unchanged)."""
+        store = self.store(sr_uuid)
+        image = Image(vdi_uuid, store.path(vdi_uuid)).load()
+        if store.lvm:
+            image.lv_size = store.vg.lv_size(store.PREFIX + vdi_uuid)
+        if not image.scan_error:
+            self.upsert_vdi(self.records.sr_ref(sr_uuid), image, parent_uuid)
+        self.update_sr_usage(sr_uuid)
+
+    def forget_vdi(self, vdi_uuid):
+        ref = self.records.vdi_ref(vdi_uuid)
+        if ref is not None:
+            self.db.destroy("VDI", ref)
+
+    def update_sr_usage(self, sr_uuid):
+        store = self.store(sr_uuid)
+        if store is not None and store.exists():
+            self.db.update("SR", self.records.sr_ref(sr_uuid), physical_utilisation=store.utilisation())
+
+    def refresh_sr(self, sr_uuid):
+        """What SR.scan does to xapi: VDI records for every VHD, vhd-parent, sizes, SR utilisation."""
+        sr_ref = self.records.sr_ref(sr_uuid)
+        store = self.store(sr_uuid)
+        if store is None or not store.exists():
+            return
+        images = store.scan()
+        forest = Forest(images)
+        present = set()
+        for image in images:
+            present.add(image.uuid)
+            if not image.scan_error:
+                parent_uuid = image.parent.uuid if image.parent is not None else (
+                    None if image in forest.orphans else "")
+                self.upsert_vdi(sr_ref, image, parent_uuid)
+        for ref in self.records.find("VDI", SR=sr_ref):
+            record = self.db.get("VDI", ref)
+            if record["sm_config"].get("vdi_type", "vhd") == "vhd" and record["uuid"] not in present:
+                self.db.destroy("VDI", ref)
+        allocation = sum(int(self.db.get_field("VDI", ref, "virtual_size"))
+                         for ref in self.records.find("VDI", SR=sr_ref))
+        self.db.update("SR", sr_ref, physical_utilisation=store.utilisation(), virtual_allocation=allocation)
+
+    def report_no_space(self, sr_ref, sr_uuid, candidates):
+        """SM_GC_NO_SPACE while some merge lacks room; the message goes once everything fits."""
+        message = self.records.sr(sr_ref)["sm_config"].get(GC_NO_SPACE_KEY)
+        if candidates:
+            if message is None or not self.db.exists("message", message):
+                self.log("Could not coalesce due to a lack of space in SR {}".format(sr_uuid))
+                message = self.db.create("message", uuid=str(uuidlib.uuid4()), name="SM_GC_NO_SPACE", priority=3,
+                                         cls="SR", obj_uuid=sr_uuid,
+                                         body="Unable to perform data coalesce due to a lack of space in SR "
+                                              + sr_uuid)
+                self.records.set_map_key("SR", sr_ref, "sm_config", GC_NO_SPACE_KEY, message)
+            for vdi_uuid in candidates:
+                ref = self.records.vdi_ref(vdi_uuid)
+                if ref:
+                    self.records.set_map_key("VDI", ref, "sm_config", GC_NO_SPACE_KEY, message)
+        elif message is not None and self.db.exists("message", message):
+            self.db.destroy("message", message)
+
+    # -- SR.scan and the GC threads --
+
+    def sr_scan(self, sr_ref):
+        """The SR.scan hook: refresh the records, then kick the GC, as the SM drivers' scan does."""
+        sr_uuid = self.db.get_field("SR", sr_ref, "uuid")
+        self.refresh_sr(sr_uuid)
+        self.kick(sr_uuid)
+
+    def kick(self, sr_uuid, host_ref=None):
+        """Start the SR's GC (as this host, or `host_ref`) unless one runs; False when it may not run there."""
+        sr_ref = self.records.sr_ref(sr_uuid)
+        host_ref = host_ref or self.records.host_ref()
+        if self.store(sr_uuid) is None:
+            return False
+        if not self.records.is_plugged_on(sr_ref, host_ref):
+            self.log("SR {} not attached on this host".format(sr_uuid))
+            return False
+        if not self.records.is_master(sr_ref, host_ref):
+            self.log("This host is NOT master, will not run")
+            return False
+        with self._lock:
+            current = self._gcs.get(sr_uuid)
+            if current is not None and current.is_alive():
+                return True
+            thread = threading.Thread(target=self._gc_main, args=(sr_uuid,), name="gc-" + sr_uuid[:8])
+            thread.daemon = True
+            self._gcs[sr_uuid] = thread
+            thread.start()
+        return True
+
+    def gc_running(self, sr_uuid):
+        thread = self._gcs.get(sr_uuid)
+        return thread is not None and thread.is_alive()
+
+    def wait_gc(self, sr_uuid, timeout=None):
+        thread = self._gcs.get(sr_uuid)
+        if thread is not None:
+            thread.join(timeout)
+        return not self.gc_running(sr_uuid)
+
+    def wait_idle(self, timeout=60.0):
+        """Wait for every GC to finish; False if one still runs after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        for sr_uuid in list(self._gcs):
+            if not self.wait_gc(sr_uuid, max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def run_gc(self, sr_uuid, host_ref=None):
+        """cleanup.run_gc(immediate=True): wait for a running GC, then one full pass, waited for."""
+        self.wait_gc(sr_uuid)
+        if self.kick(sr_uuid, host_ref):
+            self.wait_gc(sr_uuid)
+
+    def _gc_main(self, sr_uuid):
+        process = subprocess.Popen([self.cleanup_path, "-g", "-b", "-u", sr_uuid], stdin=subprocess.PIPE,
+                                   close_fds=True)
+        sr_ref = self.records.sr_ref(sr_uuid)
+        task = tasks.create(self.db, GC_TASK_LABEL, "Garbage collection for SR " + sr_uuid,
+                            other_config={"applies_to": sr_ref})
+        try:
+            with self._sr_lock_file(sr_uuid, "running"):
+                GcPass(self, sr_uuid).run()
+        except Exception as exc:  # the GC logs what stopped it, as cleanup.py's logException
+            self.log("GC process exiting, no work left: {}: {}".format(type(exc).__name__, exc))
+        finally:
+            if self.db.exists("task", task):
+                self.db.destroy("task", task)
+            self.update_sr_usage(sr_uuid)
+            process.stdin.close()
+            process.wait()
+
+    @contextlib.contextmanager
+    def _sr_lock_file(self, sr_uuid, name):
+        directory = os.path.join(self.lock_dir, sr_uuid)
+        if not os.path.isdir(directory):
+            os.makedirs(directory)
+        with open(os.path.join(directory, name), "a") as handle:
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+
+    # -- VMs that keep writing --
+
+    def start_writer(self, vm_uuid, sr_uuid, vdi_uuid, rate, start_offset=0):
+        writer = VmWriter(self, vm_uuid, sr_uuid, vdi_uuid, rate, start_offset)
+        self._writers.append(writer)
+        writer.start()
+        return writer
+
+    def stop(self, timeout=30.0):
+        """Stop the writers and let the GCs finish their current step."""
+        self.stopping.set()
+        for writer in self._writers:
+            writer.join(timeout)
+        self.wait_idle(timeout)
+
+    # -- xapi's hooks --
+
+    def install(self):
+        """Plug SR.scan and the coalesce-leaf plugin into the simulated xapi."""
+        self.db.register_sr_scan(self.sr_scan)
+        self.db.register_plugin(PLUGIN_NAME, "leaf-coalesce", self.coalesce_leaf_plugin)
+
+    # -- the coalesce-leaf plugin --
+
+    def coalesce_leaf_plugin(self, host_ref, args):
+        """host.call_plugin(host, "coalesce-leaf", "leaf-coalesce", {"vm_uuid": ...}), run on `host_ref`.
+
+        Failures are plain Exceptions, so the client sees XENAPI_PLUGIN_FAILURE [fn, "Exception", text]
+        as XenAPIPlugin reports them.
+        """
+        status, messages = self.vm_leaf_coalesce(host_ref, args.get("vm_uuid", ""))
+        text = RET_MSG[status]
+        if messages:
+            text += "\nNote:\n" + "\n".join(messages)
+        elif status == RET_NOTHING_TODO:
+            status = RET_SUCCESS
+        if status != RET_SUCCESS:
+            raise Exception(text)
+        return text
+
+    def vm_leaf_coalesce(self, host_ref, vm_uuid):
+        messages = []
+        vm_ref = self.records.find_one("VM", uuid=vm_uuid)
+        if vm_ref is None:
+            self.log("Error: VM {} not found".format(vm_uuid))
+            return RET_NO_SUCH_VM, messages
+        vdis = collections.OrderedDict()
+        for vbd_ref in self.db.get_field("VM", vm_ref, "VBDs"):
+            vdi_ref = self.db.get_field("VBD", vbd_ref, "VDI")
+            if not self.db.exists("VDI", vdi_ref):
+                continue
+            vdi = self.db.get("VDI", vdi_ref)
+            sr = self.db.get("SR", vdi["SR"])
+            if sr["type"].startswith("lv"):
+                self.log("VDI to consider: {}".format(vdi["uuid"]))
+                vdis.setdefault(sr["uuid"], []).append(vdi["uuid"])
+            else:
+                self.log("Skipping non-LVM VDI: {}".format(vdi["uuid"]))
+        status = RET_SUCCESS
+        coalesceable = collections.OrderedDict()
+        for sr_uuid, vdi_uuids in vdis.items():
+            master, attached = self.records.sr_master_uuid(self.records.sr_ref(sr_uuid))
+            prefix = "Unable to check VDIs on SR {} because ".format(sr_uuid)
+            if not attached:
+                messages.append(prefix + "it is not attached")
+                continue
+            if master != self.db.get_field("host", host_ref, "uuid"):
+                messages.append(prefix + "this host is not its master. Run on host {} to check that SR".format(master))
+                continue
+            try:
+                found = self.coalesceable_leaves(sr_uuid, vdi_uuids)
+            except SmError as exc:
+                text = "Error: {}, skipping SR {}".format(exc, sr_uuid)
+                self.log(text)
+                messages.append(text)
+                status = RET_ERROR_OTHER
+                continue
+            if found:
+                coalesceable[sr_uuid] = found
+        if not coalesceable:
+            self.log("The VM has no VDIs that could be leaf-coalesced")
+            return RET_NOTHING_TODO, messages
+        for sr_uuid in coalesceable:
+            self.run_gc(sr_uuid, host_ref)
+        suspended = False
+        if self.db.get_field("VM", vm_ref, "power_state") == "Running":
+            self.log("Suspending VM {}".format(vm_uuid))
+            try:
+                vm.run(self.db, vm_ref, "suspend")
+            except XapiError:
+                self.log("Failed to suspend the VM")
+                return RET_ERROR_VM, messages
+            suspended = True
+        try:
+            self.force_leaf_coalesce(host_ref, coalesceable)
+        finally:
+            if suspended:
+                self.log("Resuming VM {}".format(vm_uuid))
+                vm.run(self.db, vm_ref, "resume")
+            for sr_uuid in coalesceable:
+                self.run_gc(sr_uuid, host_ref)
+        return status, messages
+
+    def coalesceable_leaves(self, sr_uuid, vdi_uuids):
+        forest = GcPass(self, sr_uuid).scan()
+        return [uuid for uuid in vdi_uuids if forest.get(uuid) is not None and forest.get(uuid).is_leaf_coalesceable()]
+
+    def force_leaf_coalesce(self, host_ref, coalesceable):
+        for sr_uuid, vdi_uuids in coalesceable.items():
+            self.log("Processing VDIs: {}".format(vdi_uuids))
+            for vdi_uuid in vdi_uuids:
+                ref = self.records.vdi_ref(vdi_uuid)
+                if ref is None or self.db.get_field("VDI", ref, "other_config").get(LEAF_COALESCE_KEY):
+                    continue
+                self.records.set_map_key("VDI", ref, "other_config", LEAF_COALESCE_KEY, "force")
+            self.log("Coalescing all in SR {}...".format(sr_uuid))
+            self.run_gc(sr_uuid, host_ref)
