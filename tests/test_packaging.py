@@ -124,7 +124,7 @@ def test_package_holds_the_agent_units_config_and_monitoring_files(packages):
         "/var/lib/xcoalesce-agent",
         "/usr/share/xcoalesce-agent",
         "/usr/share/doc/xcoalesce-agent/README.md",
-        "/usr/share/licenses/xcoalesce-agent/LICENSE",
+        "/usr/share/licenses/xcoalesce-agent/LICENSE.prometheus_client",
         SITELIB + "/xcoalesce_agent/_vendor/prometheus_client/__init__.py",
         SITELIB + "/xcoalesce_agent/_vendor/prometheus_client/__pycache__/__init__.cpython-36.pyc",
         SITELIB + "/xcoalesce_agent/__pycache__/cli.cpython-36.pyc",
@@ -153,11 +153,17 @@ def test_requirements_name_the_host_python_and_xapi(packages):
     requires = set(query(packages[1], "-R").splitlines())
     assert {"python3", "xapi-core", "/usr/bin/python3", "python(abi) = 3.6", "systemd"} <= requires
     assert not [line for line in requires if "pyenv" in line or "venv" in line or "python3.6dist" in line]
+    assert "psutil" not in query(packages[1], "--recommends")  # optional; EL7's rpm has no weak dependencies
+    assert "bundled(python3-prometheus_client)" in query(packages[1], "--provides")
+
+
+def test_rpm_4_11_can_read_and_check_the_package(packages):
+    requires = query(packages[1], "-R").splitlines()
     rpmlib = {re.match(r"rpmlib\((\w+)\)", line).group(1) for line in requires if line.startswith("rpmlib(")}
     assert rpmlib <= RPMLIB_OF_RPM_4_11
     assert query(packages[1], "--qf", "%{PAYLOADCOMPRESSOR}") == "xz"
-    assert "psutil" not in query(packages[1], "--recommends")  # optional; EL7's rpm has no weak dependencies
-    assert "bundled(python3-prometheus_client)" in query(packages[1], "--provides")
+    digests = run(["rpm", "-Kv", packages[1]])
+    assert "Header SHA1 digest: OK" in digests and "MD5 digest: OK" in digests
 
 
 def test_scriptlets_are_expanded_systemd_macros(packages):
