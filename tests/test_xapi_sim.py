@@ -365,8 +365,8 @@ def test_event_from_add_mod_del(sim, api):
     assert result["events"][1]["snapshot"]["power_state"] == "Paused"
     assert "snapshot" not in result["events"][2]
     assert result["token"] > token
-    only = event_from(api, ["vm/" + sim.dom0], token, 0.1)
-    assert only["events"] == []
+    assert event_from(api, ["vm/" + sim.dom0], token, 0.1)["events"] == []
+    assert [e["ref"] for e in event_from(api, ["VM/" + sim.vm], token, 0.1)["events"]] == [sim.vm]
 
 
 def test_event_from_blocks_until_timeout_or_change(sim, api):
@@ -395,6 +395,8 @@ def test_messages(sim, api):
     assert (record["name"], record["priority"], record["cls"], record["obj_uuid"], record["body"]) == (
         "LEAF_COALESCE_FAILED", "3", "VM", sim.vm_uuid, "no space")
     assert isinstance(record["timestamp"], xmlrpc.client.DateTime)
+    assert list(api.message.get_since(xmlrpc.client.DateTime("20000101T00:00:00Z"))) == [ref]
+    assert api.message.get_since(xmlrpc.client.DateTime("29990101T00:00:00Z")) == {}
     assert failure(api.message.create, "X", "3", "SR", "no-such-uuid", "") == ["UUID_INVALID", "SR", "no-such-uuid"]
 
 
@@ -515,5 +517,10 @@ def test_database_api(sim):
         db.set("SR", sim.sr, "VDIs", [])
     with pytest.raises(XapiError):
         db.set("VDI", sim.vdi, "virtual_size", "lots")
+    new_uuid = "0bd4c2d6-7d0f-4e4a-9f57-000000000001"
+    db.set("VDI", sim.spare, "uuid", new_uuid)
+    assert db.ref_of("VDI", new_uuid) == sim.spare
+    with pytest.raises(ValueError):
+        db.create("VDI", uuid=new_uuid)
     db.destroy("VBD", sim.vbd)
     assert db.get_field("VDI", sim.vdi, "VBDs") == [] and db.get_field("VM", sim.vm, "VBDs") == []

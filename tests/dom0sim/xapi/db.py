@@ -26,6 +26,7 @@ class Database(object):
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)
         self._tables = {cls: collections.OrderedDict() for cls in schema.CLASSES}
+        self._by_uuid = {cls: {} for cls in schema.CLASSES}
         self._stamps = {}
         self._deleted = []
         self._wakeups = 0
@@ -42,19 +43,21 @@ class Database(object):
     def create(self, class_name, ref=None, **fields):
         """A new object with defaults for the fields not given; returns its ref ("OpaqueRef:<uuid>")."""
         cls = class_name
+        chosen_ref = ref is not None
         ref = ref or "OpaqueRef:" + str(uuidlib.uuid4())
         with self.lock:
             record = schema.defaults(cls)
             record["uuid"] = str(uuidlib.uuid4())
             record.update(self._checked(cls, fields))
-            if self._classes_of(ref) or self.find(cls, uuid=record["uuid"]):
-                raise ValueError("{} {} already exists".format(cls, ref))
+            if self._classes_of(ref) or record["uuid"] in self._by_uuid[cls]:
+                raise ValueError("{} {} (uuid {}) already exists".format(cls, ref, record["uuid"]))
             record.update(DERIVED.get(cls, lambda r: {})(record))
             for (source, name), (target, back) in schema.RELATIONS.items():
-                if target == cls:
+                if target == cls and chosen_ref:
                     record[back] = [r for r, other in self._tables[source].items() if other[name] == ref]
             generation = self._next_generation()
             self._tables[cls][ref] = record
+            self._by_uuid[cls][record["uuid"]] = ref
             self._stamps[ref] = [generation, generation]
             self._link(cls, ref, {}, record, generation)
             self._notify(cls, ref, None, record)
@@ -65,8 +68,15 @@ class Database(object):
         cls = class_name
         with self.lock:
             record = self._record(cls, ref)
+            checked = self._checked(cls, fields)
+            new_uuid = checked.get("uuid", record["uuid"])
+            if new_uuid != record["uuid"]:
+                if new_uuid in self._by_uuid[cls]:
+                    raise ValueError("{} uuid {} already exists".format(cls, new_uuid))
+                del self._by_uuid[cls][record["uuid"]]
+                self._by_uuid[cls][new_uuid] = ref
             old = copy.deepcopy(record)
-            record.update(self._checked(cls, fields))
+            record.update(checked)
             record.update(DERIVED.get(cls, lambda r: {})(record))
             generation = self._next_generation()
             self._stamps[ref][1] = generation
@@ -81,6 +91,7 @@ class Database(object):
             record = self._record(cls, ref)
             generation = self._next_generation()
             del self._tables[cls][ref]
+            del self._by_uuid[cls][record["uuid"]]
             created = self._stamps.pop(ref)[0]
             self._deleted.append((generation, cls, ref, created))
             self._link(cls, ref, record, {}, generation)
@@ -116,10 +127,11 @@ class Database(object):
 
     def ref_of(self, cls, uuid):
         """The ref of the object with this uuid; UUID_INVALID [cls, uuid] if none."""
-        refs = self.find(cls, uuid=uuid)
-        if not refs:
+        with self.lock:
+            ref = self._by_uuid[cls].get(uuid) if isinstance(uuid, str) else None
+        if ref is None:
             raise XapiError("UUID_INVALID", cls, uuid)
-        return refs[0]
+        return ref
 
     def add_to_map(self, cls, ref, name, key, value):
         """xapi's add_to_<map>: MAP_DUPLICATE_KEY [cls, field, ref, key] if the key is there."""
@@ -284,8 +296,10 @@ class Database(object):
                 record = self._tables[target].get(other)
                 if record is None:
                     continue
-                members = [r for r in record[back] if r != ref]
-                record[back] = members + [ref] if add else members
+                if add:
+                    record[back].append(ref)
+                elif ref in record[back]:
+                    record[back].remove(ref)
                 self._stamps[other][1] = generation
 
     def _notify(self, cls, ref, old, new):
