@@ -102,6 +102,14 @@ def installed(packages, tmp_path_factory):
     return root, calls
 
 
+@pytest.mark.parametrize("arguments", [["--release", "0"], ["--release"], ["--sign"]])
+def test_build_script_rejects_bad_arguments_in_one_line(arguments):
+    result = subprocess.run([os.path.join(TREE, "packaging/build-rpm")] + arguments,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("build-rpm: error: ") and result.stderr.count("\n") == 1
+
+
 def test_rpmlint_is_clean_on_package_and_spec(packages):
     require_tool("rpmlint")
     result = subprocess.run(["rpmlint", "-s", "-c", os.path.join(TREE, "packaging/rpmlint.toml"), packages[1],
