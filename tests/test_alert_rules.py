@@ -1,4 +1,5 @@
 """The shipped alerting rules: valid for promtool, and every alert unit-tested."""
+import json
 import os
 import re
 import subprocess
@@ -50,3 +51,44 @@ def test_every_alert_says_how_bad_and_what_happened():
         name = block.split("\n", 1)[0]
         assert re.search(r"severity: (info|warning|critical)\n", block), name
         assert "summary: " in block and "description: " in block, name
+
+
+DASHBOARD = os.path.join(MONITORING, "xcoalesce-dashboard.json")
+GRAFANA_VARIABLES = (("$__rate_interval", "1m"), ("$__range", "1h"), ("$__interval", "1m"), ("$host", ".*"))
+
+
+def dashboard_expressions():
+    """Every PromQL expression of the dashboard, Grafana's variables replaced as Grafana would."""
+    with open(DASHBOARD, encoding="utf-8") as stream:
+        dashboard = json.load(stream)
+    expressions = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            expression = target["expr"]
+            for variable, value in GRAFANA_VARIABLES:
+                expression = expression.replace(variable, value)
+            expressions.append(expression)
+    return expressions
+
+
+def test_dashboard_is_templated_on_host():
+    with open(DASHBOARD, encoding="utf-8") as stream:
+        dashboard = json.load(stream)
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["host"]["multi"] and variables["host"]["includeAll"]
+    assert "xcoalesce_" in variables["host"]["query"]["query"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            assert 'host=~"$host"' in target["expr"], target["expr"]
+
+
+def test_every_dashboard_expression_parses(tmp_path):
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 20
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": "dashboard:expression_{}".format(index), "expr": expression}
+        for index, expression in enumerate(expressions)]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps(rules))
+    code, output = promtool("check", "rules", str(path))
+    assert code == 0, output
