@@ -21,6 +21,11 @@ Change = collections.namedtuple("Change", "generation operation cls ref")
 DERIVED = {"VM": lambda record: {"allowed_operations": vm.allowed_operations(record)}}
 
 
+def _derive(cls, record):
+    if cls in DERIVED:
+        record.update(DERIVED[cls](record))
+
+
 class Database(object):
     def __init__(self):
         self.lock = threading.RLock()
@@ -36,7 +41,6 @@ class Database(object):
         self.downtime_log = DowntimeLog()
         self._plugins = {}
         self._sr_scan_handlers = []
-        self._listeners = [self._track_downtime]
 
     # ---- objects -------------------------------------------------------------------------------
 
@@ -51,7 +55,7 @@ class Database(object):
             record.update(self._checked(cls, fields))
             if self._classes_of(ref) or record["uuid"] in self._by_uuid[cls]:
                 raise ValueError("{} {} (uuid {}) already exists".format(cls, ref, record["uuid"]))
-            record.update(DERIVED.get(cls, lambda r: {})(record))
+            _derive(cls, record)
             for (source, name), (target, back) in schema.RELATIONS.items():
                 if target == cls and chosen_ref:
                     record[back] = [r for r, other in self._tables[source].items() if other[name] == ref]
@@ -60,7 +64,7 @@ class Database(object):
             self._by_uuid[cls][record["uuid"]] = ref
             self._stamps[ref] = [generation, generation]
             self._link(cls, ref, {}, record, generation)
-            self._notify(cls, ref, None, record)
+            self._record_downtime(cls, ref, None, record)
             return ref
 
     def update(self, class_name, ref, **fields):
@@ -77,11 +81,11 @@ class Database(object):
                 self._by_uuid[cls][new_uuid] = ref
             old = copy.deepcopy(record)
             record.update(checked)
-            record.update(DERIVED.get(cls, lambda r: {})(record))
+            _derive(cls, record)
             generation = self._next_generation()
             self._stamps[ref][1] = generation
             self._link(cls, ref, old, record, generation)
-            self._notify(cls, ref, old, record)
+            self._record_downtime(cls, ref, old, record)
 
     def set(self, cls, ref, name, value):
         self.update(cls, ref, **{name: value})
@@ -95,7 +99,7 @@ class Database(object):
             created = self._stamps.pop(ref)[0]
             self._deleted.append((generation, cls, ref, created))
             self._link(cls, ref, record, {}, generation)
-            self._notify(cls, ref, record, None)
+            self._record_downtime(cls, ref, record, None)
 
     def get(self, cls, ref):
         """A copy of the record; HANDLE_INVALID [cls, ref] if there is no such object."""
@@ -207,11 +211,6 @@ class Database(object):
         with self.lock:
             return {cls: len(table) for cls, table in self._tables.items()}
 
-    def add_listener(self, listener):
-        """listener(cls, ref, old_record, new_record) after every change, under the lock; None = absent."""
-        with self.lock:
-            self._listeners.append(listener)
-
     # ---- VM downtime ---------------------------------------------------------------------------
 
     def freeze_io(self, vm_uuid):
@@ -302,11 +301,8 @@ class Database(object):
                     record[back].remove(ref)
                 self._stamps[other][1] = generation
 
-    def _notify(self, cls, ref, old, new):
-        for listener in self._listeners:
-            listener(cls, ref, old, new)
-
-    def _track_downtime(self, cls, ref, old, new):
+    def _record_downtime(self, cls, ref, old, new):
+        """Open or close VM downtime intervals after a change (old or new is None on create or destroy)."""
         if cls != "VM":
             return
         record = new if new is not None else old

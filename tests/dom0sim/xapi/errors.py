@@ -7,7 +7,3 @@ class XapiError(Exception):
     def __init__(self, code, *params):
         self.details = [code] + [str(param) for param in params]
         Exception.__init__(self, self.details)
-
-    @property
-    def code(self):
-        return self.details[0]
