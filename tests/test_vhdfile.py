@@ -422,3 +422,19 @@ def test_writes_are_checked(tmp_path):
         with pytest.raises(VhdError) as info:
             vhd.write(8 * MIB - 1, b"xy")
         assert info.value.errno == errno.ERANGE
+
+
+def test_bat_spanning_sectors_is_rewritten_byte_exact(tmp_path):
+    path = str(tmp_path / "wide.vhd")
+    vhdfile.create(path, 300)
+    assert os.path.getsize(path) == 4096
+    with Vhd.open(path, writable=True) as vhd:
+        assert vhd.batmap_header.batmap_offset == 3072
+        vhd.allocate_block(140, sectors=1)
+        vhd.allocate_block(2, sectors=1)
+        expected = struct.pack(">150I", *vhd.bat) + bytes(1024 - 600)
+        assert vhd.bat[140] * 512 == 3584 and vhd.bat[2] * 512 == 3584 + 4096 + 2 * MIB
+    with open(path, "rb") as handle:
+        handle.seek(1536)
+        assert handle.read(1024) == expected
+    assert os.path.getsize(path) == 2 * (4096 + 2 * MIB) + 512

@@ -415,6 +415,7 @@ class Vhd(object):
         self._bat_tail = b""
         self._batmap_header = None
         self._batmap = None
+        self._end_of_data = None
 
     @classmethod
     def open(cls, path, writable=False, fast=False):
@@ -425,6 +426,9 @@ class Vhd(object):
         vhd = cls(path, fd, writable)
         try:
             vhd._load(fast)
+        except OSError as exc:
+            vhd.close()
+            raise VhdError(exc.errno, "{}: {}".format(path, exc.strerror)) from None
         except BaseException:
             vhd.close()
             raise
@@ -466,13 +470,13 @@ class Vhd(object):
             offset += done
 
     def _zero_fill(self, start, end):
-        """Make [start, end) read as zeros, leaving holes where the file does not reach yet."""
+        """Make [start, end) read as zeros: overwrite what the file already holds, extend with a hole."""
         size = self._file_size()
-        chunk = bytes(min(BLOCK_SIZE, max(0, min(size, end) - start)))
         pos = start
         while pos < min(size, end):
-            self._pwrite(pos, chunk[:min(size, end) - pos])
-            pos += len(chunk)
+            count = min(BLOCK_SIZE, min(size, end) - pos)
+            self._pwrite(pos, bytes(count))
+            pos += count
         if size < end:
             os.ftruncate(self._fd, end)
 
@@ -723,12 +727,13 @@ class Vhd(object):
         """First byte after the last block (or the metadata): where libvhd puts the footer."""
         if not self.is_dynamic:
             return self._file_size() - SECTOR_SIZE
-        end = self.end_of_headers() // SECTOR_SIZE
-        block_secs = self.spb + self.bm_secs
-        for entry in self.bat:
-            if entry != UNUSED:
-                end = max(end, entry + block_secs)
-        return end * SECTOR_SIZE
+        if self._end_of_data is None:
+            end = self.end_of_headers() // SECTOR_SIZE
+            used = [entry for entry in self.bat if entry != UNUSED]
+            if used:
+                end = max(end, max(used) + self.spb + self.bm_secs)
+            self._end_of_data = end * SECTOR_SIZE
+        return self._end_of_data
 
     @property
     def physical_size(self):
@@ -849,7 +854,8 @@ class Vhd(object):
         self._pwrite(eod, bytes(data_start - eod))
         self._zero_fill(data_start, data_start + self.spb * SECTOR_SIZE)
         self.bat[block] = bitmap_sector
-        self._write_bat()
+        self._end_of_data = data_start + self.spb * SECTOR_SIZE
+        self._write_bat_entry(block)
 
     def allocate_block(self, block, sectors=None):
         """Allocate `block` with its data left a hole (zeros) and mark sectors written.
@@ -861,18 +867,27 @@ class Vhd(object):
         if self._entry(block) == UNUSED:
             self._allocate(block)
         if sectors is None:
-            sectors = self.spb
-        if isinstance(sectors, int):
-            if sectors:
-                self._mark_written(block, 0, sectors)
+            runs = [(0, self.spb)]
+        elif isinstance(sectors, int):
+            runs = [(0, sectors)] if sectors else []
         else:
+            mask = 0
             for sector in sectors:
-                self._mark_written(block, sector, 1)
+                mask |= 1 << (self.spb - 1 - sector)
+            runs = bit_runs(mask, self.spb)
+        for first, count in runs:
+            self._mark_written(block, first, count)
         self._write_footer()
 
-    def _write_bat(self):
+    def _write_bat_entry(self, block):
+        """Rewrite the BAT sector holding `block` (libvhd rewrites the whole BAT: same bytes)."""
         bat = self.bat
-        self._pwrite(self.header.table_offset, struct.pack(">{}I".format(len(bat)), *bat) + self._bat_tail)
+        first = block - block % (SECTOR_SIZE // 4)
+        last = min(first + SECTOR_SIZE // 4, len(bat))
+        raw = struct.pack(">{}I".format(last - first), *bat[first:last])
+        if last == len(bat):
+            raw += self._bat_tail
+        self._pwrite(self.header.table_offset + first * 4, raw)
 
     def _write_batmap(self):
         header = self.batmap_header
@@ -904,6 +919,7 @@ class Vhd(object):
         self.header.parent_name_raw = encode_parent_name(os.path.basename(target))
         self.header.parent_timestamp = vhd_time(mtime)
         relative = relative_locator_path(self.path, target)
+        self._end_of_data = None
         for i, loc in enumerate(self.header.locators):
             if loc.code not in (PLAT_CODE_MACX, PLAT_CODE_W2KU, PLAT_CODE_W2RU):
                 continue
