@@ -1132,12 +1132,15 @@ def create(path, size_mib, fixed=False):
 
 def snapshot_target(parent_path):
     """The disk `vhd-util snapshot` really links to: empty differencing parents are skipped."""
-    target = parent_path
+    target, seen = parent_path, set()
     while True:
         with Vhd.open(target) as vhd:
             if vhd.disk_type != DISK_DIFF or any(entry != UNUSED for entry in vhd.bat):
                 return target
+            seen.add(os.path.realpath(target))
             target = vhd.parent_path()
+        if target in seen:
+            raise VhdError(errno.ELOOP, "{}: parent chain loops".format(parent_path))
 
 
 def snapshot(child_path, parent_path, skip_empty_parents=True):
