@@ -26,15 +26,19 @@ _FREEZE_BOUNDS = [repr(bound) for bound in history.FREEZE_BUCKETS] + ["+Inf"]
 
 
 class AgentStatus(object):
-    """What the service knows about itself; written by the inspection thread, read by scrapes."""
+    """What the service knows about itself; written by the inspection thread, read by scrapes.
 
-    def __init__(self, host=""):
+    `host` labels the metrics until an inspection names the host; the error counters of `stages`
+    start at 0, so that their first increase shows.
+    """
+
+    def __init__(self, host="", stages=()):
         self._lock = threading.Lock()
         self._host = host
         self._inspection = None
         self._last_success = None
         self._xapi_reachable = None
-        self._errors = {}
+        self._errors = dict.fromkeys(stages, 0)
         self._inspections = {"success": 0, "failure": 0}
 
     def succeeded(self, inspection, finished):

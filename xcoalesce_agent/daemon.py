@@ -1,0 +1,142 @@
+"""The foreground service: inspect on an interval, serve the last good inspection on /metrics.
+
+Inspections run in their own thread; a scrape only renders what they left (collector.py). An
+inspection that fails keeps the previous one served and is counted in the metrics. SIGTERM and
+SIGINT stop the service cleanly, SIGHUP rereads the configuration file and inspects at once.
+"""
+import logging
+import signal
+import socket
+import threading
+import time
+
+from . import collector, config as config_module, history, http, inspection, xapi
+from .errors import AgentError, ConfigError, HostUnreachable
+
+LOG = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+# Stages of a failed inspection: xapi unreachable; host tools (vhd-util) or this host's record
+# unavailable; any other agent error; a bug. Their error counters start at 0.
+FAILURE_STAGES = ("xapi", "host", "inspection", "internal")
+
+
+class Service(object):
+    """The service's moving parts; `run()` drives them until a stop signal."""
+
+    def __init__(self, config, listen_address=None):
+        self.config = config
+        self._listen_address = listen_address
+        self.status = collector.AgentStatus(host=socket.gethostname(), stages=FAILURE_STAGES)
+        self.history = history.RunHistory(config.agent.state_dir)
+        self.exposition = collector.Exposition(self.status, self.history)
+        self.server = http.from_web_config(self.exposition, config.web, listen_address)
+        self._stop = threading.Event()
+        self._wake_main = threading.Event()
+        self._wake_inspection = threading.Event()
+        self._reload_requested = False
+
+    def run(self):
+        self.server.start()
+        worker = threading.Thread(target=self._inspect_forever, name="inspection")
+        worker.daemon = True
+        previous = {number: signal.signal(number, self._on_signal)
+                    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            worker.start()
+            while not self._stop.is_set():
+                self._wake_main.wait(1.0)
+                self._wake_main.clear()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.server.stop()
+            self._wake_inspection.set()
+            worker.join(SHUTDOWN_GRACE_SECONDS)
+        LOG.info("stopped")
+        return 0
+
+    def _on_signal(self, number, frame):
+        if number == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            LOG.info("stopping on signal %d", number)
+            self._stop.set()
+        self._wake_main.set()
+
+    def reload(self):
+        """Reread the configuration file; a bad one is logged and the running configuration kept."""
+        try:
+            config = config_module.load(self.config.path)
+        except ConfigError as error:
+            LOG.error("reload: %s; keeping the running configuration", error)
+            return
+        if vars(config.web) != vars(self.config.web) or config.agent.state_dir != self.config.agent.state_dir:
+            try:
+                self._restart_web(config)
+            except ConfigError as error:
+                LOG.error("reload: %s; keeping the running configuration", error)
+                return
+        self.config = config
+        LOG.info("reloaded %s", config.path)
+        self._wake_inspection.set()
+
+    def _restart_web(self, config):
+        """Serve with the new [web] and state directory; on failure the old server serves again."""
+        run_history = history.RunHistory(config.agent.state_dir)
+        exposition = collector.Exposition(self.status, run_history)
+        server = http.from_web_config(exposition, config.web, self._listen_address)
+        self.server.stop()
+        try:
+            server.start()
+        except ConfigError:
+            self.server.start()
+            raise
+        self.server, self.history, self.exposition = server, run_history, exposition
+
+    def _inspect_forever(self):
+        while not self._stop.is_set():
+            self.inspect_once()
+            self._wake_inspection.wait(self.config.inspection.interval_seconds)
+            self._wake_inspection.clear()
+
+    def inspect_once(self):
+        """One inspection; its result, or its failure, goes into the status the metrics show."""
+        config = self.config
+        try:
+            result = inspection.inspect(config)
+        except HostUnreachable as error:
+            reachable = xapi_reachable(config)
+            LOG.error("inspection failed: %s; serving the last good inspection", error)
+            self.status.failed("host" if reachable else "xapi", xapi_reachable=reachable)
+        except AgentError as error:
+            LOG.error("inspection failed: %s; serving the last good inspection", error)
+            self.status.failed("inspection")
+        except Exception:
+            LOG.exception("inspection failed; serving the last good inspection")
+            self.status.failed("internal")
+        else:
+            self.status.succeeded(result, time.time())
+            self.exposition.prepare()
+            LOG.info("inspected %d SRs in %.1f s: %d bytes reclaimable by leaf coalesce",
+                     len(result.srs or ()), result.duration_seconds or 0, result.reclaimable_bytes)
+            for error in result.errors or ():
+                LOG.warning("inspection: %s: %s", error["stage"], error["message"])
+
+
+def xapi_reachable(config):
+    """Whether a session with xapi can be opened now (to tell an xapi failure from a vhd-util one)."""
+    try:
+        with xapi.open_session(config):
+            return True
+    except HostUnreachable:
+        return False
+
+
+def run(config, listen_address=None):
+    """Run the service in the foreground until SIGTERM or SIGINT; 0 on a clean stop."""
+    return Service(config, listen_address).run()
