@@ -121,3 +121,18 @@ def test_wrappers_need_the_state_dir(root, bin_dir):
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out, err = process.communicate()
     assert (out, err.strip(), process.returncode) == ("", "DOM0SIM_ROOT is not set", 3)
+
+
+def test_device_mapper_paths_follow_the_lvs(root):
+    vg = lvm.VolumeGroup.for_sr(root, SR, create=True)
+    vg.create_lv("VHD-1-2", 4 * MIB)
+    dm = vg.dm_path("VHD-1-2")
+    assert os.path.basename(dm) == "VG_XenStorage--0a1b2c3d--1111--4222--8333--444455556666-VHD--1--2"
+    with open(dm, "wb") as handle:
+        handle.write(b"data")
+    with open(vg.lv_path("VHD-1-2"), "rb") as handle:
+        assert handle.read() == b"data"
+    vg.rename_lv("VHD-1-2", "VHD-3")
+    assert not os.path.exists(dm) and os.path.samefile(vg.dm_path("VHD-3"), vg.lv_path("VHD-3"))
+    vg.remove_lv("VHD-3")
+    assert os.listdir(os.path.dirname(dm)) == [] and lvm.list_vg_names(root) == [VG]

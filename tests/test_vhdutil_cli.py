@@ -465,3 +465,24 @@ def test_glob_braces_keep_alternative_order_and_sort_within(tmp_path):
 
 def test_c_basename():
     assert [vhdutil_cli.c_basename(p) for p in ("", "/", "a/b/", "/x/y.vhd", "y")] == [".", "/", "b", "y.vhd", "y"]
+
+
+def test_lvhd_chain_snapshotted_through_device_mapper_paths(tmp_path):
+    """Disks snapshotted through DIR/lvm/mapper carry dm parent names, which scan -l turns into LV names."""
+    root = str(tmp_path)
+    vg = lvm.VolumeGroup.for_sr(root, "5e5e", create=True)
+    base, leaf = "VHD-" + B_UUID, "VHD-" + LEAF_UUID
+    vg.create_lv(base, 8 << 20)
+    vg.create_lv(leaf, 8 << 20)
+    vhdfile.create(vg.dm_path(base), 8)
+    with vhdfile.Vhd.open(vg.lv_path(base), writable=True) as vhd:
+        vhd.set_hidden(1)
+    vhdfile.snapshot(vg.dm_path(leaf), vg.dm_path(base))
+    bin_dir = os.path.join(root, "bin")
+    tools.install_tools(root, bin_dir)
+    env = {"PATH": bin_dir + ":" + os.environ.get("PATH", "/usr/bin:/bin"), "DOM0SIM_ROOT": root}
+    expected = ("vhd={} capacity=8388608 size=8388608 hidden=1 parent=none\n"
+                "   vhd={} capacity=8388608 size=8388608 hidden=0 parent={}\n".format(base, leaf, base))
+    assert run_tool(["scan", "-p", "-l", vg.name, "-m", "VHD-*"], root, env) == (expected, "", 0)
+    out, err, code = run_tool(["scan", "-f", "-c", "-l", vg.name, "-m", "VHD-*"], root, env)
+    assert (sorted(out.splitlines()), err, code) == (sorted(line.strip() for line in expected.splitlines()), "", 0)

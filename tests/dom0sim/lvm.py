@@ -3,6 +3,9 @@
 Layout (docs/design.md): DIR/lvm/<VG>/metadata.json describes the VG and its LVs, and
 DIR/lvm/<VG>/<LV> holds the bytes stored in that LV (a VHD, footer at its end of data).
 The LV size lives in the metadata only; the file never outgrows it.
+DIR/lvm/mapper/<dm name> is a hard link to each LV's file, as /dev/mapper/<dm name> is the LV's
+device on a host: a VHD snapshotted through these paths records the device-mapper parent name
+(`VG_XenStorage--<sr>-VHD--<uuid>`) in its header and locators, as LVHD does.
 
 Run as `python -m tests.dom0sim.lvm lvs ARGS` or `... vgs ARGS` with DOM0SIM_ROOT=DIR.
 """
@@ -17,6 +20,7 @@ EXTENT_SIZE = 4 * 1024 * 1024
 PE_START = 1024 * 1024
 PV_NAME = "/dev/sdb"
 METADATA = "metadata.json"
+MAPPER = "mapper"
 LOCK = ".lock"
 ROOT_ENV = "DOM0SIM_ROOT"
 
@@ -32,6 +36,11 @@ class LvmError(Exception):
 def sr_vg_name(sr_uuid):
     """The VG name XenServer gives an LVM SR."""
     return "VG_XenStorage-" + sr_uuid
+
+
+def dm_name(vg_name, lv_name):
+    """The device-mapper name of an LV: dashes doubled, VG and LV joined by one dash."""
+    return vg_name.replace("-", "--") + "-" + lv_name.replace("-", "--")
 
 
 def round_to_extents(size):
@@ -128,6 +137,23 @@ class VolumeGroup(object):
         """The file holding the LV's bytes (it may not exist yet: an LV reads as zeros)."""
         return os.path.join(self.path, name)
 
+    def dm_path(self, name):
+        """DIR/lvm/mapper/<dm name>: the same file as lv_path, under its device-mapper name."""
+        return os.path.join(store_dir(self.root), MAPPER, dm_name(self.name, name))
+
+    def _link(self, name):
+        mapper = os.path.dirname(self.dm_path(name))
+        if not os.path.isdir(mapper):
+            os.makedirs(mapper)
+        if os.path.exists(self.dm_path(name)):
+            os.unlink(self.dm_path(name))
+        os.link(self.lv_path(name), self.dm_path(name))
+
+    def _unlink(self, name):
+        for path in (self.lv_path(name), self.dm_path(name)):
+            if os.path.exists(path):
+                os.unlink(path)
+
     def lv_size(self, name):
         return self.lv(name)["size"]
 
@@ -152,6 +178,7 @@ class VolumeGroup(object):
                 lv["segtype"] = segtype
             meta["lvs"].append(lv)
         open(self.lv_path(name), "ab").close()
+        self._link(name)
         return self.lv_path(name)
 
     def resize_lv(self, name, size):
@@ -175,8 +202,7 @@ class VolumeGroup(object):
         with self._locked() as meta:
             lv = _find(meta, self.name, name)
             meta["lvs"].remove(lv)
-        if os.path.exists(self.lv_path(name)):
-            os.unlink(self.lv_path(name))
+        self._unlink(name)
 
     def rename_lv(self, old, new):
         with self._locked() as meta:
@@ -187,6 +213,8 @@ class VolumeGroup(object):
             lv["name"] = new
             if os.path.exists(self.lv_path(old)):
                 os.rename(self.lv_path(old), self.lv_path(new))
+                self._unlink(old)
+                self._link(new)
 
     def _check_space(self, meta, extra):
         if extra <= 0 or meta.get("pv_size") is None:
