@@ -20,14 +20,13 @@ from . import inspection as inspection_module
 from . import inventory, journal as journal_module, model, planner, schedule
 from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, HostUnreachable, LockHeld
 from .lock import HostLock
-from .xapi import TRANSPORT_ERRORS, describe, fetch_records, open_session
+from .xapi import TRANSPORT_ERRORS, describe, fetch_all, open_session
 
 LOG = logging.getLogger(__name__)
 
 PLUGIN = "coalesce-leaf"
 PLUGIN_FUNCTION = "leaf-coalesce"
 GC_TASK_LABEL = "Garbage Collection"
-OLD_LEAF_PREFIX = "OLD_"
 POLL_SECONDS = 0.2
 # After SR.scan, how long the GC may take to show up before it is taken as already done.
 GC_START_SECONDS = 2.0
@@ -98,11 +97,13 @@ def load_per_cpu():
 # ---- xapi: facts, the GC, the two forcing paths ------------------------------------------
 
 def gather_facts(config, session, sr_uuids):
-    records = fetch_records(config, session)
+    def by_uuid(class_name):
+        return {record["uuid"]: record for record in fetch_all(config, session, class_name).values()}
+
     return planner.HostFacts(
-        vms={record["uuid"]: record for record in records.vms.values()},
-        vdis={record["uuid"]: record for record in records.vdis.values()},
-        srs={record["uuid"]: record for record in records.srs.values()},
+        vms=by_uuid("VM"),
+        vdis=by_uuid("VDI"),
+        srs=by_uuid("SR"),
         speeds=read_speeds(config, sr_uuids),
         load_per_cpu=load_per_cpu(),
     )
@@ -330,10 +331,25 @@ def _find(inspection, vdi_uuid):
     return None, None
 
 
-def _physical(inspection, uuids):
-    total = 0
+def _chain_bytes(inspection, sr_uuid, vdi_uuid):
+    """Physical bytes of the VDI's own part of its chain: the VHD and every ancestor up to (not
+    including) one that other VHDs share. A leaf coalesce, and the GC's merges below it, only
+    change this part; comparing it before and after gives the bytes a run freed."""
+    reports = {}
+    children = {}
     for sr in inspection.srs or ():
-        total += sum(vdi.physical_bytes or 0 for vdi in sr.vdis or () if vdi.uuid in uuids)
+        if sr.uuid == sr_uuid:
+            for vdi in sr.vdis or ():
+                reports[vdi.uuid] = vdi
+                children[vdi.parent_uuid] = children.get(vdi.parent_uuid, 0) + 1
+    total = 0
+    current = reports.get(vdi_uuid)
+    while current is not None:
+        total += current.physical_bytes or 0
+        parent = reports.get(current.parent_uuid) if current.parent_uuid else None
+        if parent is None or children.get(parent.uuid, 0) != 1:
+            break
+        current = parent
     return total
 
 
@@ -463,8 +479,8 @@ class Runner(object):
         return self._verified(run, entry, before, after, run["strategy"], frozen), after
 
     def _verified(self, run, entry, before, after, strategy, frozen):
-        uuids = {entry["vdi_uuid"], entry["parent_uuid"], OLD_LEAF_PREFIX + entry["vdi_uuid"]}
-        reclaimed = max(0, _physical(before, uuids) - _physical(after, uuids))
+        sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
+        reclaimed = max(0, _chain_bytes(before, sr_uuid, vdi_uuid) - _chain_bytes(after, sr_uuid, vdi_uuid))
         run.update(strategy=strategy, result=planner.SUCCESS, reclaimed_bytes=reclaimed, finished=time.time(),
                    frozen_seconds=round(frozen, 3) if frozen is not None else None)
         if reclaimed != entry["estimated_bytes"]:
