@@ -138,7 +138,7 @@ def test_every_state_with_its_reason():
     assert "gone" in states["lost"][1]
     assert "on-boot=reset" in states["reset"][1]
     assert "invalid footer" in states["broken"][1]
-    assert "shared with 1 other" in states["app"][1]
+    assert "shared with 1 other VHD (snapshots)" in states["app"][1]
 
 
 def test_chain_lengths():

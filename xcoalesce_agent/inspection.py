@@ -9,8 +9,6 @@ import logging
 import os
 import time
 
-import psutil
-
 from . import estimate, inventory, model, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
 
@@ -86,20 +84,39 @@ def select_srs(host_ref, is_master, srs, pbds):
     return ours, skipped
 
 
-def running_gcs(now=None):
+def running_gcs(proc_dir="/proc", now=None):
     """{sr_uuid: seconds running} of SM's GC processes (`cleanup ... -u <sr>`, also under SMGC@<sr>)."""
     now = time.time() if now is None else now
+    boot_time = _boot_time(proc_dir)
     running = {}
-    for process in psutil.process_iter(attrs=["cmdline", "create_time"]):
-        cmdline = process.info.get("cmdline") or []
-        if not any(os.path.basename(arg).startswith("cleanup") for arg in cmdline):
+    for pid in os.listdir(proc_dir):
+        if not pid.isdigit():
             continue
+        try:
+            with open(os.path.join(proc_dir, pid, "cmdline"), "rb") as stream:
+                cmdline = stream.read().decode("utf-8", "replace").split("\0")
+            if not any(os.path.basename(arg).startswith("cleanup") for arg in cmdline):
+                continue
+            with open(os.path.join(proc_dir, pid, "stat")) as stream:
+                start_ticks = int(stream.read().rsplit(")", 1)[1].split()[19])
+        except (OSError, IndexError, ValueError):
+            continue
+        seconds = max(0.0, now - boot_time - start_ticks / float(os.sysconf("SC_CLK_TCK")))
         for index, arg in enumerate(cmdline[:-1]):
             if arg in ("-u", "--uuid"):
-                sr_uuid = cmdline[index + 1]
-                started = process.info.get("create_time") or now
-                running[sr_uuid] = max(running.get(sr_uuid, 0.0), max(0.0, now - started))
+                running[cmdline[index + 1]] = max(running.get(cmdline[index + 1], 0.0), seconds)
     return running
+
+
+def _boot_time(proc_dir):
+    try:
+        with open(os.path.join(proc_dir, "stat")) as stream:
+            for line in stream:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def vdi_users(vbds, vms):

@@ -50,7 +50,7 @@ def render_text(inspection):
                              vdi.reason) for vdi in sr.vdis or ()]
         lines.extend(_table(rows) if len(rows) > 1 else ["  no VHDs"])
         if sr.skipped_vdis:
-            lines.append("  {} non-VHD VDIs skipped".format(sr.skipped_vdis))
+            lines.append("  {} non-VHD {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))
         lines.extend("  error: {}".format(error) for error in sr.errors or ())
         lines.append("")
     for skipped in inspection.skipped_srs or ():

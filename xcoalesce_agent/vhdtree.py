@@ -245,10 +245,10 @@ def _classify_node(node, facts, live, policy, sr_exclusion):
         garbage = sum(1 for child in node.parent.children if child is not node and child.uuid not in live
                       and child.record.hidden)
         if garbage == siblings:
-            return model.SNAPSHOT_PRESENT, "its parent still has {} garbage children; the GC deletes them first" \
-                .format(siblings)
-        return model.SNAPSHOT_PRESENT, "its parent {} is shared with {} other VHDs (snapshots)".format(
-            _short(node.parent.uuid), siblings)
+            return model.SNAPSHOT_PRESENT, "its parent still has {} garbage {}; the GC deletes {} first".format(
+                siblings, "child" if siblings == 1 else "children", "it" if siblings == 1 else "them")
+        return model.SNAPSHOT_PRESENT, "its parent {} is shared with {} other {} (snapshots)".format(
+            _short(node.parent.uuid), siblings, "VHD" if siblings == 1 else "VHDs")
     if facts is None:
         return model.EXCLUDED, "xapi has no VDI for it (deleted during the inspection?)"
     exclusion = sr_exclusion or policy.vdi_exclusion(facts)
