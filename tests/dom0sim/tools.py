@@ -5,17 +5,18 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TOOLS = {
-    "vhd-util": "tests.dom0sim.vhdutil_cli",
-    "lvs": "tests.dom0sim.lvm lvs",
-    "vgs": "tests.dom0sim.lvm vgs",
+    "vhd-util": ("tests.dom0sim.vhdutil_cli", "sys.argv[1:]"),
+    "lvs": ("tests.dom0sim.lvm", "['lvs'] + sys.argv[1:]"),
+    "vgs": ("tests.dom0sim.lvm", "['vgs'] + sys.argv[1:]"),
 }
 
 WRAPPER = """#!/bin/sh
 DOM0SIM_ROOT={root}
 PYTHONPATH={repo}
 export DOM0SIM_ROOT PYTHONPATH
-exec {python} -m {module} "$@"
+exec {python} -c {program} "$@"
 """
+PROGRAM = "import sys; sys.path.insert(0, {repo!r}); from {module} import main; sys.exit(main({args}))"
 
 
 def _quote(text):
@@ -23,14 +24,18 @@ def _quote(text):
 
 
 def install_tools(state_dir, bin_dir):
-    """Write executable wrappers running this interpreter; returns {tool name: path}."""
+    """Write executable wrappers running this interpreter; returns {tool name: path}.
+
+    The repository goes first on sys.path, so a `tests` package in the caller's directory
+    cannot shadow the simulation."""
     if not os.path.isdir(bin_dir):
         os.makedirs(bin_dir)
     paths = {}
-    for name, module in sorted(TOOLS.items()):
+    for name, (module, args) in sorted(TOOLS.items()):
         path = os.path.join(bin_dir, name)
+        program = PROGRAM.format(repo=REPO_ROOT, module=module, args=args)
         text = WRAPPER.format(root=_quote(os.path.abspath(state_dir)), repo=_quote(REPO_ROOT),
-                              python=_quote(sys.executable), module=module)
+                              python=_quote(sys.executable), program=_quote(program))
         tmp = path + ".tmp"
         with open(tmp, "w") as handle:
             handle.write(text)

@@ -759,6 +759,7 @@ class Scanner(object):
         self.vg_name = vg_name
         self.lvs = []
         self.pretty_images = []
+        self.pretty_names = set()
 
     def flag(self, bit):
         return bool(self.flags & bit)
@@ -965,7 +966,8 @@ class Scanner(object):
 
     def print_image(self, image):
         if not image.error and self.flag(SCAN_PRETTY):
-            if not any(other.name == image.name for other in self.pretty_images):
+            if image.name not in self.pretty_names:
+                self.pretty_names.add(image.name)
                 self.pretty_images.append(image)
             return
         self.print_line(image, 0)
@@ -1964,6 +1966,7 @@ def die_by_abort():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = Output()
     try:
         status = run(argv, out)
