@@ -16,7 +16,7 @@ def test_journal_records_steps_and_clears(tmp_path):
     first = jrn.begin(journal.force_step("sr-1", "vdi-1", None))
     second = jrn.begin(journal.suspend_step(["sr-1"], "vm-1", "Running", [("vdi-2", None)]))
     on_disk = json.loads((state / "journal.json").read_text())
-    assert [step["action"] for step in on_disk["steps"]] == ["force", "suspend"]
+    assert [step["action"] for step in on_disk["steps"]] == ["leaf-coalesce", "suspend"]
     assert on_disk["steps"][1]["forced_vdis"] == [["vdi-2", None]]
     assert not (state / "journal.json.tmp").exists()
     jrn.end(first)

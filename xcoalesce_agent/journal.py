@@ -1,9 +1,10 @@
 """The crash journal: every host change the agent makes is written down before it is made.
 
 A step is one change that must be undone if the agent dies before undoing it itself:
-`force` (VDI `other-config:leaf-coalesce=force` set by the agent) and `suspend` (a VM the
-agent, or the `coalesce-leaf` plugin on its behalf, suspends; the plugin also sets `force` on the
-VM's VDIs). The file is rewritten atomically (fsync, rename, fsync of the directory) before the
+`leaf-coalesce` (the agent sets a VDI's `other-config:leaf-coalesce`: `force` to merge it now,
+`false` to hold it back while the GC it kicked works on other VDIs) and `suspend` (a VM the
+`coalesce-leaf` plugin suspends on the agent's behalf; the plugin also sets `force` on the VM's
+VDIs). The file is rewritten atomically (fsync, rename, fsync of the directory) before the
 step, and the step is dropped once the change is undone. `repair()` undoes what a crash left.
 """
 import json
@@ -19,14 +20,22 @@ LOG = logging.getLogger(__name__)
 FILE_NAME = "journal.json"
 LEAF_COALESCE_KEY = "leaf-coalesce"
 FORCE = "force"
+HOLD = "false"
 
-FORCE_STEP = "force"
+LEAF_COALESCE_STEP = "leaf-coalesce"
 SUSPEND_STEP = "suspend"
 
 
 def force_step(sr_uuid, vdi_uuid, previous):
     """The agent sets `leaf-coalesce=force` on a VDI whose value was `previous` (None: unset)."""
-    return {"action": FORCE_STEP, "sr_uuids": [sr_uuid], "vdi_uuid": vdi_uuid, "previous": previous}
+    return {"action": LEAF_COALESCE_STEP, "sr_uuids": [sr_uuid], "vdi_uuid": vdi_uuid, "value": FORCE,
+            "previous": previous}
+
+
+def hold_step(sr_uuid, vdi_uuid, previous):
+    """The agent sets `leaf-coalesce=false` on a VDI it must not merge while it kicks the SR's GC."""
+    return {"action": LEAF_COALESCE_STEP, "sr_uuids": [sr_uuid], "vdi_uuid": vdi_uuid, "value": HOLD,
+            "previous": previous}
 
 
 def suspend_step(sr_uuids, vm_uuid, power_state, forced_vdis=()):
@@ -120,12 +129,12 @@ class RepairFailed(Exception):
 
 def undo(session, step):
     """Undo one step against xapi; idempotent. Returns what was done, one line per change."""
-    if step["action"] == FORCE_STEP:
-        return _unforce(session, step["vdi_uuid"], step["previous"])
+    if step["action"] == LEAF_COALESCE_STEP:
+        return _restore(session, step["vdi_uuid"], step["value"], step["previous"])
     if step["action"] == SUSPEND_STEP:
         done = _bring_back(session, step["vm_uuid"], step["power_state"])
         for vdi_uuid, previous in step["forced_vdis"]:
-            done.extend(_unforce(session, vdi_uuid, previous))
+            done.extend(_restore(session, vdi_uuid, FORCE, previous))
         return done
     raise ValueError("unknown journal step {!r}".format(step["action"]))
 
@@ -138,12 +147,12 @@ def _missing(error):
     return error.details and error.details[0] in ("UUID_INVALID", "HANDLE_INVALID")
 
 
-def _unforce(session, vdi_uuid, previous):
-    """Put the VDI's `leaf-coalesce` back to `previous` if it still says `force`."""
+def _restore(session, vdi_uuid, value, previous):
+    """Put the VDI's `leaf-coalesce` back to `previous` if it still holds the agent's `value`."""
     try:
         ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
-        value = session.xenapi.VDI.get_other_config(ref).get(LEAF_COALESCE_KEY)
-        if value != FORCE or previous == FORCE:
+        current = session.xenapi.VDI.get_other_config(ref).get(LEAF_COALESCE_KEY)
+        if current != value or previous == value:
             return []
         session.xenapi.VDI.remove_from_other_config(ref, LEAF_COALESCE_KEY)
         if previous is not None:

@@ -27,9 +27,9 @@ LOG = logging.getLogger(__name__)
 PLUGIN = "coalesce-leaf"
 PLUGIN_FUNCTION = "leaf-coalesce"
 GC_TASK_LABEL = "Garbage Collection"
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.1
 # After SR.scan, how long the GC may take to show up before it is taken as already done.
-GC_START_SECONDS = 2.0
+GC_START_SECONDS = 1.0
 SPEEDS_FILE = "merge-speeds.json"
 WINDOW_FILE = "window.json"
 PENDING_FILE = "pending-srs.json"
@@ -257,19 +257,31 @@ class RunError(Exception):
     """One run could not be carried out; its message is the run's reason."""
 
 
-def _other_config_value(session, vdi_uuid):
+def set_leaf_coalesce(session, journal, step):
+    """Journal `step`, then set the VDI's `other-config:leaf-coalesce` to its value. Returns the step id."""
+    ref = session.xenapi.VDI.get_by_uuid(step["vdi_uuid"])
+    step_id = journal.begin(step)
+    try:
+        if step["previous"] is not None:
+            session.xenapi.VDI.remove_from_other_config(ref, journal_module.LEAF_COALESCE_KEY)
+        session.xenapi.VDI.add_to_other_config(ref, journal_module.LEAF_COALESCE_KEY, step["value"])
+    except BaseException:
+        _close_step(session, journal, step_id)
+        raise
+    return step_id
+
+
+def leaf_coalesce_value(session, vdi_uuid):
     ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
-    return ref, session.xenapi.VDI.get_other_config(ref).get(journal_module.LEAF_COALESCE_KEY)
+    return session.xenapi.VDI.get_other_config(ref).get(journal_module.LEAF_COALESCE_KEY)
 
 
 def run_live(config, session, journal, entry):
     """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case."""
-    ref, previous = _other_config_value(session, entry["vdi_uuid"])
-    step = journal.begin(journal_module.force_step(entry["sr_uuid"], entry["vdi_uuid"], previous))
+    previous = leaf_coalesce_value(session, entry["vdi_uuid"])
+    step = set_leaf_coalesce(session, journal, journal_module.force_step(entry["sr_uuid"], entry["vdi_uuid"],
+                                                                         previous))
     try:
-        if previous is not None:
-            session.xenapi.VDI.remove_from_other_config(ref, journal_module.LEAF_COALESCE_KEY)
-        session.xenapi.VDI.add_to_other_config(ref, journal_module.LEAF_COALESCE_KEY, journal_module.FORCE)
         gc_pass(config, session, entry["sr_uuid"])
     finally:
         _close_step(session, journal, step)
@@ -413,6 +425,47 @@ class Runner(object):
         return runs
 
     def _run_sr(self, sr_uuid, group, before):
+        """The SR's GC pass, then each VDI still to do; the SR's other leaves are held back meanwhile."""
+        held = []
+        try:
+            for step in self._holds(sr_uuid, group, before):
+                held.append(set_leaf_coalesce(self.session, self.journal, step))
+            return self._run_sr_held(sr_uuid, group, before)
+        except TRANSPORT_ERRORS as error:
+            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+        except XenAPI.Failure as error:
+            return [self._failed(entry, time.time(), "holding back the SR's other leaves: {}".format(
+                describe(error))) for entry in group]
+        finally:
+            self._release(held)
+
+    def _holds(self, sr_uuid, group, before):
+        """Journal steps holding back (`leaf-coalesce=false`) every leaf of the SR that the GC the
+        agent kicks could merge although the plan leaves it alone (skipped, excluded, not asked for)."""
+        planned = {entry["vdi_uuid"] for entry in group}
+        facts = self.facts(before)
+        steps = []
+        for sr in before.srs or ():
+            if sr.uuid != sr_uuid:
+                continue
+            for vdi in sr.vdis or ():
+                record = facts.vdis.get(vdi.uuid)
+                if vdi.state not in (model.LEAF_COALESCEABLE, model.EXCLUDED) or vdi.uuid in planned or not record:
+                    continue
+                value = record["other_config"].get(journal_module.LEAF_COALESCE_KEY)
+                if value == journal_module.HOLD or record["on_boot"] == "reset" or record["allow_caching"]:
+                    continue
+                steps.append(journal_module.hold_step(sr_uuid, vdi.uuid, value))
+        return steps
+
+    def _release(self, held):
+        for step_id in held:
+            try:
+                _close_step(self.session, self.journal, step_id)
+            except (XenAPI.Failure,) + TRANSPORT_ERRORS as error:
+                LOG.error("could not release a held VDI now (the journal keeps it): %s", describe(error))
+
+    def _run_sr_held(self, sr_uuid, group, before):
         started = time.time()
         try:
             with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in group}) as meter:
