@@ -486,3 +486,26 @@ def test_lvhd_chain_snapshotted_through_device_mapper_paths(tmp_path):
     assert run_tool(["scan", "-p", "-l", vg.name, "-m", "VHD-*"], root, env) == (expected, "", 0)
     out, err, code = run_tool(["scan", "-f", "-c", "-l", vg.name, "-m", "VHD-*"], root, env)
     assert (sorted(out.splitlines()), err, code) == (sorted(line.strip() for line in expected.splitlines()), "", 0)
+
+
+def test_agent_facing_outputs_without_transcripts(tmp_path):
+    """The lines the agent parses, checked inline: scan, read -B bytes, coalesce text, check -p."""
+    cwd = str(tmp_path)
+    vhdfile.create(os.path.join(cwd, "base.vhd"), 64)
+    with vhdfile.Vhd.open(os.path.join(cwd, "base.vhd"), writable=True) as vhd:
+        vhd.write(0, b"\xaa" * 4096)
+        vhd.write(31 * 2 * 1024 * 1024, b"\xcc" * 512)
+    vhdfile.snapshot(os.path.join(cwd, "leaf.vhd"), os.path.join(cwd, "base.vhd"))
+    with vhdfile.Vhd.open(os.path.join(cwd, "leaf.vhd"), writable=True) as vhd:
+        vhd.write(5 * 2 * 1024 * 1024, b"\x22" * (2 * 1024 * 1024))
+    assert run_tool(["set", "-n", "base.vhd", "-f", "hidden", "-v", "1"], cwd) == ("", "", 0)
+    out, _, code = run_tool(["scan", "-p", "-m", os.path.join(cwd, "*.vhd")], cwd)
+    assert (out, code) == ("vhd=base.vhd capacity=67108864 size=4203008 hidden=1 parent=none\n"
+                           "   vhd=leaf.vhd capacity=67108864 size=2105856 hidden=0 parent=base.vhd\n", 0)
+    process = subprocess.Popen([sys.executable, "-m", "tests.dom0sim.vhdutil_cli", "read", "-B", "-n", "base.vhd"],
+                               cwd=cwd, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE)
+    assert process.communicate()[0] == b"\x80\x00\x00\x01"
+    assert run_tool(["coalesce", "-n", "leaf.vhd"], cwd) == ("Coalesced 4096 sectors", "", 0)
+    assert run_tool(["check", "-p", "-n", "leaf.vhd"], cwd) == (
+        "leaf.vhd is valid\n{} is valid\n".format(os.path.realpath(os.path.join(cwd, "base.vhd"))), "", 0)
+    assert run_tool(["query", "-n", "base.vhd", "-a", "-p"], cwd) == ("base.vhd has no parent\n3\n", "", 0)
