@@ -36,8 +36,8 @@ class VhdUtil(object):
                                        stderr=subprocess.PIPE, env=self.environment, close_fds=True)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
-                raise HostUnreachable("cannot run {}: {}".format(self.binary, error.strerror)) from None
-            raise VhdUtilError("cannot run {}: {}".format(self.binary, error.strerror)) from None
+                raise HostUnreachable("cannot run {}: {}".format(self.binary, os.strerror(error.errno))) from None
+            raise VhdUtilError("cannot run {}: {}".format(self.binary, os.strerror(error.errno))) from None
         self.spawned += 1
         try:
             stdout, stderr = process.communicate(timeout=self.timeout)

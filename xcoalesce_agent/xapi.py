@@ -8,6 +8,7 @@ Connection failures become `HostUnreachable` with one line; xapi's own failures 
 import contextlib
 import http.client
 import logging
+import os
 import socket
 import xmlrpc.client
 
@@ -67,8 +68,8 @@ def describe(error):
         return "HTTP {} {}".format(error.errcode, error.errmsg)
     if isinstance(error, socket.timeout):
         return "timed out"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
