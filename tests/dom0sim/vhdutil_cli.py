@@ -136,17 +136,13 @@ class Pattern(object):
     """fnmatch(3) with FNM_PATHNAME (wildcards never match '/'), FNM_EXTMATCH and FNM_PERIOD."""
 
     def __init__(self, pattern, period=False):
-        self.regex = re.compile(self._translate(pattern) + r"\Z", re.DOTALL)
-        self.period = period
+        self.regex = re.compile(self._parts(pattern, 0, len(pattern)) + r"\Z", re.DOTALL)
+        self.hides_dot_files = period and not pattern.startswith(".")
 
     def match(self, name):
-        if self.period and name.startswith(".") and not self._leading_dot_literal:
+        if self.hides_dot_files and name.startswith("."):
             return False
         return self.regex.match(name) is not None
-
-    def _translate(self, pattern):
-        self._leading_dot_literal = pattern.startswith(".")
-        return self._parts(pattern, 0, len(pattern))
 
     def _parts(self, pattern, start, end):
         out = []
