@@ -509,3 +509,24 @@ def test_agent_facing_outputs_without_transcripts(tmp_path):
     assert run_tool(["check", "-p", "-n", "leaf.vhd"], cwd) == (
         "leaf.vhd is valid\n{} is valid\n".format(os.path.realpath(os.path.join(cwd, "base.vhd"))), "", 0)
     assert run_tool(["query", "-n", "base.vhd", "-a", "-p"], cwd) == ("base.vhd has no parent\n3\n", "", 0)
+
+
+def test_coalesce_of_an_orphan_and_chain_statistics(tmp_path):
+    cwd = str(tmp_path)
+    vhdfile.create(os.path.join(cwd, "gone.vhd"), 8)
+    vhdfile.snapshot(os.path.join(cwd, "orphan.vhd"), os.path.join(cwd, "gone.vhd"))
+    os.unlink(os.path.join(cwd, "gone.vhd"))
+    assert run_tool(["coalesce", "-n", "orphan.vhd"], cwd) == (
+        "error finding orphan.vhd parent: -2\nerror coalescing: -2\n", "", 2)
+    vhdfile.create(os.path.join(cwd, "p.vhd"), 8)
+    with vhdfile.Vhd.open(os.path.join(cwd, "p.vhd"), writable=True) as vhd:
+        vhd.write(0, b"\x01" * 4096)
+    vhdfile.snapshot(os.path.join(cwd, "c.vhd"), os.path.join(cwd, "p.vhd"))
+    with vhdfile.Vhd.open(os.path.join(cwd, "c.vhd"), writable=True) as vhd:
+        vhd.write(2048, b"\x02" * 4096)
+    assert run_tool(["check", "-s", "-p", "-n", "c.vhd"], cwd) == (
+        "p.vhd: secs allocated: 0x1000 secs written: 0x8 (0.20%)\n"
+        "c.vhd: secs allocated: 0x1000 secs written: 0x8 (0.20%) secs not in parent: 0x4 (50.00%)"
+        " secs not in ancestors: 0x4 (50.00%)\n", "", 0)
+    assert run_tool(["coalesce", "-p", "-n", "c.vhd"], cwd) == (
+        "\r  0.00%\r 25.00%\r 50.00%\r 75.00%\r100.00%\nCoalesced 8 sectors", "", 0)
