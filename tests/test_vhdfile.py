@@ -191,6 +191,24 @@ def test_coalesce_refuses_a_dynamic_disk(chain):
     assert str(info.value) == "coalescing of non-differencing disks is not supported"
 
 
+def test_files_are_byte_identical_to_the_real_ones(tmp_path):
+    """1-chain.txt and 3-coalesce.txt rebuilt with their UUIDs and clock: same sha256 for every file."""
+    base, leaf = str(tmp_path / "base.vhd"), str(tmp_path / "leaf.vhd")
+    created = calendar.timegm((2026, 11, 24, 20, 2, 53))
+    vhdfile.create(base, 64, uuid="d50f2110-ab20-4dc0-8990-c78e5cae600b", created=created)
+    write_all(base, BASE_WRITES)
+    os.utime(base, (created, created))
+    vhdfile.snapshot(leaf, base, uuid="b794bd0f-fa1c-41b9-84a1-3f90a952fffa", created=created)
+    with Vhd.open(base, writable=True) as vhd:
+        vhd.set_hidden(1)
+    write_all(leaf, LEAF_WRITES)
+    assert file_sha256(base) == "b06694d07dffee6bdf821bbf96cbba26b8f972e0a414d895c6841a48e92ee19d"
+    assert file_sha256(leaf) == "e83d2b840bf1d844bd062a16898a48d9892954abc46d1527c750a804076826d0"
+    vhdfile.coalesce(leaf)
+    assert file_sha256(base) == "43520469f57fc3c093239011bf69e3ad1f975e44f713ad4f7f42a6f4b2fb9f7b"
+    assert file_sha256(leaf) == "e83d2b840bf1d844bd062a16898a48d9892954abc46d1527c750a804076826d0"
+
+
 def test_empty_disk_layout_is_byte_exact(tmp_path):
     path = str(tmp_path / "empty.vhd")
     vhdfile.create(path, 64)

@@ -828,7 +828,7 @@ class Vhd(object):
             block, blk_off = divmod(offset, block_bytes)
             count = min(block_bytes - blk_off, len(view))
             if self._entry(block) == UNUSED:
-                self._allocate(block)
+                self._allocate(block, zero=count < block_bytes)
             self._pwrite((self.bat[block] + self.bm_secs) * SECTOR_SIZE + blk_off, view[:count])
             self._mark_written(block, blk_off // SECTOR_SIZE, count // SECTOR_SIZE)
             view, offset = view[count:], offset + count
@@ -843,16 +843,21 @@ class Vhd(object):
             set_bit_range(self._loaded_batmap(), block, 1)
             self._write_batmap()
 
-    def _allocate(self, block):
-        """Append `block` at the end of data: zero gap and bitmap, data start on a 4 KiB boundary."""
+    def _allocate(self, block, zero=True):
+        """Append `block` at the end of data, its data starting on a 4 KiB boundary.
+
+        Like libvhd, the gap, bitmap and data are zeroed first unless the caller is about to
+        write the whole block; then whatever lay there (the old footer) stays in the gap.
+        """
         eod = self.end_of_data()
         first = eod // SECTOR_SIZE
         bitmap_sector = first + (-(first + self.bm_secs)) % PAGE_SECTORS
         if bitmap_sector > UNUSED - 1:
             raise VhdError(errno.EIO, "{}: file too large for the BAT".format(self.path))
         data_start = (bitmap_sector + self.bm_secs) * SECTOR_SIZE
-        self._pwrite(eod, bytes(data_start - eod))
-        self._zero_fill(data_start, data_start + self.spb * SECTOR_SIZE)
+        if zero:
+            self._pwrite(eod, bytes(data_start - eod))
+            self._zero_fill(data_start, data_start + self.spb * SECTOR_SIZE)
         self.bat[block] = bitmap_sector
         self._end_of_data = data_start + self.spb * SECTOR_SIZE
         self._write_bat_entry(block)
@@ -1053,11 +1058,12 @@ class _Chain(object):
 # Creating disks
 
 
-def _new_footer(size, disk_type):
+def _new_footer(size, disk_type, uuid, created):
+    """A fresh footer; `uuid` and `created` (Unix seconds) default to a random UUID and now."""
     return Footer(data_offset=NO_OFFSET if disk_type == DISK_FIXED else SECTOR_SIZE,
-                  timestamp=vhd_time(time.time()), original_size=size, current_size=size,
-                  geometry=encode_geometry(chs_geometry(size)), disk_type=disk_type,
-                  uuid=str(uuidlib.uuid4()))
+                  timestamp=vhd_time(time.time() if created is None else created),
+                  original_size=size, current_size=size, geometry=encode_geometry(chs_geometry(size)),
+                  disk_type=disk_type, uuid=str(uuidlib.UUID(uuid) if uuid else uuidlib.uuid4()))
 
 
 def dynamic_layout(footer, parent=None):
@@ -1118,16 +1124,19 @@ def rounded_size(size_mib):
     return -(-size_mib * MIB // BLOCK_SIZE) * BLOCK_SIZE
 
 
-def create(path, size_mib, fixed=False):
-    """`vhd-util create -n path -s size_mib [-r]`: an empty dynamic (or fixed) disk."""
+def create(path, size_mib, fixed=False, uuid=None, created=None):
+    """`vhd-util create -n path -s size_mib [-r]`: an empty dynamic (or fixed) disk.
+
+    `uuid` and `created` (Unix seconds) pin what the real tool draws at random / from the clock.
+    """
     if size_mib <= 0:
         raise VhdError(errno.EINVAL, "invalid size {}".format(size_mib))
     size = rounded_size(size_mib)
     if fixed:
-        footer = _new_footer(size, DISK_FIXED)
+        footer = _new_footer(size, DISK_FIXED, uuid, created)
         _write_new_file(path, [(size, footer.sealed())], size=size)
     else:
-        _write_new_file(path, dynamic_layout(_new_footer(size, DISK_DYNAMIC)))
+        _write_new_file(path, dynamic_layout(_new_footer(size, DISK_DYNAMIC, uuid, created)))
 
 
 def snapshot_target(parent_path):
@@ -1143,8 +1152,11 @@ def snapshot_target(parent_path):
             raise VhdError(errno.ELOOP, "{}: parent chain loops".format(parent_path))
 
 
-def snapshot(child_path, parent_path, skip_empty_parents=True):
-    """`vhd-util snapshot -n child -p parent` (`skip_empty_parents=False` is `-e`)."""
+def snapshot(child_path, parent_path, skip_empty_parents=True, uuid=None, created=None):
+    """`vhd-util snapshot -n child -p parent` (`skip_empty_parents=False` is `-e`).
+
+    The parent timestamp is the parent's mtime, as libvhd records it.
+    """
     target = snapshot_target(parent_path) if skip_empty_parents else parent_path
     with Vhd.open(target) as parent:
         size = parent.virtual_size
@@ -1152,7 +1164,8 @@ def snapshot(child_path, parent_path, skip_empty_parents=True):
     parent_name = os.path.basename(target)
     parent_ts = vhd_time(os.stat(target).st_mtime)
     relative = relative_locator_path(child_path, target)
-    pieces = dynamic_layout(_new_footer(size, DISK_DIFF), (parent_uuid, parent_ts, parent_name, relative))
+    pieces = dynamic_layout(_new_footer(size, DISK_DIFF, uuid, created),
+                            (parent_uuid, parent_ts, parent_name, relative))
     _write_new_file(child_path, pieces)
 
 
