@@ -152,7 +152,7 @@ def set_bit_range(bitmap, first, count):
         first += 1
 
 
-def test_bit(bitmap, index):
+def bit_is_set(bitmap, index):
     return bool(bitmap[index >> 3] & (0x80 >> (index & 7)))
 
 
@@ -690,7 +690,7 @@ class Vhd(object):
         header = self.batmap_header
         if header is None or block >= header.batmap_size * SECTOR_SIZE * 8:
             return False
-        return test_bit(self._loaded_batmap(), block)
+        return bit_is_set(self._loaded_batmap(), block)
 
     def block_bitmap(self, block):
         """The raw 512-byte sector bitmap of an allocated block."""
