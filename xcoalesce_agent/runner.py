@@ -466,17 +466,21 @@ class Runner(object):
                 LOG.error("could not release a held VDI now (the journal keeps it): %s", describe(error))
 
     def _run_sr_held(self, sr_uuid, group, before):
+        """The normal GC pass (when `gc` is an allowed strategy), then the forcing paths per VDI."""
         started = time.time()
-        try:
-            with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in group}) as meter:
-                gc_pass(self.config, self.session, sr_uuid)
-            current = self.inspect()
-        except TRANSPORT_ERRORS as error:
-            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
-        except (XenAPI.Failure, RunError, HostUnreachable) as error:
-            return [self._failed(entry, started, "GC pass: {}".format(describe(error))) for entry in group]
+        current = before
+        gc_frozen = {}
+        if planner.GC in self.policy.strategies:
+            try:
+                with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in group}) as meter:
+                    gc_pass(self.config, self.session, sr_uuid)
+                current = self.inspect()
+            except TRANSPORT_ERRORS as error:
+                raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+            except (XenAPI.Failure, RunError, HostUnreachable) as error:
+                return [self._failed(entry, started, "GC pass: {}".format(describe(error))) for entry in group]
+            gc_frozen = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in group}
         runs = []
-        gc_frozen = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in group}
         plugin_done = {}
         for entry in group:
             run, current = self._run_one(entry, before, current, gc_frozen, plugin_done)
@@ -496,7 +500,7 @@ class Runner(object):
         run = _run_record(entry, started)
         _, report = _find(current, entry["vdi_uuid"])
         if report is not None and report.chain_length < entry["chain_length"]:
-            strategy, frozen = plugin_done.get(entry["vm_uuid"]) or (planner.GC, gc_frozen[entry["vdi_uuid"]])
+            strategy, frozen = plugin_done.get(entry["vm_uuid"]) or (planner.GC, gc_frozen.get(entry["vdi_uuid"]))
             return self._verified(run, entry, before, current, strategy, frozen), current
         try:
             facts = self.facts(current)

@@ -1,0 +1,72 @@
+"""Shared by the runner tests and the downtime benchmark: `--now` as a real process on a simulated
+host, and snapshots of what must never change (virtual contents) or be left behind (flags, power)."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.dom0sim import vhdfile
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def configure(host, **coalesce):
+    """Append `[coalesce]` keys to the host's agent.conf (its last section is `[coalesce]`)."""
+    with open(host.agent_conf, "a") as stream:
+        for key, value in sorted(coalesce.items()):
+            stream.write("{} = {}\n".format(key, value))
+    return host.agent_conf
+
+
+def agent_command(host, *args):
+    return [sys.executable, "-m", "xcoalesce_agent", "--config", host.agent_conf, "--log-level", "info"] + list(args)
+
+
+def run_now(host, *args, **options):
+    """`xcoalesce-agent --now ARGS --json`: (exit code, parsed JSON or None, stderr)."""
+    process = subprocess.Popen(agent_command(host, "--now", "--json", *args), cwd=REPOSITORY,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    stdout, stderr = process.communicate(timeout=options.get("timeout", 120))
+    try:
+        document = json.loads(stdout)
+    except ValueError:
+        document = None
+    return process.returncode, document, stderr
+
+
+def digests(host):
+    """The virtual contents of every disk that has a VHD chain."""
+    return {key: vhdfile.chain_digest(host.vdi_path(key)) for key in host.parents}
+
+
+def power_states(host):
+    return {name: host.db.get_field("VM", host.vm_ref(name), "power_state") for name in host.vms}
+
+
+def other_configs(host):
+    return {key: dict(host.db.get_field("VDI", host.vdi_ref(key), "other_config"))
+            for key in host.parents if host.db.ref_of("VDI", host.vdis[key])}
+
+
+def downtime(host, vm_name):
+    """Seconds the VM did not run, as the simulation recorded it (overlaps counted once)."""
+    intervals = sorted((i.start, i.start + i.duration) for i in host.db.downtime(host.vms[vm_name]))
+    total, reach = 0.0, None
+    for start, end in intervals:
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def chain_parent(host, key):
+    """The VDI's `vhd-parent` in xapi ("" once it has none)."""
+    return host.db.get_field("VDI", host.vdi_ref(key), "sm_config").get("vhd-parent", "")
+
+
+def sr_free(host, key):
+    record = host.db.get("SR", host.sr_ref(key))
+    return int(record["physical_size"]) - int(record["physical_utilisation"])

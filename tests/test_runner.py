@@ -1,0 +1,156 @@
+"""`--now` against the simulated host, through the real XenAPI client: plans, runs, measurements."""
+import os
+import subprocess
+
+from tests.runner_support import (agent_command, chain_parent, configure, digests, downtime, other_configs,
+                                  power_states, run_now, sr_free, REPOSITORY)
+from xcoalesce_agent import config as config_module, history, runner
+
+
+def runs_by_disk(host, document):
+    by_uuid = {run["vdi_uuid"]: run for run in document["runs"]}
+    return {key: by_uuid[uuid] for key, uuid in host.vdis.items() if uuid in by_uuid}
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(demo_host):
+    contents, flags, states = digests(demo_host), other_configs(demo_host), power_states(demo_host)
+    code, document, stderr = run_now(demo_host, "--dry-run")
+    assert code == 0, stderr
+    runs = runs_by_disk(demo_host, document)
+    assert set(runs) == {"web-01-root", "db-01-data", "mail-01-root"}
+    assert all(run["result"] == "planned" and run["strategy"] == "gc" for run in runs.values())
+    assert runs["web-01-root"]["estimated_bytes"] > 0 and runs["web-01-root"]["predicted_freeze_seconds"] > 0
+    assert document["dry_run"] and document["reclaimed_bytes"] == 0
+    text = subprocess.Popen(agent_command(demo_host, "--now", "--dry-run"), cwd=REPOSITORY, stdout=subprocess.PIPE,
+                            universal_newlines=True).communicate()[0]
+    assert "Would leaf-coalesce 3 VDI(s)" in text and "web-01" in text
+    assert (digests(demo_host), other_configs(demo_host), power_states(demo_host)) == (contents, flags, states)
+    assert all(chain_parent(demo_host, key) for key in ("web-01-root", "db-01-data"))
+    assert not os.path.exists(os.path.join(demo_host.state_dir, "agent-state", history.RUNS_FILE))
+
+
+def test_now_reclaims_the_estimate_on_file_and_lvm_srs(demo_host):
+    contents, flags, states = digests(demo_host), other_configs(demo_host), power_states(demo_host)
+    free_before = {key: sr_free(demo_host, key) for key in demo_host.srs}
+    code, document, stderr = run_now(demo_host)
+    assert code == 0, stderr
+    runs = runs_by_disk(demo_host, document)
+    assert all(run["result"] == "success" for run in runs.values()), runs
+    for key in ("web-01-root", "db-01-data"):  # ext and lvmoiscsi
+        assert runs[key]["reclaimed_bytes"] == runs[key]["estimated_bytes"] > 0
+        assert chain_parent(demo_host, key) == ""
+    assert chain_parent(demo_host, "mail-01-root") == ""
+    assert chain_parent(demo_host, "build-01-root") != ""  # a snapshot still holds its base
+    for key, sr_uuid in demo_host.srs.items():
+        freed = sum(run["reclaimed_bytes"] for run in document["runs"] if run["sr_uuid"] == sr_uuid)
+        assert sr_free(demo_host, key) - free_before[key] == freed
+    assert document["reclaimed_bytes"] == sum(run["reclaimed_bytes"] for run in document["runs"])
+    assert digests(demo_host) == contents
+    assert other_configs(demo_host) == flags and power_states(demo_host) == states
+    for run in runs.values():
+        assert run["frozen_seconds"] is not None
+        vm_name = next(name for name, uuid in demo_host.vms.items() if uuid == run["vm_uuid"])
+        assert abs(run["frozen_seconds"] - downtime(demo_host, vm_name)) < 0.25
+        assert downtime(demo_host, vm_name) <= 10.0
+    totals = history.RunHistory(os.path.join(demo_host.state_dir, "agent-state")).totals()
+    assert totals["runs"] == 3
+    assert sum(sr["reclaimed_bytes"] for sr in totals["srs"].values()) == document["reclaimed_bytes"]
+    code, document, _ = run_now(demo_host)
+    assert (code, document["runs"]) == (0, [])
+
+
+def test_a_vdi_predicted_over_the_maximum_is_skipped_and_held_back(demo_host):
+    contents = digests(demo_host)
+    flags = other_configs(demo_host)
+    code, document, stderr = run_now(demo_host, "--max-freeze-seconds", "0.05")
+    assert code == 0, stderr
+    runs = runs_by_disk(demo_host, document)
+    web = runs["web-01-root"]
+    assert web["result"] == "skipped" and web["reclaimed_bytes"] == 0
+    assert web["reason"].startswith("predicted freeze 0.1 s (gc) over the maximum 0.05 s")
+    assert runs["mail-01-root"]["result"] == "success"  # the GC ran on web-01's SR, web-01 was held back
+    assert chain_parent(demo_host, "web-01-root") != "" and downtime(demo_host, "web-01") == 0
+    assert digests(demo_host) == contents and other_configs(demo_host) == flags
+
+
+def test_forced_live_path_and_the_plugin_measure_their_freeze(sim_host):
+    host = sim_host("demo")
+    configure(host, strategies="live, plugin")
+    code, document, stderr = run_now(host, "--vm", host.vms["web-01"], "--vm", host.vms["db-01"])
+    assert code == 0, stderr
+    runs = runs_by_disk(host, document)
+    assert {key: run["strategy"] for key, run in runs.items()} == {"web-01-root": "live", "db-01-data": "live"}
+    for key, vm_name in (("web-01-root", "web-01"), ("db-01-data", "db-01")):
+        assert runs[key]["result"] == "success" and chain_parent(host, key) == ""
+        assert 0 < downtime(host, vm_name) <= 10.0
+        assert abs(runs[key]["frozen_seconds"] - downtime(host, vm_name)) < 0.25
+    assert "mail-01-root" not in runs and chain_parent(host, "mail-01-root") != ""  # not asked for: held back
+
+    host = sim_host("demo")
+    configure(host, strategies="plugin")
+    contents = digests(host)
+    code, document, stderr = run_now(host, "--sr", host.srs["iscsi"])
+    assert code == 0, stderr
+    (run,) = document["runs"]
+    assert (run["strategy"], run["result"], run["vdi_uuid"]) == ("plugin", "success", host.vdis["db-01-data"])
+    kinds = {interval.kind for interval in host.db.downtime(host.vms["db-01"])}
+    assert "suspended" in kinds and power_states(host)["db-01"] == "Running"
+    assert abs(run["frozen_seconds"] - downtime(host, "db-01")) < 0.25
+    assert digests(host) == contents and other_configs(host)["db-01-data"] == {}
+
+
+def test_exclusions_and_ha_are_reported(sim_host):
+    host = sim_host("demo")
+    host.db.update("VM", host.vm_ref("web-01"), tags=["xcoalesce-exclude"])
+    host.db.update("VM", host.vm_ref("db-01"), ha_restart_priority="restart")
+    code, document, stderr = run_now(host, "--dry-run")
+    assert code == 0, stderr
+    runs = runs_by_disk(host, document)
+    assert runs["web-01-root"]["result"] == "skipped" and "xcoalesce-exclude" in runs["web-01-root"]["reason"]
+    assert runs["db-01-data"]["reason"].startswith("VM is HA-protected")
+
+
+def test_scheduled_run_honours_mode_window_and_caps(sim_host):
+    host = sim_host("demo")
+    configure(host, windows="Mon-Sun 00:00-24:00", max_vms_per_window=1)
+    config = config_module.load(host.agent_conf)
+    inspection = _inspect(config)
+    config.coalesce.mode = "report"
+    assert runner.scheduled_run(config, inspection) == []
+    config.coalesce.mode = "auto"
+    runs = runner.scheduled_run(config, inspection)
+    assert [run["result"] for run in runs if run["result"] == "success"] == ["success"]
+    assert runner.scheduled_run(config, _inspect(config)) == []  # the cap of one VM is used up
+    config.coalesce.max_vms_per_window = 0
+    config.coalesce.windows = config_module.windows("Mon-Sun 00:00-00:01")
+    assert runner.scheduled_run(config, _inspect(config), now=_today_at(12)) == []
+
+
+def _inspect(config):
+    from xcoalesce_agent import inspection
+    return inspection.inspect(config)
+
+
+def _today_at(hour):
+    import datetime
+    import time
+    moment = datetime.datetime.now().replace(hour=hour, minute=0, second=0, microsecond=0)
+    return time.mktime(moment.timetuple())
+
+
+def test_snapshot_deletion_marks_the_sr_pending_once_the_gc_settled(sim_host):
+    host = sim_host("demo")
+    configure(host, trigger_on_snapshot_delete="true")
+    config = config_module.load(host.agent_conf)
+    settled = []
+    watcher = runner.SnapshotWatcher(config, on_settled=settled.append)
+    watcher.start()
+    try:
+        (snapshot,) = [ref for ref, record in host.db.records("VDI").items() if record["is_a_snapshot"]]
+        host.store("iscsi").remove(host.db.get_field("VDI", snapshot, "uuid"))
+        host.db.destroy("VDI", snapshot)
+        assert watcher.wait_settled(20) == [host.srs["iscsi"]]
+    finally:
+        watcher.stop()
+    assert settled == [host.srs["iscsi"]]
+    assert runner.PendingSrs(config).load() == [host.srs["iscsi"]]
