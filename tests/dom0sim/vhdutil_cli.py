@@ -1271,7 +1271,7 @@ def _sector_bits(disk, sector, count):
         if block != cached_block:
             cached_block = block
             bitmap = disk.bitmap(block) if disk.bat()[block] != UNUSED else None
-        yield cur, block, offset_in, bool(bitmap is not None and vhdfile.test_bit(bitmap, offset_in))
+        yield cur, block, offset_in, bool(bitmap is not None and vhdfile.bit_is_set(bitmap, offset_in))
 
 
 def read_test_bitmap(out, disk, sector, count, hex_mode):
@@ -1559,7 +1559,7 @@ class Checker(object):
         data = disk.block_data(block) if self.opts.get("b") else None
         failed = False
         for sector in range(disk.spb):
-            bit = vhdfile.test_bit(bitmap, sector)
+            bit = vhdfile.bit_is_set(bitmap, sector)
             if stats is not None and bit:
                 stats["written"] += 1
                 stats["bits"].add(block * disk.spb + sector)
