@@ -368,6 +368,7 @@ def test_command_line_errors_are_clean(tmp_path):
         (["check", "-n", "missing.vhd"], "cannot stat missing.vhd: 2\n", "", 2),
         (["coalesce", "-n", "d.vhd", "extra"], vhdutil_cli.COALESCE_USAGE, "", 22),
         (["resize", "-n", "d.vhd"], "", "vhd-util resize: not available on the simulated host\n", 38),
+        (["modify", "-n", "d.vhd", "-z"], "", "vhd-util modify -z: not available on the simulated host\n", 38),
     ]
     for args, stdout, stderr, status in checks:
         out, err, code = run_tool(args, cwd)
@@ -530,3 +531,15 @@ def test_coalesce_of_an_orphan_and_chain_statistics(tmp_path):
         " secs not in ancestors: 0x4 (50.00%)\n", "", 0)
     assert run_tool(["coalesce", "-p", "-n", "c.vhd"], cwd) == (
         "\r  0.00%\r 25.00%\r 50.00%\r 75.00%\r100.00%\nCoalesced 8 sectors", "", 0)
+
+
+def test_modify_points_a_child_at_another_parent(tmp_path):
+    cwd = str(tmp_path)
+    for name in ("a.vhd", "b.vhd"):
+        vhdfile.create(os.path.join(cwd, name), 8)
+    vhdfile.snapshot(os.path.join(cwd, "c.vhd"), os.path.join(cwd, "a.vhd"))
+    assert run_tool(["modify", "-n", "c.vhd", "-p", "b.vhd"], cwd) == ("", "", 0)
+    assert run_tool(["query", "-n", "c.vhd", "-p"], cwd) == (os.path.realpath(os.path.join(cwd, "b.vhd")) + "\n", "", 0)
+    assert run_tool(["modify", "-n", "c.vhd", "-p", "x.vhd"], cwd) == ("failed to set parent to 'x.vhd': -2\n", "", 2)
+    assert run_tool(["modify", "-n", "a.vhd", "-p", "b.vhd"], cwd) == ("failed to set parent to 'b.vhd': -22\n", "", 22)
+    assert run_tool(["modify"], cwd) == (vhdutil_cli.MODIFY_USAGE, "", 22)

@@ -1922,12 +1922,52 @@ def cmd_snapshot(args, out):
     return 0
 
 
+MODIFY_USAGE = ("*** Dangerous operations, use with care ***\noptions: <-n name> [-p NEW_PARENT set parent [-m raw]] "
+                "[-s NEW_SIZE set size] [-z zero (kill data)] [-h help]\n")
+
+
+def cmd_modify(args, out):
+    """`modify -n child -p parent`: re-point a child (SM's setParent); -s, -z and -m are not simulated."""
+    options, operands = getopt(args, "n:s:p:mzh", "modify", out)
+    name, parent = None, None
+    for opt, value in options:
+        if opt == "n":
+            name = value
+        elif opt == "p":
+            parent = value
+        elif opt in "smz":
+            out.error("vhd-util modify -{}: not available on the simulated host\n".format(opt))
+            return -errno.ENOSYS
+        else:
+            out.write(MODIFY_USAGE)
+            return -errno.EINVAL
+    if name is None or operands:
+        out.write(MODIFY_USAGE)
+        return -errno.EINVAL
+    try:
+        Disk(name).close()
+    except VhdError as exc:
+        out.write("error opening {}: {}\n".format(name, open_error(exc)))
+        return open_error(exc)
+    if parent is None:
+        return 0
+    try:
+        if not os.path.exists(parent):
+            raise VhdError(errno.ENOENT, "no parent")
+        vhdfile.set_parent(name, parent)
+    except VhdError as exc:
+        out.write("failed to set parent to '{}': {}\n".format(parent, -exc.errno))
+        return -exc.errno
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 
 
 HANDLERS = {"scan": cmd_scan, "query": cmd_query, "read": cmd_read, "check": cmd_check,
-            "coalesce": cmd_coalesce, "set": cmd_set, "create": cmd_create, "snapshot": cmd_snapshot}
+            "coalesce": cmd_coalesce, "set": cmd_set, "create": cmd_create, "snapshot": cmd_snapshot,
+            "modify": cmd_modify}
 
 
 def usage(out):
