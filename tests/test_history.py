@@ -32,7 +32,7 @@ def test_record_counts_runs_bytes_and_freeze_buckets(tmp_path):
     runs.record(a_run())
     runs.record(a_run(frozen_seconds=45.0, reclaimed_bytes=1 << 20))
     runs.record(a_run(result="failed", reclaimed_bytes=0, frozen_seconds=0.05))
-    runs.record(a_run(sr_uuid=SR_B, strategy="gc", frozen_seconds=0.0, reclaimed_bytes=2 << 20))
+    runs.record(a_run(sr_uuid=SR_B, strategy="gc", frozen_seconds=0.3, reclaimed_bytes=2 << 20))
     runs.record(a_run(sr_uuid=SR_B, strategy="plugin", result="skipped", reclaimed_bytes=None, frozen_seconds=None))
     totals = runs.totals()
     assert totals["runs"] == 5
@@ -46,7 +46,8 @@ def test_record_counts_runs_bytes_and_freeze_buckets(tmp_path):
     assert live["buckets"][bounds.index(2.0)] == 1
     assert live["buckets"][bounds.index(60.0)] == 1
     assert sum(live["buckets"]) == 3
-    assert set(totals["frozen_seconds"]) == {"live"}, "GC runs and skipped runs freeze nothing"
+    assert totals["frozen_seconds"]["gc"]["count"] == 1
+    assert set(totals["frozen_seconds"]) == {"live", "gc"}, "skipped runs froze nothing"
     assert [run["result"] for run in runs.runs()] == ["success", "success", "failed", "success", "skipped"]
 
 

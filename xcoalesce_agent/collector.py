@@ -229,8 +229,8 @@ def _history_families(host, inspection, totals):
     yield runs
 
     frozen = HistogramMetricFamily("xcoalesce_leaf_coalesce_guest_frozen_seconds", "How long each run froze the "
-                                   "guest's I/O (live) or kept it suspended (plugin).", labels=("host", "strategy"))
-    for strategy in history.FREEZING_STRATEGIES:
+                                   "guest's I/O (gc, live) or kept it suspended (plugin).", labels=("host", "strategy"))
+    for strategy in history.STRATEGIES:
         observed = totals["frozen_seconds"].get(strategy)
         counts = observed["buckets"] if observed else [0] * (len(history.FREEZE_BUCKETS) + 1)
         buckets, cumulative = [], 0

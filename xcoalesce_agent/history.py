@@ -15,7 +15,6 @@ import os
 RUN_FIELDS = ("vm_uuid", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "started", "finished")
 STRATEGIES = ("gc", "live", "plugin")
-FREEZING_STRATEGIES = ("live", "plugin")  # the GC's own runs never stop the guest
 RESULTS = ("success", "failed", "skipped")
 
 # Upper bounds (seconds) of the guest freeze histogram: live coalesce freezes I/O for seconds,
@@ -32,7 +31,7 @@ def empty_totals():
     """Totals of no run at all.
 
     `srs`: {sr_uuid: {"reclaimed_bytes": int, "runs": {strategy: {result: count}}}};
-    `frozen_seconds`: {live or plugin: {"buckets": [count per FREEZE_BUCKETS bound, not cumulative,
+    `frozen_seconds`: {strategy: {"buckets": [count per FREEZE_BUCKETS bound, not cumulative,
     then one for +Inf], "count": int, "sum": float}}; `runs`: how many runs in all.
     """
     return {"format": FORMAT, "runs": 0, "srs": {}, "frozen_seconds": {}}
@@ -46,7 +45,7 @@ def add_run(totals, run):
     sr["reclaimed_bytes"] += int(run.get("reclaimed_bytes") or 0)
     totals["runs"] += 1
     frozen = run.get("frozen_seconds")
-    if run["strategy"] in FREEZING_STRATEGIES and run["result"] != "skipped" and frozen is not None:
+    if run["result"] != "skipped" and frozen is not None:
         histogram = totals["frozen_seconds"].setdefault(
             run["strategy"], {"buckets": [0] * (len(FREEZE_BUCKETS) + 1), "count": 0, "sum": 0.0})
         histogram["buckets"][_bucket_index(float(frozen))] += 1
