@@ -766,7 +766,7 @@ class Scanner(object):
         """(error, targets) as vhd_util_scan_find_file_targets."""
         paths = []
         if filter_pattern is not None:
-            matcher = Glob(self.flag(SCAN_FAST), lambda path, code: self.scan_error(path, code) or code)
+            matcher = Glob(self.flag(SCAN_FAST), self.scan_error)
             status = matcher.run(filter_pattern)
             err = {GLOB_ABORTED: -errno.EIO, GLOB_NOMATCH: -matcher.last_errno}.get(status, 0)
             if err:
@@ -954,6 +954,7 @@ class Scanner(object):
     # -- output
 
     def scan_error(self, name, code):
+        """vhd_util_scan_error: an error line for a target; returns `code` (glob's errfunc aborts on it)."""
         image = Image(Target(name))
         image.error = code
         image.message = "failure scanning target"
