@@ -6,6 +6,7 @@ and erase. The installed tree then runs `xcoalesce-agent --report` with a bare P
 the simulated host.
 """
 import configparser
+import json
 import os
 import re
 import shutil
@@ -275,10 +276,10 @@ def test_installed_tree_reports_on_the_simulated_host_with_python36(installed, s
     xapi_core = str(tmp_path / "xapi-core")
     shutil.copytree(os.path.dirname(XenAPI.__file__), os.path.join(xapi_core, "XenAPI"))
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([root + SITELIB, xapi_core]))
-    result = subprocess.run([PYTHON36, os.path.join(root, "usr/bin/xcoalesce-agent"), "--report",
+    result = subprocess.run([PYTHON36, os.path.join(root, "usr/bin/xcoalesce-agent"), "--report", "--json",
                              "--config", os.path.join(simulated_host, "agent.conf")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                             env=environment, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout.strip()
+    report = json.loads(result.stdout)
+    assert report["errors"] == [] and report["srs"] and report["reclaimable_bytes"] > 0
