@@ -142,7 +142,8 @@ def test_package_holds_the_agent_units_config_and_monitoring_files(packages):
     expected.update(SITELIB + "/xcoalesce_agent/" + name
                     for name in os.listdir(os.path.join(TREE, "xcoalesce_agent")) if name.endswith(".py"))
     monitoring = os.path.join(TREE, "monitoring")
-    expected.update("/usr/share/xcoalesce-agent/" + name for name in os.listdir(monitoring)
+    expected.update("/usr/share/xcoalesce-agent/" + name
+                    for name in (os.listdir(monitoring) if os.path.isdir(monitoring) else [])
                     if name.endswith((".yml", ".json")))
     assert expected - files == set()
     assert not [name for name in files if re.search(r"cpython-3(?!6)\d+", name)]
