@@ -5,22 +5,14 @@ import subprocess
 import pytest
 
 from tests.agent_process import Agent, free_port, wait_for
-from tests.dom0sim.host import SimHost
 from tests.helpers import require_tool
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    host = SimHost(str(tmp_path_factory.mktemp("sim")), "demo").build().start()
-    yield host
-    host.stop()
-
-
-def write_config(sim, path, extra="", socket_path=None):
-    with open(sim.agent_conf) as stream:
+def write_config(demo_host, path, extra="", socket_path=None):
+    with open(demo_host.agent_conf) as stream:
         text = stream.read()
     if socket_path:
-        text = text.replace("socket = {}".format(sim.socket_path), "socket = {}".format(socket_path))
+        text = text.replace("socket = {}".format(demo_host.socket_path), "socket = {}".format(socket_path))
     with open(str(path), "w") as stream:
         stream.write(text + "\n[inspection]\ninterval_seconds = 3600\n" + extra)
     return str(path)
@@ -33,10 +25,10 @@ def value(metrics, name, **labels):
     return found[0]
 
 
-def test_serves_the_simulated_host_and_stops_cleanly_on_sigterm(sim, tmp_path):
-    with Agent(write_config(sim, tmp_path / "agent.conf")) as agent:
+def test_serves_the_simulated_host_and_stops_cleanly_on_sigterm(demo_host, tmp_path):
+    with Agent(write_config(demo_host, tmp_path / "agent.conf")) as agent:
         metrics = agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
-        assert {labels["sr_uuid"] for labels, _ in metrics["xcoalesce_sr_reclaimable_bytes"]} == set(sim.srs.values())
+        assert {labels["sr_uuid"] for labels, _ in metrics["xcoalesce_sr_reclaimable_bytes"]} == set(demo_host.srs.values())
         assert sum(sample for _, sample in metrics["xcoalesce_vdi_reclaimable_bytes"]) > 0
         assert value(metrics, "xcoalesce_xapi_reachable") == 1
         live = agent.get().encode("utf-8")
@@ -50,31 +42,31 @@ def test_serves_the_simulated_host_and_stops_cleanly_on_sigterm(sim, tmp_path):
         assert agent.get() is None
 
 
-def test_sigint_stops_cleanly_too(sim, tmp_path):
-    with Agent(write_config(sim, tmp_path / "agent.conf")) as agent:
+def test_sigint_stops_cleanly_too(demo_host, tmp_path):
+    with Agent(write_config(demo_host, tmp_path / "agent.conf")) as agent:
         wait_for(agent.get, what="the agent to listen")
         agent.signal(signal.SIGINT)
         assert agent.wait() == 0
         assert "Traceback" not in agent.stderr()
 
 
-def test_an_address_in_use_is_a_one_line_error(sim, tmp_path):
-    with Agent(write_config(sim, tmp_path / "first.conf")) as first:
+def test_an_address_in_use_is_a_one_line_error(demo_host, tmp_path):
+    with Agent(write_config(demo_host, tmp_path / "first.conf")) as first:
         wait_for(first.get, what="the first agent to listen")
-        second = Agent(write_config(sim, tmp_path / "second.conf"), port=first.port).start()
+        second = Agent(write_config(demo_host, tmp_path / "second.conf"), port=first.port).start()
         assert second.wait() == 2
         assert second.stderr() == "xcoalesce-agent: error: cannot listen on 127.0.0.1:{}: " \
                                   "Address already in use\n".format(first.port)
         second.stop()
 
 
-def test_sighup_rereads_the_config_and_keeps_it_when_broken(sim, tmp_path):
+def test_sighup_rereads_the_config_and_keeps_it_when_broken(demo_host, tmp_path):
     config = tmp_path / "agent.conf"
     first_port, second_port = free_port(), free_port()
-    write_config(sim, config, "[web]\nlisten_address = 127.0.0.1:{}\n".format(first_port))
+    write_config(demo_host, config, "[web]\nlisten_address = 127.0.0.1:{}\n".format(first_port))
     with Agent(str(config), port=first_port, override_address=False) as agent:
         agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
-        write_config(sim, config, "[web]\nlisten_address = 127.0.0.1:{}\n".format(second_port))
+        write_config(demo_host, config, "[web]\nlisten_address = 127.0.0.1:{}\n".format(second_port))
         agent.signal(signal.SIGHUP)
         agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes", port=second_port)
         assert agent.get(port=first_port) is None
@@ -85,12 +77,12 @@ def test_sighup_rereads_the_config_and_keeps_it_when_broken(sim, tmp_path):
         assert agent.process.poll() is None
 
 
-def test_a_failed_inspection_keeps_serving_the_last_good_one(sim, tmp_path):
+def test_a_failed_inspection_keeps_serving_the_last_good_one(demo_host, tmp_path):
     config = tmp_path / "agent.conf"
-    write_config(sim, config)
+    write_config(demo_host, config)
     with Agent(str(config)) as agent:
         good = agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
-        write_config(sim, config, socket_path=str(tmp_path / "no-xapi-here.sock"))
+        write_config(demo_host, config, socket_path=str(tmp_path / "no-xapi-here.sock"))
         agent.signal(signal.SIGHUP)
 
         def failed():
