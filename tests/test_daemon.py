@@ -2,8 +2,6 @@
 import signal
 import subprocess
 
-import pytest
-
 from tests.agent_process import Agent, free_port, wait_for
 from tests.helpers import require_tool
 
@@ -28,7 +26,8 @@ def value(metrics, name, **labels):
 def test_serves_the_simulated_host_and_stops_cleanly_on_sigterm(demo_host, tmp_path):
     with Agent(write_config(demo_host, tmp_path / "agent.conf")) as agent:
         metrics = agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
-        assert {labels["sr_uuid"] for labels, _ in metrics["xcoalesce_sr_reclaimable_bytes"]} == set(demo_host.srs.values())
+        served = {labels["sr_uuid"] for labels, _ in metrics["xcoalesce_sr_reclaimable_bytes"]}
+        assert served == set(demo_host.srs.values())
         assert sum(sample for _, sample in metrics["xcoalesce_vdi_reclaimable_bytes"]) > 0
         assert value(metrics, "xcoalesce_xapi_reachable") == 1
         live = agent.get().encode("utf-8")
