@@ -39,6 +39,17 @@ def digests(host):
     return {key: vhdfile.chain_digest(host.vdi_path(key)) for key in host.parents}
 
 
+def files(host):
+    """(size, mtime) of every file holding VHDs (file SRs and LVM stores): what "touched nothing" means."""
+    found = {}
+    for top in (host.sr_mount, os.path.join(host.state_dir, "lvm")):
+        for directory, _, names in os.walk(top):
+            for name in names:
+                status = os.stat(os.path.join(directory, name))
+                found[os.path.join(directory, name)] = (status.st_size, status.st_mtime_ns)
+    return found
+
+
 def power_states(host):
     return {name: host.db.get_field("VM", host.vm_ref(name), "power_state") for name in host.vms}
 

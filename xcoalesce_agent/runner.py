@@ -36,10 +36,6 @@ PENDING_FILE = "pending-srs.json"
 SPEEDS_KEPT = 10
 
 
-class XapiLost(Exception):
-    """xapi stopped answering in the middle of a run: the remaining runs are not attempted."""
-
-
 # ---- small I/O helpers -------------------------------------------------------------------
 
 def _read_json(path, default):
@@ -383,7 +379,15 @@ def _run_record(entry, started):
 
 
 class Runner(object):
-    """Carries out a plan on the host through one xapi session."""
+    """Carries out a plan on the host through one xapi session.
+
+    1. hold back (`leaf-coalesce=false`, journalled) every leaf of the SRs concerned that the plan
+       leaves alone, so that the GC the agent kicks merges nothing it should not;
+    2. the SRs' normal GC pass (if `gc` is allowed), then one inspection;
+    3. each VDI still leaf-coalesceable: planned again on fresh data, then the forced live path or
+       the plugin;
+    4. one inspection to verify every chain and measure the bytes freed; release the holds.
+    """
 
     def __init__(self, config, session, policy):
         self.config = config
@@ -399,63 +403,43 @@ class Runner(object):
         return gather_facts(self.config, self.session, [sr.uuid for sr in inspection.srs or ()])
 
     def execute(self, entries, before):
-        """Run the planned entries SR by SR; returns one run record per entry."""
+        """Run the planned entries; returns one run record per entry."""
         runs = [_run_record(entry, time.time()) for entry in entries if entry["result"] != planner.PLANNED]
-        by_sr = {}
-        for entry in entries:
-            if entry["result"] == planner.PLANNED:
-                by_sr.setdefault(entry["sr_uuid"], []).append(entry)
-        for sr_uuid, group in by_sr.items():
-            if self.lost is not None:
-                runs.extend(self._not_attempted(group, self.lost))
-                continue
-            try:
-                runs.extend(self._run_sr(sr_uuid, group, before))
-            except XapiLost as error:
-                self.lost = str(error)
-                runs.extend(self._not_attempted(group, self.lost))
-        return runs
-
-    def _not_attempted(self, group, why):
-        runs = []
-        for entry in group:
-            run = _run_record(entry, time.time())
-            run.update(result=planner.FAILED, reason="not attempted: {}".format(why))
-            runs.append(run)
-        return runs
-
-    def _run_sr(self, sr_uuid, group, before):
-        """The SR's GC pass, then each VDI still to do; the SR's other leaves are held back meanwhile."""
+        planned = [entry for entry in entries if entry["result"] == planner.PLANNED]
+        if not planned:
+            return runs
         held = []
         try:
-            for step in self._holds(sr_uuid, group, before):
+            for step in self._holds(planned, before):
                 held.append(set_leaf_coalesce(self.session, self.journal, step))
-            return self._run_sr_held(sr_uuid, group, before)
+            return runs + self._execute_held(planned, before)
         except TRANSPORT_ERRORS as error:
-            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+            self.lost = "xapi unreachable: {}".format(describe(error))
         except XenAPI.Failure as error:
-            return [self._failed(entry, time.time(), "holding back the SR's other leaves: {}".format(
-                describe(error))) for entry in group]
+            return runs + [self._ended(entry, planner.FAILED, "holding back the SRs' other leaves: {}".format(
+                describe(error))) for entry in planned]
         finally:
             self._release(held)
+        return runs + [self._ended(entry, planner.FAILED, "interrupted: " + self.lost) for entry in planned]
 
-    def _holds(self, sr_uuid, group, before):
-        """Journal steps holding back (`leaf-coalesce=false`) every leaf of the SR that the GC the
-        agent kicks could merge although the plan leaves it alone (skipped, excluded, not asked for)."""
-        planned = {entry["vdi_uuid"] for entry in group}
+    def _holds(self, planned, before):
+        """Journal steps holding back every leaf of the SRs concerned that the GC the agent kicks
+        could merge although the plan leaves it alone (skipped, excluded, not asked for)."""
+        wanted = {entry["vdi_uuid"] for entry in planned}
+        sr_uuids = {entry["sr_uuid"] for entry in planned}
         facts = self.facts(before)
         steps = []
         for sr in before.srs or ():
-            if sr.uuid != sr_uuid:
+            if sr.uuid not in sr_uuids:
                 continue
             for vdi in sr.vdis or ():
                 record = facts.vdis.get(vdi.uuid)
-                if vdi.state not in (model.LEAF_COALESCEABLE, model.EXCLUDED) or vdi.uuid in planned or not record:
+                if vdi.state not in (model.LEAF_COALESCEABLE, model.EXCLUDED) or vdi.uuid in wanted or not record:
                     continue
                 value = record["other_config"].get(journal_module.LEAF_COALESCE_KEY)
                 if value == journal_module.HOLD or record["on_boot"] == "reset" or record["allow_caching"]:
                     continue
-                steps.append(journal_module.hold_step(sr_uuid, vdi.uuid, value))
+                steps.append(journal_module.hold_step(sr.uuid, vdi.uuid, value))
         return steps
 
     def _release(self, held):
@@ -465,89 +449,111 @@ class Runner(object):
             except (XenAPI.Failure,) + TRANSPORT_ERRORS as error:
                 LOG.error("could not release a held VDI now (the journal keeps it): %s", describe(error))
 
-    def _run_sr_held(self, sr_uuid, group, before):
-        """The normal GC pass (when `gc` is an allowed strategy), then the forcing paths per VDI."""
-        started = time.time()
-        current = before
-        gc_frozen = {}
-        if planner.GC in self.policy.strategies:
-            try:
-                with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in group}) as meter:
-                    gc_pass(self.config, self.session, sr_uuid)
-                current = self.inspect()
-            except TRANSPORT_ERRORS as error:
-                raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
-            except (XenAPI.Failure, RunError, HostUnreachable) as error:
-                return [self._failed(entry, started, "GC pass: {}".format(describe(error))) for entry in group]
-            gc_frozen = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in group}
-        runs = []
-        plugin_done = {}
-        for entry in group:
-            run, current = self._run_one(entry, before, current, gc_frozen, plugin_done)
-            runs.append(run)
-        LOG.info("SR %s: free space %d -> %d bytes", sr_uuid, _sr_free(before, sr_uuid), _sr_free(current, sr_uuid))
-        return runs
-
-    def _failed(self, entry, started, reason):
-        run = _run_record(entry, started)
-        run.update(result=planner.FAILED, reason=reason, finished=time.time())
+    def _ended(self, entry, result, reason, **fields):
+        run = _run_record(entry, entry.get("started") or time.time())
+        run.update(result=result, reason=reason, finished=time.time(), **fields)
         return run
 
-    def _run_one(self, entry, before, current, gc_frozen, plugin_done):
-        """One VDI after the GC pass: done already (by the GC, or by the plugin for a sibling VDI of
-        its VM), or forced now. Returns (run, inspection after)."""
-        started = time.time()
-        run = _run_record(entry, started)
-        _, report = _find(current, entry["vdi_uuid"])
-        if report is not None and report.chain_length < entry["chain_length"]:
-            strategy, frozen = plugin_done.get(entry["vm_uuid"]) or (planner.GC, gc_frozen.get(entry["vdi_uuid"]))
-            return self._verified(run, entry, before, current, strategy, frozen), current
+    def _execute_held(self, planned, before):
+        current = before
+        frozen_by_gc = {}
+        if planner.GC in self.policy.strategies:
+            try:
+                with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in planned}) as meter:
+                    for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+                        gc_pass(self.config, self.session, sr_uuid)
+                current = self.inspect()
+            except (XenAPI.Failure, RunError, HostUnreachable) as error:
+                return [self._ended(entry, planner.FAILED, "GC pass: {}".format(describe(error)))
+                        for entry in planned]
+            frozen_by_gc = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in planned}
+        outcomes = {}  # vdi_uuid -> (strategy, frozen seconds, predicted) once something was run for it
+        failures = {}  # vdi_uuid -> run record that failed or was skipped before anything ran
+        forced_any = False
+        for entry in planned:
+            entry["started"] = time.time()
+            if _shortened(current, entry):
+                outcomes[entry["vdi_uuid"]] = (planner.GC, frozen_by_gc.get(entry["vdi_uuid"]),
+                                               entry["predicted_freeze_seconds"])
+                continue
+            outcome = self._force(entry, current, outcomes)
+            if isinstance(outcome, dict):
+                failures[entry["vdi_uuid"]] = outcome
+            else:
+                outcomes[entry["vdi_uuid"]] = outcome
+                forced_any = True
+        after = current
+        if forced_any:
+            try:
+                for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+                    self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(sr_uuid))
+                    wait_gc_idle(self.session, sr_uuid, self.config.coalesce.gc_wait_seconds)
+                after = self.inspect()
+            except (XenAPI.Failure, HostUnreachable) as error:
+                return [self._ended(entry, planner.FAILED, "could not verify: {}".format(describe(error)))
+                        for entry in planned]
+        runs = [failures.get(entry["vdi_uuid"]) or self._verify(entry, before, after,
+                                                                 *outcomes[entry["vdi_uuid"]])
+                for entry in planned]
+        for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+            LOG.info("SR %s: free space %d -> %d bytes", sr_uuid, _sr_free(before, sr_uuid), _sr_free(after, sr_uuid))
+        return runs
+
+    def _force(self, entry, current, outcomes):
+        """The forcing path for one VDI: (strategy, frozen seconds, predicted), or the run record of a
+        skip or a failure."""
+        vm_done = [outcome for uuid, outcome in outcomes.items()
+                   if outcome[0] == planner.PLUGIN and uuid in _vdis_of_vm(current, entry["vm_uuid"])]
+        if vm_done:
+            return vm_done[0]  # the plugin already ran for this VM: verification tells
+        fresh = None
         try:
             facts = self.facts(current)
             replanned = planner.plan(current, facts, self.policy.without(planner.GC), srs=[entry["sr_uuid"]])
             fresh = next((item for item in replanned if item["vdi_uuid"] == entry["vdi_uuid"]), None)
             if fresh is None or fresh["result"] != planner.PLANNED:
-                reason = fresh["reason"] if fresh else "no longer leaf-coalesceable after the GC pass"
-                run.update(result=planner.SKIPPED, reason="after the GC pass: " + reason, finished=time.time())
-                return run, current
-            run.update(strategy=fresh["strategy"], predicted_freeze_seconds=fresh["predicted_freeze_seconds"])
+                reason = fresh["reason"] if fresh else "no longer leaf-coalesceable"
+                return self._ended(entry, planner.SKIPPED, "after the GC pass: " + reason,
+                                   strategy=fresh["strategy"] if fresh and fresh["strategy"] else entry["strategy"])
             with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"]}) as meter:
                 if fresh["strategy"] == planner.LIVE:
                     run_live(self.config, self.session, self.journal, entry)
                 else:
                     run_plugin(self.config, self.session, self.journal, entry, facts)
-            frozen = meter.seconds(entry["vdi_uuid"])
-            if fresh["strategy"] == planner.PLUGIN:
-                plugin_done[entry["vm_uuid"]] = (planner.PLUGIN, frozen)
-            self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(entry["sr_uuid"]))
-            wait_gc_idle(self.session, entry["sr_uuid"], self.config.coalesce.gc_wait_seconds)
-            after = self.inspect()
-        except TRANSPORT_ERRORS as error:
-            raise XapiLost("xapi unreachable: {}".format(describe(error))) from None
+            return fresh["strategy"], meter.seconds(entry["vdi_uuid"]), fresh["predicted_freeze_seconds"]
         except (XenAPI.Failure, RunError, HostUnreachable, journal_module.RepairFailed) as error:
-            run.update(result=planner.FAILED, reason=describe(error), finished=time.time())
-            return run, current
-        _, report = _find(after, entry["vdi_uuid"])
-        if report is None or report.chain_length >= entry["chain_length"]:
-            run.update(result=planner.FAILED, frozen_seconds=round(frozen, 3), finished=time.time(),
-                       reason="the chain is not shorter after the run ({} links)".format(
-                           report.chain_length if report else "VDI gone"))
-            return run, after
-        return self._verified(run, entry, before, after, run["strategy"], frozen), after
+            strategy = fresh["strategy"] if fresh is not None and fresh.get("strategy") else entry["strategy"]
+            return self._ended(entry, planner.FAILED, describe(error), strategy=strategy)
 
-    def _verified(self, run, entry, before, after, strategy, frozen):
+    def _verify(self, entry, before, after, strategy, frozen, predicted):
+        """The run record once its path ran: the chain must be one link shorter; bytes freed measured."""
+        run = _run_record(entry, entry["started"])
+        run.update(strategy=strategy, predicted_freeze_seconds=predicted, finished=time.time(),
+                   frozen_seconds=round(frozen, 3) if frozen is not None else None)
+        if not _shortened(after, entry):
+            _, report = _find(after, entry["vdi_uuid"])
+            run.update(result=planner.FAILED, reason="the chain is not shorter after the run ({})".format(
+                "{} links".format(report.chain_length) if report else "VDI gone"))
+            return run
         sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
         reclaimed = max(0, _chain_bytes(before, sr_uuid, vdi_uuid) - _chain_bytes(after, sr_uuid, vdi_uuid))
-        run.update(strategy=strategy, result=planner.SUCCESS, reclaimed_bytes=reclaimed, finished=time.time(),
-                   frozen_seconds=round(frozen, 3) if frozen is not None else None)
+        run.update(result=planner.SUCCESS, reclaimed_bytes=reclaimed)
         if reclaimed != entry["estimated_bytes"]:
-            LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", entry["vdi_uuid"], reclaimed,
-                        entry["estimated_bytes"])
+            LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", vdi_uuid, reclaimed, entry["estimated_bytes"])
         if frozen is not None and strategy != planner.GC:
-            record_speed(self.config, entry["sr_uuid"], strategy, entry["merge_bytes"], frozen)
-            predicted = run["predicted_freeze_seconds"]
-            LOG.info("VDI %s: frozen %.2f s by %s, %s s predicted", entry["vdi_uuid"], frozen, strategy, predicted)
+            record_speed(self.config, sr_uuid, strategy, entry["merge_bytes"], frozen)
+        if frozen is not None:
+            LOG.info("VDI %s: frozen %.2f s by %s, %s s predicted", vdi_uuid, frozen, strategy, predicted)
         return run
+
+
+def _shortened(inspection, entry):
+    _, report = _find(inspection, entry["vdi_uuid"])
+    return report is not None and report.chain_length < entry["chain_length"]
+
+
+def _vdis_of_vm(inspection, vm_uuid):
+    return {vdi.uuid for sr in inspection.srs or () for vdi in sr.vdis or () if vm_uuid and vdi.vm_uuid == vm_uuid}
 
 
 # ---- the entry points ----------------------------------------------------------------------
@@ -717,7 +723,8 @@ class SnapshotWatcher(object):
     `on_settled(sr_uuid)`, if given, is called from the watcher's thread (e.g. to wake the daemon).
     """
 
-    EVENT_TIMEOUT = 5.0
+    EVENT_TIMEOUT = 2.0
+    SETTLE_POLL_SECONDS = 0.5
     RETRY_SECONDS = 10.0
 
     def __init__(self, config, on_settled=None):
@@ -730,6 +737,7 @@ class SnapshotWatcher(object):
         self._deleted = {}   # sr_uuid -> monotonic time of the deletion
         self._snapshots = {}  # VDI ref -> SR ref, for snapshot VDIs
         self._thread = None
+        self.following = threading.Event()  # set once the snapshot VDIs present at start are known
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name="snapshot-watcher", daemon=True)
@@ -762,10 +770,11 @@ class SnapshotWatcher(object):
         token = ""
         sr_uuids = {}
         while not self._stop.is_set():
-            result = event_from(["VDI"], token, self.EVENT_TIMEOUT)
+            result = event_from(["VDI"], token, self.SETTLE_POLL_SECONDS if self._deleted else self.EVENT_TIMEOUT)
             token = result["token"]
             for event in result["events"]:
                 self._note(session, event, sr_uuids)
+            self.following.set()
             self._settle(session)
 
     def _note(self, session, event, sr_uuids):
