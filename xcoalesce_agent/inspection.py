@@ -16,6 +16,14 @@ FILE_SR_TYPES = ("ext", "nfs", "smb")
 LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
 
+# The fields of the records joined with the scans: only these are read from xapi's answers.
+JOINED_FIELDS = {
+    "VDI": ("uuid", "name_label", "SR", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
+            "sm_config", "physical_utilisation", "virtual_size"),
+    "VBD": ("VM", "VDI", "type"),
+    "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot"),
+}
+
 log = logging.getLogger(__name__)
 
 
@@ -159,7 +167,8 @@ class _Inspector(object):
         master = next(iter(pools.values()), {}).get("master")
         ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
         scans = [(ref, sr, self.scan(sr)) for ref, sr in ours]
-        vdis, vbds, vms = self.fetch("VDI"), self.fetch("VBD"), self.fetch("VM")
+        vdis, vbds, vms = (xapi.fetch_fields(self.config, self.session, name, JOINED_FIELDS[name])
+                           for name in ("VDI", "VBD", "VM"))
         users = vdi_users(vbds, vms)
         by_sr = {}
         for ref, vdi in vdis.items():

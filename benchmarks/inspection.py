@@ -1,0 +1,169 @@
+"""Inspection cost on the simulated `large` scenario, against the one-`vhd-util query`-per-VDI script.
+
+Each measurement runs in a child process (`python -m benchmarks.inspection CHILD MODE CONF`) so that
+its CPU time (`RUSAGE_SELF`: the agent alone; `RUSAGE_CHILDREN`: the tools it ran) and peak RSS are
+its own, apart from the simulated xapi serving it from this process.
+"""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+SIZES = (1000, 10000)
+BASELINE_SAMPLE = 200          # VDIs the baseline script queries; its cost per VDI is constant
+CHILD = "child"
+
+
+def cpu_seconds(usage):
+    return usage.ru_utime + usage.ru_stime
+
+
+class Meter(object):
+    """CPU of this process and of its waited-for children, and wall time, since it was made."""
+
+    def __init__(self):
+        self.self_start = cpu_seconds(resource.getrusage(resource.RUSAGE_SELF))
+        self.children_start = cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN))
+        self.wall_start = time.time()
+
+    def read(self):
+        return {"agent_cpu": cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - self.self_start,
+                "tools_cpu": cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN)) - self.children_start,
+                "wall": time.time() - self.wall_start}
+
+
+def child_inspect(conf):
+    """Two inspections in a row: cold (no cached bitmaps) and warm (the daemon's steady state)."""
+    from xcoalesce_agent import config, inspection, model, vhdutil
+    settings = config.load(conf)
+    cache = inspection.BitmapCache()
+    runs = []
+    for _ in range(2):
+        tools = vhdutil.VhdUtil(settings)
+        meter = Meter()
+        result = inspection.inspect(settings, tools=tools, bitmaps=cache)
+        figures = meter.read()
+        figures["spawned"] = tools.spawned
+        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        runs.append(figures)
+    vdis = [vdi for sr_report in result.srs for vdi in sr_report.vdis]
+    return {"cold": runs[0], "warm": runs[1], "srs": len(result.srs), "vhds": len(vdis),
+            "candidates": sum(1 for vdi in vdis if vdi.state == model.LEAF_COALESCEABLE),
+            "errors": len(result.errors)}
+
+
+def child_baseline(conf):
+    """The common script: every VDI from xapi, then `vhd-util query -n PATH -v -s -p -f` for each."""
+    from xcoalesce_agent import config, inventory, vhdutil, xapi
+    settings = config.load(conf)
+    inventory.host_uuid(settings.xapi.inventory)
+    tools = vhdutil.VhdUtil(settings)
+    meter = Meter()
+    with xapi.open_session(settings) as session:
+        srs = xapi.fetch_all(settings, session, "SR")
+        vdis = xapi.fetch_all(settings, session, "VDI")
+    paths = []
+    for vdi in vdis.values():
+        sr = srs[vdi["SR"]]
+        if sr["type"].startswith("lvm"):
+            paths.append(os.path.join(settings.storage.lvm_device_dir, vhdutil.lvm_vg_name(sr["uuid"]),
+                                      "VHD-" + vdi["location"]))
+        else:
+            paths.append(os.path.join(settings.storage.sr_mount_dir, sr["uuid"], vdi["location"] + ".vhd"))
+    fetch = meter.read()
+    meter = Meter()
+    for path in paths[:BASELINE_SAMPLE]:
+        try:
+            tools.run(["query", "-n", path, "-v", "-s", "-p", "-f"])
+        except vhdutil.VhdUtilError:
+            pass
+    sample = meter.read()
+    scale = len(paths) / float(min(len(paths), BASELINE_SAMPLE))
+    return {"spawned": len(paths), "sampled": min(len(paths), BASELINE_SAMPLE),
+            "agent_cpu": fetch["agent_cpu"] + sample["agent_cpu"] * scale,
+            "tools_cpu": sample["tools_cpu"] * scale, "wall": fetch["wall"] + sample["wall"] * scale}
+
+
+def in_child(mode, conf):
+    process = subprocess.run([sys.executable, "-m", "benchmarks.inspection", CHILD, mode, conf],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    if process.returncode != 0:
+        raise RuntimeError("{} child failed: {}".format(mode, process.stderr.strip()[-2000:]))
+    return json.loads(process.stdout)
+
+
+def measure(count):
+    from tests.dom0sim.host import SimHost
+    directory = tempfile.mkdtemp(prefix="bench-large-")
+    try:
+        started = time.time()
+        host = SimHost(directory, "large", count=count).build()
+        sys.stderr.write("  built the large scenario with {} VDIs in {:.0f} s\n".format(count, time.time() - started))
+        host.start()
+        try:
+            return in_child("inspect", host.agent_conf), in_child("baseline", host.agent_conf)
+        finally:
+            host.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def ratio(numerator, denominator):
+    return "{:.1f}x".format(numerator / denominator) if denominator else "n/a"
+
+
+def run(sizes=SIZES):
+    figures = [("interpreter", "Python {}.{}.{}".format(*sys.version_info[:3]))]
+    cold_cpu = {}
+    for count in sizes:
+        agent, baseline = measure(count)
+        cold, warm = agent["cold"], agent["warm"]
+        prefix = "{} VDIs: ".format(count)
+        target = agent["srs"] + 2 * agent["candidates"]
+        figures += [
+            (prefix + "VHDs, SRs, leaf-coalesce candidates", "{} VHDs, {} SRs, {} candidates".format(
+                agent["vhds"], agent["srs"], agent["candidates"])),
+            (prefix + "processes, first inspection (target {})".format(target), cold["spawned"]),
+            (prefix + "processes, next inspections (cached parents)", warm["spawned"]),
+            (prefix + "processes, baseline (one query per VDI)", baseline["spawned"]),
+            (prefix + "agent CPU s, first / next inspection", "{:.2f} / {:.2f}".format(
+                cold["agent_cpu"], warm["agent_cpu"])),
+            (prefix + "tools CPU s, first / next inspection", "{:.2f} / {:.2f}".format(
+                cold["tools_cpu"], warm["tools_cpu"])),
+            (prefix + "agent CPU s, baseline (from {} queries)".format(baseline["sampled"]),
+             "{:.2f}".format(baseline["agent_cpu"])),
+            (prefix + "wall s, first / next / baseline", "{:.1f} / {:.1f} / {:.1f}".format(
+                cold["wall"], warm["wall"], baseline["wall"])),
+            (prefix + "peak RSS MB of one inspection (target < 40)", "{:.1f}".format(cold["peak_rss_mb"])),
+            (prefix + "baseline / agent: processes, agent CPU, wall", "{}, {}, {}".format(
+                ratio(baseline["spawned"], warm["spawned"]), ratio(baseline["agent_cpu"], warm["agent_cpu"]),
+                ratio(baseline["wall"], warm["wall"]))),
+        ]
+        if agent["errors"]:
+            figures.append((prefix + "inspection errors", agent["errors"]))
+        cold_cpu[count] = (cold["agent_cpu"], warm["agent_cpu"])
+    if len(sizes) > 1:
+        low, high = min(sizes), max(sizes)
+        figures.append(("agent CPU growth {} -> {} VDIs, first / next (linear: {:.0f}x)".format(low, high, high / low),
+                        "{} / {}".format(ratio(cold_cpu[high][0], cold_cpu[low][0]),
+                                         ratio(cold_cpu[high][1], cold_cpu[low][1]))))
+    return figures
+
+
+def main(argv):
+    if len(argv) == 3 and argv[0] == CHILD:
+        result = child_inspect(argv[2]) if argv[1] == "inspect" else child_baseline(argv[2])
+        sys.stdout.write(json.dumps(result))
+        return 0
+    sizes = tuple(int(arg) for arg in argv) or SIZES
+    for figure, value in run(sizes):
+        print("{:<60} {}".format(figure, value))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
