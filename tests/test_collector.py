@@ -171,12 +171,17 @@ def test_gzip_body_holds_the_same_exposition(run_history):
     assert samples(unzipped).keys() == samples(plain).keys()
 
 
-def test_the_inspection_part_is_rendered_once_per_inspection(run_history):
+def test_parts_are_rendered_again_only_when_what_they_show_changed(run_history):
     status = collector.AgentStatus()
     exposition = collector.Exposition(status, run_history)
     status.succeeded(model_samples.small_inspection(), 1700000100.0)
     exposition.prepare()
-    first = exposition._inspection_part()
-    assert exposition._inspection_part() is first
+    inspection_part, status_part, _ = exposition.chunks()
+    assert exposition.chunks()[0] is inspection_part and exposition.chunks()[1] is status_part
+    run_history.record(a_run(sr_uuid=model_samples.SR_UUID))
+    assert exposition.chunks()[0] is inspection_part and exposition.chunks()[1] is not status_part
+    status_part = exposition.chunks()[1]
+    status.failed("xapi", xapi_reachable=False)
+    assert exposition.chunks()[0] is inspection_part and exposition.chunks()[1] is not status_part
     status.succeeded(model_samples.small_inspection(), 1700000200.0)
-    assert exposition._inspection_part() is not first
+    assert exposition.chunks()[0] is not inspection_part

@@ -40,6 +40,7 @@ class AgentStatus(object):
         self._xapi_reachable = None
         self._errors = dict.fromkeys(stages, 0)
         self._inspections = {"success": 0, "failure": 0}
+        self._generation = 0
 
     def succeeded(self, inspection, finished):
         """A finished inspection (its per-stage errors included) becomes the one served."""
@@ -51,6 +52,7 @@ class AgentStatus(object):
             self._inspections["success"] += 1
             for error in inspection.errors or ():
                 self._count_error(error["stage"])
+            self._generation += 1
 
     def failed(self, stage, xapi_reachable=None):
         """An inspection that produced nothing: the last good one stays served."""
@@ -59,6 +61,7 @@ class AgentStatus(object):
             self._count_error(stage)
             if xapi_reachable is not None:
                 self._xapi_reachable = xapi_reachable
+            self._generation += 1
 
     def _count_error(self, stage):
         self._errors[stage] = self._errors.get(stage, 0) + 1
@@ -66,6 +69,11 @@ class AgentStatus(object):
     @property
     def inspection(self):
         return self._inspection
+
+    @property
+    def generation(self):
+        """Grows with every change."""
+        return self._generation
 
     def snapshot(self):
         """A consistent copy of the health fields, as a dict."""
@@ -250,40 +258,56 @@ def render(collectors):
 
 
 class Exposition(object):
-    """The /metrics body: the last inspection's part cached per inspection, the rest built per scrape.
+    """The /metrics body, in parts each rendered again only when what it shows changed.
 
-    The gzip form joins two gzip members (cached, then fresh), which RFC 1952 allows and
-    Prometheus' reader follows.
+    The inspection's part changes once per inspection, the health and run counters when an
+    inspection ends or a run is recorded; only the process metrics are rendered at every scrape.
+    The gzip form joins one gzip member per part, which RFC 1952 allows and Prometheus' reader
+    follows.
     """
 
     def __init__(self, status, run_history):
         self._status = status
-        self._render_lock = threading.Lock()
-        self._cached = (None, b"", gzip.compress(b""))
-        self._dynamic = CollectorRegistry(auto_describe=False)
-        self._dynamic.register(StatusCollector(status, run_history))
-        ProcessCollector(registry=self._dynamic)
-        PlatformCollector(registry=self._dynamic)
-        GCCollector(registry=self._dynamic)
+        self._history = run_history
+        self._lock = threading.Lock()
+        self._parts = {}
+        self._process = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self._process)
+        PlatformCollector(registry=self._process)
+        GCCollector(registry=self._process)
 
-    def _inspection_part(self):
-        inspection = self._status.inspection
-        cached = self._cached
-        if cached[0] is inspection:
+    def _part(self, name, key, collectors):
+        """(key, text, gzip member) of a part, rendered when `key` differs from the cached one."""
+        cached = self._parts.get(name)
+        if cached is not None and cached[0] == key:
             return cached
-        with self._render_lock:
-            if self._cached[0] is not inspection:
-                text = render([InspectionCollector(inspection)]) if inspection is not None else b""
-                self._cached = (inspection, text, gzip.compress(text, 6))
-            return self._cached
+        with self._lock:
+            cached = self._parts.get(name)
+            if cached is None or cached[0] != key:
+                text = render(collectors())
+                cached = (key, text, gzip.compress(text, 6))
+                self._parts[name] = cached
+            return cached
+
+    def _cached_parts(self):
+        inspection = self._status.inspection
+        return (
+            self._part("inspection", inspection,
+                       lambda: [InspectionCollector(inspection)] if inspection is not None else []),
+            self._part("status", (self._status.generation, self._history.version()),
+                       lambda: [StatusCollector(self._status, self._history)]),
+        )
 
     def prepare(self):
-        """Render the current inspection's part now, so the next scrape does not have to."""
-        self._inspection_part()
+        """Render what changed now, so that the next scrape does not have to."""
+        self._cached_parts()
+
+    def chunks(self, gzipped=False):
+        """The body as a few byte strings to send one after the other."""
+        process = generate_latest(self._process)
+        if gzipped:
+            return [part[2] for part in self._cached_parts()] + [gzip.compress(process, 6)]
+        return [part[1] for part in self._cached_parts()] + [process]
 
     def body(self, gzipped=False):
-        _, text, compressed = self._inspection_part()
-        dynamic = generate_latest(self._dynamic)
-        if gzipped:
-            return compressed + gzip.compress(dynamic, 6)
-        return text + dynamic
+        return b"".join(self.chunks(gzipped))

@@ -109,6 +109,10 @@ class RunHistory(object):
             self._cached = (stamp, totals)
         return copy.deepcopy(totals)
 
+    def version(self):
+        """Changes whenever the totals on disk change; a cheap stat, for caches."""
+        return _stamp(self._totals_path)
+
     def runs(self):
         """Every recorded run, oldest first; a line cut short by a crash is left out."""
         return list(_read_log(self._runs_path))

@@ -127,25 +127,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/metrics":
             gzipped = _accepts_gzip(self.headers.get("Accept-Encoding"))
             try:
-                body = self.server.exposition.body(gzipped)
+                chunks = self.server.exposition.chunks(gzipped)
             except Exception:
                 LOG.exception("rendering /metrics failed")
                 self._send(500, b"rendering the metrics failed, see the agent's log\n", send_body)
                 return
-            self._send(200, body, send_body, CONTENT_TYPE,
+            self._send(200, chunks, send_body, CONTENT_TYPE,
                        {"Content-Encoding": "gzip"} if gzipped else None)
         else:
             self._send(404, b"not found: see /metrics\n", send_body)
 
     def _send(self, status, body, send_body, content_type="text/plain; charset=utf-8", extra_headers=None):
+        """Answer with `body`, bytes or a list of byte strings sent one after the other."""
+        chunks = [body] if isinstance(body, bytes) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(len(chunk) for chunk in chunks)))
         for name, value in (extra_headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
         if send_body:
-            self.wfile.write(body)
+            for chunk in chunks:
+                self.wfile.write(chunk)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class names it so
         LOG.debug("%s %s", self.address_string(), format % args)
@@ -177,6 +180,8 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def get_request(self):
         connection, address = self.socket.accept()
+        # The body goes out in a few writes: without this, the last one can wait for a delayed ACK.
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._context is not None:
             connection = self._context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
         return connection, address
