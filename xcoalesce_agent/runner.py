@@ -599,6 +599,8 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
                 runner = Runner(config, session, policy)
                 before = inspection or runner.inspect()
                 before = _settled(config, session, runner, before, srs)
+                for error in before.errors or ():
+                    LOG.warning("inspection: %s: %s", error["stage"], error["message"])
                 entries = planner.plan(before, runner.facts(before), policy, vms=vms, srs=srs)
                 planner.apply_caps(entries, *caps)
                 if dry_run:
