@@ -2,8 +2,9 @@
 
 Nothing here calls xapi or runs a tool: a scrape renders what the service already holds, so it is
 cheap however often Prometheus comes. The inspection's families (per SR and per VDI, thousands of
-samples on a big host) are rendered once per inspection and the bytes kept; only the small
-families (run counters, health, process) are rendered at each scrape. docs/metrics.md lists them.
+samples on a big host) are rendered once per inspection and the bytes kept, the run counters and
+health when they change; only the process metrics are rendered at each scrape (`Exposition`).
+docs/metrics.md lists every metric.
 """
 import gzip
 import platform
