@@ -360,8 +360,7 @@ class _DiskHistory(object):
             vhd.set_hidden(True)
         self.store.deflate(base)
         self.store.create_leaf(self.vdi_uuid, base, size, skip_empty_parents=False)
-        self.store.create_leaf(snap, base, size, skip_empty_parents=False)
-        self.store.deflate(snap)
+        self.store.create_leaf(snap, base, size, skip_empty_parents=False, inflated=False)
         record = self.db.get("VDI", self.vdi_ref)
         ref = self.db.create("VDI", uuid=snap, name_label=record["name_label"], SR=record["SR"],
                              virtual_size=size, location=snap, is_a_snapshot=True, snapshot_of=self.vdi_ref,

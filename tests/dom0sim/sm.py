@@ -288,7 +288,7 @@ class FileStore(object):
     def create_base(self, uuid, size_mib):
         vhdfile.create(self.path(uuid), size_mib)
 
-    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True):
+    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True, inflated=True):
         vhdfile.snapshot(self.path(uuid), self.path(parent_uuid), skip_empty_parents)
 
     def remove(self, uuid):
@@ -366,8 +366,11 @@ class LvmStore(object):
         vhdfile.create(self.path(uuid), size_mib)
         self.activate(uuid)
 
-    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True):
-        self.vg.create_lv(self.PREFIX + uuid, full_lv_size(virtual_size))
+    def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True, inflated=True):
+        """A new child of `parent_uuid`: a writable leaf (fully inflated) or, for a snapshot VDI that
+        nobody writes to, an LV just big enough for the empty VHD."""
+        size = full_lv_size(virtual_size) if inflated else lv_size_for(overhead_empty(virtual_size) + 4096)
+        self.vg.create_lv(self.PREFIX + uuid, size)
         vhdfile.snapshot(self.path(uuid), self.link_path(parent_uuid), skip_empty_parents)
         self.activate(uuid)
 
@@ -426,9 +429,12 @@ class Records(object):
     def find(self, cls, **match):
         return self.db.find(cls, **match)
 
-    def find_one(self, cls, **match):
-        refs = self.find(cls, **match)
-        return refs[0] if refs else None
+    def by_uuid(self, cls, uuid):
+        """The ref of the object with this uuid, or None."""
+        try:
+            return self.db.ref_of(cls, uuid)
+        except XapiError:
+            return None
 
     def get(self, cls, ref):
         return self.db.get(cls, ref)
@@ -437,16 +443,16 @@ class Records(object):
         self.db.update(cls, ref, **fields)
 
     def host_ref(self):
-        return self.find_one("host", uuid=self.host_uuid)
+        return self.by_uuid("host", self.host_uuid)
 
     def sr_ref(self, sr_uuid):
-        return self.find_one("SR", uuid=sr_uuid)
+        return self.by_uuid("SR", sr_uuid)
 
     def sr(self, sr_ref):
         return self.db.get("SR", sr_ref)
 
     def vdi_ref(self, vdi_uuid):
-        return self.find_one("VDI", uuid=vdi_uuid)
+        return self.by_uuid("VDI", vdi_uuid)
 
     def vdi_config(self, vdi_uuid):
         ref = self.vdi_ref(vdi_uuid)
@@ -671,7 +677,7 @@ class GcPass(object):
         speed = read_speed(self.sm.speed_log(self.sr_uuid))
         allowed = TIMEOUT_SAFETY_MARGIN * self.sm.live_timeout
         if speed:
-            feasible = image.allocated_size // speed < allowed
+            feasible = image.allocated_size / speed < allowed
         else:
             feasible = image.allocated_size < LIVE_LEAF_COALESCE_MAX_SIZE
         return feasible or self.forced(image)
@@ -816,29 +822,42 @@ class VmWriter(threading.Thread):
         self.sr_uuid = sr_uuid
         self.vdi_uuid = vdi_uuid
         self.rate = float(rate)
-        self.offset = start_offset
+        self.start_offset = start_offset
         self.written = 0
+        self._stop_event = threading.Event()
+
+    @classmethod
+    def chunk(cls, number):
+        """The data of the VM's `number`-th write."""
+        return (b"%015x\n" % number) * (cls.CHUNK // 16)
+
+    def writes(self, virtual_size):
+        """[(offset, data)] of every write made so far, in order."""
+        return [((self.start_offset + number * self.CHUNK) % virtual_size, self.chunk(number))
+                for number in range(self.written // self.CHUNK)]
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
 
     def run(self):
         interval = self.CHUNK / self.rate
         deadline = time.monotonic()
-        while not self.sm.stopping.is_set():
-            deadline += interval
+        while not (self.sm.stopping.is_set() or self._stop_event.is_set()):
+            deadline = max(deadline + interval, time.monotonic())
             delay = deadline - time.monotonic()
-            if delay > 0 and self.sm.stopping.wait(delay):
+            if delay > 0 and self._stop_event.wait(delay):
                 return
             if self.sm.vm_power_state(self.vm_uuid) == "Running":
                 self.write_chunk()
 
     def write_chunk(self):
-        data = (b"%015x\n" % (self.written // 16)) * (self.CHUNK // 16)
         path = self.sm.store(self.sr_uuid).path(self.vdi_uuid)
         with self.sm.io_lock(self.vdi_uuid):
             with vhdfile.Vhd.open(path, writable=True) as vhd:
-                self.offset %= int(vhd.virtual_size)
-                vhd.write(self.offset, data)
-        self.offset += len(data)
-        self.written += len(data)
+                size = int(vhd.virtual_size)
+                vhd.write((self.start_offset + self.written) % size, self.chunk(self.written // self.CHUNK))
+        self.written += self.CHUNK
 
 
 class StorageManager(object):
@@ -870,7 +889,8 @@ class StorageManager(object):
     # -- small services --
 
     def log(self, text):
-        line = "{} SMGC: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), threading.current_thread().name, text)
+        line = "{}.{:03d} SMGC: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), int(time.time() * 1000) % 1000,
+                                               threading.current_thread().name, text)
         with self._log_lock:
             with open(self.log_path, "a") as handle:
                 handle.write(line)
@@ -883,7 +903,7 @@ class StorageManager(object):
         return make_store(self.state_dir, sr_uuid, sr["type"], int(sr["physical_size"]))
 
     def vm_power_state(self, vm_uuid):
-        ref = self.records.find_one("VM", uuid=vm_uuid)
+        ref = self.records.by_uuid("VM", vm_uuid)
         return self.db.get_field("VM", ref, "power_state") if ref else None
 
     def io_lock(self, vdi_uuid):
@@ -1109,7 +1129,7 @@ class StorageManager(object):
         """Stop the writers and let the GCs finish their current step."""
         self.stopping.set()
         for writer in self._writers:
-            writer.join(timeout)
+            writer.stop()
         self.wait_idle(timeout)
 
     # -- xapi's hooks --
@@ -1139,7 +1159,7 @@ class StorageManager(object):
 
     def vm_leaf_coalesce(self, host_ref, vm_uuid):
         messages = []
-        vm_ref = self.records.find_one("VM", uuid=vm_uuid)
+        vm_ref = self.records.by_uuid("VM", vm_uuid)
         if vm_ref is None:
             self.log("Error: VM {} not found".format(vm_uuid))
             return RET_NO_SUCH_VM, messages

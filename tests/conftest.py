@@ -1,0 +1,49 @@
+"""Fixtures that run a simulated Dom0 (tests/dom0sim) for a test, in its tmp_path."""
+import pytest
+
+from tests.dom0sim.host import SimHost
+from tests.dom0sim.xapi import client
+
+
+@pytest.fixture
+def sim_host(tmp_path):
+    """Factory: sim_host("demo", **params) or sim_host(scenario_dict) builds and starts a simulated host
+    under tmp_path; every host it started is stopped at teardown."""
+    hosts = []
+
+    def start(scenario="demo", **params):
+        host = SimHost(str(tmp_path / "h{}".format(len(hosts))), scenario, **params).build()
+        hosts.append(host)
+        return host.start()
+
+    yield start
+    for host in hosts:
+        host.stop()
+
+
+@pytest.fixture
+def demo_host(sim_host):
+    return sim_host("demo")
+
+
+@pytest.fixture
+def states_host(sim_host):
+    return sim_host("states")
+
+
+@pytest.fixture
+def xapi_session():
+    """Factory: xapi_session(host) is a logged-in real XenAPI session on the host's socket."""
+    sessions = []
+
+    def connect(host):
+        session = client.connect(host.socket_path)
+        sessions.append(session)
+        return session
+
+    yield connect
+    for session in sessions:
+        try:
+            session.xenapi.session.logout()
+        except Exception:  # the host may be gone already; nothing to log out from
+            pass

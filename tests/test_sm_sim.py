@@ -1,0 +1,312 @@
+"""The simulated storage manager behaves as SM does: GC per SR on the master, coalesce and leaf coalesce
+that keep every disk's content, the speed log, the coalesce-leaf plugin's rules and messages."""
+import hashlib
+import os
+import time
+
+import psutil
+import pytest
+import XenAPI
+
+from tests.dom0sim import scenarios as sc
+from tests.dom0sim import sm, vhdfile
+from tests.dom0sim.host import wait_until
+
+MIB = 1024 * 1024
+BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES
+
+# A leaf whose snapshot was deleted: 4 MiB in the base, 4 MiB written after (2 MiB of it new blocks).
+LEAF_STEPS = [sc.write(0, 4), sc.snapshot("s"), sc.write(2, 4), sc.delete_snapshot("s")]
+
+
+def one_disk_pool(sr_type="ext", steps=LEAF_STEPS, size_mib=16, speed_mib=400.0, power_state="Running",
+                  sr_size_mib=512, sr_other=None, vdi_other=None, live_timeout=10.0, writes_mib_s=0.0,
+                  shared=False, seed_speed_log=True):
+    srs = [sc.sr("sr", sr_type, sr_size_mib, speed_mib=speed_mib, other_config=sr_other, shared=shared,
+                 seed_speed_log=seed_speed_log)]
+    vms = [sc.vm("vm", [sc.disk("disk", "sr", size_mib, steps=steps, other_config=vdi_other)],
+                 power_state=power_state, writes_mib_s=writes_mib_s)]
+    return sc.pool("one-disk", srs, vms, live_timeout=live_timeout)
+
+
+def used(host, key="sr"):
+    return int(host.db.get_field("SR", host.sr_ref(key), "physical_utilisation"))
+
+
+def forest(host, key="sr"):
+    return sm.Forest(host.store(key).scan())
+
+
+def scan(session, host, key="sr", wait=True):
+    session.xenapi.SR.scan(host.sr_ref(key))
+    if wait:
+        assert host.sm.wait_idle(60)
+
+
+def smlog(host):
+    with open(host.sm.log_path) as handle:
+        return handle.read()
+
+
+def intervals(host, vm="vm", kind=None):
+    return [i for i in host.db.downtime(host.vms[vm]) if kind is None or i.kind == kind]
+
+
+def plugin(session, host, vm_uuid):
+    host_ref = session.xenapi.host.get_by_uuid(host.host_uuid)
+    return session.xenapi.host.call_plugin(host_ref, "coalesce-leaf", "leaf-coalesce", {"vm_uuid": vm_uuid})
+
+
+def plugin_failure(session, host, vm_uuid):
+    with pytest.raises(XenAPI.Failure) as caught:
+        plugin(session, host, vm_uuid)
+    return caught.value.details
+
+
+# ---- SM's arithmetic, speed log and give-up rules ---------------------------------------------------
+
+def test_lv_sizes_follow_lvhdutil():
+    assert sm.overhead_empty(sm.MAX_FAST_RESIZE_SIZE) == 4329472
+    assert sm.overhead_bitmap(64 * MIB) == 32 * 4096
+    assert sm.full_lv_size(64 * MIB) == 72 * MIB
+    assert sm.lv_size_for(1) == 4 * MIB and sm.lv_size_for(4 * MIB) == 4 * MIB
+
+
+def test_speed_log_keeps_the_last_ten(tmp_path):
+    path = str(tmp_path / "sr.speed_log")
+    assert sm.read_speed(path) is None
+    for speed in range(1, 13):
+        sm.record_speed(path, speed * 1000)
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    assert lines == [str(float(s * 1000)) for s in range(3, 13)]
+    assert sm.read_speed(path) == pytest.approx(7500.0)
+
+
+def test_tracker_gives_up_on_a_growing_leaf_and_not_on_a_shrinking_one():
+    growing = sm.CoalesceTracker()
+    assert [growing.give_up(size, size * 2) for size in (4, 8, 16)] == [False, False, True]
+    assert "bump in size" in growing.reason
+    shrinking = sm.CoalesceTracker()
+    assert not any(shrinking.give_up(size, size // 2) for size in (64, 32, 16, 8, 4))
+
+
+# ---- the GC -----------------------------------------------------------------------------------------
+
+def test_gc_coalesces_a_hidden_parent_keeping_content(sim_host, xapi_session):
+    steps = [sc.write(0, 4), sc.snapshot("a"), sc.write(4, 4), sc.snapshot("b"), sc.write(1, 2),
+             sc.delete_snapshot("a"), sc.delete_snapshot("b")]
+    host = sim_host(one_disk_pool(steps=steps, vdi_other={"leaf-coalesce": "false"}))
+    before = vhdfile.chain_digest(host.vdi_path("disk"))
+    middle = host.parents["disk"]
+    trees = forest(host)
+    child, parent = trees.get(middle), trees.get(middle).parent
+    assert child.is_coalesceable()
+    new_blocks = len(child.blocks - parent.blocks)
+    usage = used(host)
+    scan(xapi_session(host), host)
+    assert vhdfile.chain_digest(host.vdi_path("disk")) == before
+    assert used(host) == usage - child.vhd_size + new_blocks * BLOCK_COST
+    after = forest(host)
+    assert after.get(middle) is None and after.get(host.vdis["disk"]).parent.uuid == parent.uuid
+    assert host.db.get("VDI", host.vdi_ref("disk"))["sm_config"]["vhd-parent"] == parent.uuid
+    assert not host.db.find("VDI", uuid=middle)
+    assert host.db.get("VDI", host.vdi_ref("disk"))["other_config"] == {"leaf-coalesce": "false"}
+
+
+@pytest.mark.parametrize("sr_type", ["ext", "lvm"])
+def test_live_leaf_coalesce_keeps_content_uuid_and_frees_the_right_bytes(sim_host, xapi_session, sr_type):
+    host = sim_host(one_disk_pool(sr_type=sr_type))
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    trees = forest(host)
+    leaf = trees.get(host.vdis["disk"])
+    parent = leaf.parent
+    new_blocks = len(leaf.blocks - parent.blocks)
+    usage = used(host)
+    scan(xapi_session(host), host)
+    assert vhdfile.chain_digest(path) == before
+    after = forest(host)
+    assert list(after.images) == [host.vdis["disk"]]
+    if sr_type == "lvm":
+        assert used(host) == usage - parent.lv_size
+        assert after.get(host.vdis["disk"]).lv_size == sm.full_lv_size(leaf.virtual_size)
+    else:
+        assert used(host) == usage - leaf.vhd_size + new_blocks * BLOCK_COST
+    record = host.db.get("VDI", host.vdi_ref("disk"))
+    assert "vhd-parent" not in record["sm_config"] and "paused" not in record["sm_config"]
+    assert not host.db.find("VDI", uuid=parent.uuid)
+    frozen = intervals(host, kind="io-frozen")
+    assert len(frozen) == 1 and frozen[0].end is not None
+    assert "Leaf-coalescing {}".format(host.vdis["disk"]) in smlog(host)
+
+
+def test_forced_leaf_coalesce_skips_snapshot_coalesce_and_freezes_for_the_whole_merge(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 6), sc.delete_snapshot("s")],
+                                  speed_mib=40.0, live_timeout=0.05, vdi_other={"leaf-coalesce": "force"}))
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    scan(xapi_session(host), host)
+    assert vhdfile.chain_digest(path) == before
+    assert len(forest(host).images) == 1
+    frozen = intervals(host, kind="io-frozen")
+    assert len(frozen) == 1 and frozen[0].duration >= 6 * MIB / (40.0 * MIB) * 0.9
+    log = smlog(host)
+    assert "Leaf-coalesce forced, will not use timeout" in log and "Single-snapshotting" not in log
+    assert "leaf-coalesce" not in host.db.get("VDI", host.vdi_ref("disk"))["other_config"]
+
+
+def test_one_gc_per_sr_visible_as_a_cleanup_process_with_task_and_speed_log(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 8), sc.delete_snapshot("s")],
+                                  speed_mib=16.0, seed_speed_log=False))
+    sr_uuid = host.srs["sr"]
+    session = xapi_session(host)
+    scan(session, host, wait=False)
+    scan(session, host, wait=False)
+
+    def cleanup_processes():
+        found = []
+        for process in psutil.process_iter():
+            try:
+                line = process.cmdline()
+            except psutil.Error:
+                continue
+            if any(os.path.basename(part) == "cleanup" for part in line) and sr_uuid in line:
+                found.append(line)
+        return found
+
+    running = wait_until(cleanup_processes, timeout=5)
+    assert len(running) == 1 and running[0][-2:] == ["-u", sr_uuid]
+    tasks = session.xenapi.task.get_all_records().values()
+    assert [t["name_label"] for t in tasks] == ["Garbage Collection"]
+    assert host.sm.wait_idle(30)
+    assert wait_until(lambda: not cleanup_processes(), timeout=5)
+    assert not session.xenapi.task.get_all_records()
+    with open(host.sm.speed_log(sr_uuid)) as handle:
+        speeds = [float(line) for line in handle]
+    assert len(speeds) == 1 and speeds[0] == pytest.approx(16.0 * MIB, rel=0.25)
+
+
+def test_gc_runs_only_on_the_sr_master(sim_host, xapi_session):
+    host = sim_host("pool-member")
+    session = xapi_session(host)
+    shared_before = vhdfile.chain_digest(host.vdi_path("shared-leaf"))
+    for key in ("nfs", "local", "old"):
+        scan(session, host, key)
+    assert len(forest(host, "nfs").images) == 2
+    assert "This host is NOT master, will not run" in smlog(host)
+    assert len(forest(host, "local").images) == 1
+    assert vhdfile.chain_digest(host.vdi_path("shared-leaf")) == shared_before
+
+
+def test_switches_and_exclusions_keep_the_gc_off(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(sr_other={"gc": "false"}))
+    scan(xapi_session(host), host)
+    assert len(forest(host).images) == 2 and "GC is disabled for this SR" in smlog(host)
+    states = sim_host("states")
+    session = xapi_session(states)
+    for key in ("ext", "lvm", "nolc"):
+        scan(session, states, key)
+    for disk in ("excluded-vdi", "excluded-reset", "excluded-caching", "excluded-sr"):
+        image = sm.Forest(states.store(states._disk_spec(disk)["sr"]).scan()).get(states.vdis[disk])
+        assert image.is_leaf_coalesceable(), disk
+    assert "Skipping reset-on-boot" in smlog(states) and "Leaf-coalesce disabled for this SR" in smlog(states)
+
+
+def test_no_space_to_leaf_coalesce_raises_sm_gc_no_space(sim_host, xapi_session):
+    scenario = one_disk_pool(sr_type="lvm", sr_size_mib=128, speed_mib=0.5)
+    scenario["vms"].append(sc.vm("filler", [sc.disk("filler", "sr", 84)], power_state="Halted"))
+    host = sim_host(scenario)
+    session = xapi_session(host)
+    scan(session, host)
+    assert len(forest(host).images) == 3
+    assert "No space to leaf-coalesce {}".format(host.vdis["disk"]) in smlog(host)
+    messages = session.xenapi.message.get_all_records()
+    assert [(m["name"], m["cls"], m["obj_uuid"]) for m in messages.values()] == [
+        ("SM_GC_NO_SPACE", "SR", host.srs["sr"])]
+    assert session.xenapi.SR.get_sm_config(host.sr_ref("sr"))["gc_no_space"] in messages
+    record = session.xenapi.VDI.get_record(host.vdi_ref("disk"))
+    assert record["other_config"]["leaf-coalesce"] == "offline"
+    assert record["sm_config"]["gc_no_space"] in messages
+
+
+def test_a_vm_writing_faster_than_the_merge_is_given_up_on(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 2), sc.delete_snapshot("s")],
+                                  size_mib=1024, speed_mib=16.0, writes_mib_s=32.0, live_timeout=0.05))
+    session = xapi_session(host)
+    scan(session, host)
+    log = smlog(host)
+    assert "Single-snapshotting" in log
+    assert "VDI {} could not be coalesced".format(host.vdis["disk"]) in log
+    image = forest(host).get(host.vdis["disk"])
+    assert image is not None and image.is_leaf_coalesceable() and image.vhd_size > 4 * MIB
+    assert not intervals(host, kind="io-frozen")
+
+
+# ---- the coalesce-leaf plugin -------------------------------------------------------------------------
+
+def test_plugin_suspends_forces_and_resumes_a_busy_vm_on_lvm(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(sr_type="lvmoiscsi", shared=True, size_mib=128, speed_mib=16.0, sr_size_mib=1024,
+                                  writes_mib_s=32.0, live_timeout=0.05,
+                                  steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 2), sc.delete_snapshot("s")]))
+    session = xapi_session(host)
+    path = host.vdi_path("disk")
+    writer = host.sm._writers[0]
+    with host.sm.io_lock(host.vdis["disk"]):
+        expected = bytearray(vhdfile.read_chain(path))
+    assert plugin(session, host, host.vms["vm"]) == "Success"
+    writer.stop()
+    for offset, data in writer.writes(len(expected)):
+        expected[offset:offset + len(data)] = data
+    assert vhdfile.chain_digest(path) == hashlib.sha256(expected).hexdigest()
+    log = smlog(host)
+    assert "could not be coalesced" in log and "Leaf-coalesce forced, will not use timeout" in log
+    assert list(forest(host).images) == [host.vdis["disk"]]
+    assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
+    suspended = intervals(host, kind="suspended")
+    assert len(suspended) == 1 and suspended[0].end is not None
+    assert "leaf-coalesce" not in host.db.get("VDI", host.vdi_ref("disk"))["other_config"]
+
+
+def test_plugin_skips_non_lvm_disks(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(sr_type="ext"))
+    session = xapi_session(host)
+    assert plugin(session, host, host.vms["vm"]) == "VM has no leaf-coalesceable VDIs"
+    assert "Skipping non-LVM VDI: {}".format(host.vdis["disk"]) in smlog(host)
+    assert len(forest(host).images) == 2 and not intervals(host)
+
+
+def test_plugin_refuses_vms_it_cannot_find_or_suspend(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(sr_type="lvm"))
+    session = xapi_session(host)
+    details = plugin_failure(session, host, "00000000-0000-4000-8000-000000000000")
+    assert details[0] == "XENAPI_PLUGIN_FAILURE" and details[3].startswith("VM not found")
+    host.db.faults.fail_vm_operation(host.vms["vm"], "suspend")
+    details = plugin_failure(session, host, host.vms["vm"])
+    assert details[:3] == ["XENAPI_PLUGIN_FAILURE", "leaf-coalesce", "Exception"]
+    assert details[3].startswith("Failed to suspend the VM")
+    assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
+    assert len(forest(host).images) == 1
+
+
+def test_plugin_notes_srs_this_host_is_not_master_of(sim_host, xapi_session):
+    scenario = one_disk_pool(sr_type="lvmoiscsi", shared=True)
+    scenario.update(hosts=["xcp-ng-1", "xcp-ng-2"], master="xcp-ng-1", this_host="xcp-ng-2")
+    host = sim_host(scenario)
+    session = xapi_session(host)
+    details = plugin_failure(session, host, host.vms["vm"])
+    master = session.xenapi.host.get_uuid(session.xenapi.pool.get_master(session.xenapi.pool.get_all()[0]))
+    assert details[3] == ("VM has no leaf-coalesceable VDIs\nNote:\nUnable to check VDIs on SR {} because this "
+                          "host is not its master. Run on host {} to check that SR".format(host.srs["sr"], master))
+    assert len(forest(host).images) == 2
+
+
+def test_writer_pauses_while_frozen(sim_host):
+    host = sim_host(one_disk_pool(size_mib=64, writes_mib_s=20.0, speed_mib=400.0))
+    writer = host.sm._writers[0]
+    assert wait_until(lambda: writer.written > 0, timeout=5)
+    with host.sm.frozen(host.vdis["disk"]):
+        frozen_at = writer.written
+        time.sleep(0.1)
+        assert writer.written == frozen_at
+    assert intervals(host, kind="io-frozen")[0].duration >= 0.1
