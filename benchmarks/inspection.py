@@ -48,6 +48,7 @@ def child_inspect(conf):
         result = inspection.inspect(settings, tools=tools, bitmaps=cache)
         figures = meter.read()
         figures["spawned"] = tools.spawned
+        figures["forked"] = tools.forked
         figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         runs.append(figures)
     vdis = [vdi for sr_report in result.srs for vdi in sr_report.vdis]
@@ -127,9 +128,10 @@ def run(sizes=SIZES):
         figures += [
             (prefix + "VHDs, SRs, leaf-coalesce candidates", "{} VHDs, {} SRs, {} candidates".format(
                 agent["vhds"], agent["srs"], agent["candidates"])),
-            (prefix + "processes, first inspection (target {})".format(target), cold["spawned"]),
-            (prefix + "processes, next inspections (cached parents)", warm["spawned"]),
-            (prefix + "processes, baseline (one query per VDI)", baseline["spawned"]),
+            (prefix + "vhd-util runs, first inspection (target {})".format(target), cold["spawned"]),
+            (prefix + "vhd-util runs, next inspections (cached parents)", warm["spawned"]),
+            (prefix + "processes the agent forks, first / next", "{} / {}".format(cold["forked"], warm["forked"])),
+            (prefix + "vhd-util runs and forks, baseline (one query per VDI)", baseline["spawned"]),
             (prefix + "agent CPU s, first / next inspection", "{:.2f} / {:.2f}".format(
                 cold["agent_cpu"], warm["agent_cpu"])),
             (prefix + "tools CPU s, first / next inspection", "{:.2f} / {:.2f}".format(

@@ -175,3 +175,21 @@ def test_missing_binary_means_the_host_tools_are_unreachable(tmp_path):
         vhdutil.VhdUtil(agent_config).scan_file_sr(str(tmp_path))
     assert caught.value.exit_code == 3
     assert "cannot run {}".format(tmp_path / "no-vhd-util") in caught.value.message
+
+
+def test_batched_bitmap_reads_keep_each_result_apart(host, tmp_path):
+    root, agent_config = host
+    directory = os.path.join(root, "sr-mount", SR)
+    if not os.path.isdir(directory):
+        file_sr(root)
+    fixed = str(tmp_path / "fixed.vhd")
+    vhdfile.create(fixed, 4, fixed=True)
+    images = [(os.path.join(directory, BASE + ".vhd"), 64 << 20), (str(tmp_path / "gone.vhd"), 64 << 20),
+              (fixed, 4 << 20), (os.path.join(directory, LEAF + ".vhd"), 64 << 20)]
+    tool = vhdutil.VhdUtil(agent_config)
+    results = tool.read_bitmaps(images)
+    assert results[images[0][0]] == bytes.fromhex("e0000001")
+    assert results[images[3][0]] == bytes.fromhex("e4200000")
+    assert "exit 2" in str(results[images[1][0]])
+    assert "exit 22" in str(results[images[2][0]]) and "Failed to get bat" in str(results[images[2][0]])
+    assert (tool.spawned, tool.forked) == (4, 1)

@@ -4,7 +4,6 @@ Per-SR and per-image failures are recorded in the result; only an unreachable xa
 `vhd-util` raises. Bitmaps of hidden VHDs are cached across inspections: a hidden VHD changes
 only when a child is merged into it, which also changes its children.
 """
-import functools
 import logging
 import os
 import time
@@ -34,11 +33,15 @@ class BitmapCache(object):
         self._entries = {}
         self._used = set()
 
-    def get(self, key, read):
-        if key not in self._entries:
-            self._entries[key] = read()
+    def get(self, key):
+        value = self._entries.get(key)
+        if value is not None:
+            self._used.add(key)
+        return value
+
+    def put(self, key, value):
+        self._entries[key] = value
         self._used.add(key)
-        return self._entries[key]
 
     def prune(self):
         for key in set(self._entries) - self._used:
@@ -199,18 +202,28 @@ class _Inspector(object):
                                 vhdtree.LV_PREFIX + uuid)
         return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
 
-    def bitmap(self, sr, node):
-        """A node's block bitmap; hidden nodes' from the cache."""
-        path = self.image_path(sr, node.uuid)
-        read = functools.partial(self.tools.read_bitmap, path, node.record.virtual_size)
-        if not node.record.hidden:
-            return read()
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            return read()
-        key = (path, node.record.size, mtime, tuple(sorted(child.uuid for child in node.children)))
-        return self.bitmaps.get(key, read)
+    def read_bitmaps(self, sr, nodes):
+        """{uuid: bitmap or VhdUtilError} of these nodes; hidden ones' from the cache when it has them."""
+        bitmaps, keys, wanted = {}, {}, {}
+        for node in nodes:
+            path = self.image_path(sr, node.uuid)
+            if node.record.hidden:
+                try:
+                    keys[node.uuid] = (path, node.record.size, os.stat(path).st_mtime_ns,
+                                       tuple(sorted(child.uuid for child in node.children)))
+                except OSError:
+                    pass
+                cached = self.bitmaps.get(keys[node.uuid]) if node.uuid in keys else None
+                if cached is not None:
+                    bitmaps[node.uuid] = cached
+                    continue
+            wanted[path] = node
+        read = self.tools.read_bitmaps([(path, node.record.virtual_size) for path, node in sorted(wanted.items())])
+        for path, node in wanted.items():
+            bitmaps[node.uuid] = read[path]
+            if node.uuid in keys and not isinstance(read[path], vhdutil.VhdUtilError):
+                self.bitmaps.put(keys[node.uuid], read[path])
+        return bitmaps
 
     def sr_report(self, sr, scan, vdi_records, users, gc_seconds):
         size = int(sr["physical_size"])
@@ -245,6 +258,9 @@ class _Inspector(object):
                                 self.config.coalesce.exclude_vms, self.config.coalesce.exclude_tag)
         states = vhdtree.classify(nodes, facts, policy)
         lvm = sr["type"] in LVM_SR_TYPES
+        merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
+                                                                               model.COALESCEABLE)]
+        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging})
         for uuid, node in nodes.items():
             state, reason = states[uuid]
             name, vm = names.get(uuid, ("", {}))
@@ -257,11 +273,11 @@ class _Inspector(object):
             if node.record.error:
                 report.errors.append("{}: {}".format(uuid, node.record.error))
             elif state == model.LEAF_COALESCEABLE:
-                self.estimate_leaf(sr, node, lvm, vdi_report, report)
+                self.estimate_leaf(sr, node, lvm, bitmaps, vdi_report, report)
             elif state == model.GARBAGE:
                 report.gc_pending_bytes += node.record.size
             elif state == model.COALESCEABLE:
-                merge = self.merge(sr, node, lvm, report, leaf=False)
+                merge = self.merge(sr, node, lvm, bitmaps, report, leaf=False)
                 if isinstance(merge, estimate.Estimate):
                     report.gc_pending_bytes += max(0, merge.freed_bytes)
             report.longest_chain = max(report.longest_chain, node.chain_length)
@@ -270,8 +286,8 @@ class _Inspector(object):
         report.vdis = reports
         return report
 
-    def estimate_leaf(self, sr, node, lvm, vdi_report, report):
-        merge = self.merge(sr, node, lvm, report, leaf=True)
+    def estimate_leaf(self, sr, node, lvm, bitmaps, vdi_report, report):
+        merge = self.merge(sr, node, lvm, bitmaps, report, leaf=True)
         if isinstance(merge, vhdutil.VhdUtilError):
             vdi_report.state = model.SCAN_ERROR
             vdi_report.reason = "its block bitmaps could not be read: {}".format(merge)
@@ -282,15 +298,14 @@ class _Inspector(object):
         report.reclaimable_bytes += vdi_report.reclaimable_bytes
         report.merge_free_bytes = max(report.merge_free_bytes, merge.merge_free_bytes)
 
-    def merge(self, sr, node, lvm, report, leaf):
+    def merge(self, sr, node, lvm, bitmaps, report, leaf):
         """The Estimate of merging `node` into its parent, or the VhdUtilError that prevented it."""
-        try:
-            child_bitmap = self.bitmap(sr, node)
-            parent_bitmap = self.bitmap(sr, node.parent)
-        except vhdutil.VhdUtilError as error:
-            report.errors.append(str(error))
-            self.error("bitmap", sr, str(error))
-            return error
+        child_bitmap, parent_bitmap = bitmaps[node.uuid], bitmaps[node.parent.uuid]
+        for error in (child_bitmap, parent_bitmap):
+            if isinstance(error, vhdutil.VhdUtilError):
+                report.errors.append(str(error))
+                self.error("bitmap", sr, str(error))
+                return error
         child_blocks = estimate.count_blocks(child_bitmap)
         new_blocks = estimate.blocks_missing_from_parent(child_bitmap, parent_bitmap)
         child, parent = node.record, node.parent.record
