@@ -124,6 +124,7 @@ def test_basic_auth(with_auth):
     assert request(server, headers={"Authorization": "Basic not-base64!"})[0] == 401
     assert request(server, headers={"Authorization": "Bearer x"})[0] == 401
     assert request(server, headers=basic("prometheus", PASSWORD))[0] == 200
+    assert request(server, method="HEAD")[:3:2] == (401, b"")
     assert request(server, method="POST")[0] == 401
     assert request(server, method="POST", headers=basic("prometheus", PASSWORD))[0] == 405
 

@@ -110,16 +110,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method
 
-    def _authorized(self):
+    def _authorized(self, send_body=True):
         auth = self.server.auth
         if auth is None or auth.allows(self.headers.get("Authorization")):
             return True
-        self._send(401, b"unauthorized\n", True,
+        self._send(401, b"unauthorized\n", send_body,
                    extra_headers={"WWW-Authenticate": 'Basic realm="{}", charset="UTF-8"'.format(REALM)})
         return False
 
     def _respond(self, send_body):
-        if not self._authorized():
+        if not self._authorized(send_body):
             return
         path = urlsplit(self.path).path
         if path == "/":
