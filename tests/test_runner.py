@@ -160,3 +160,11 @@ def test_snapshot_deletion_marks_the_sr_pending_once_the_gc_settled(sim_host):
         watcher.stop()
     assert settled == [host.srs["iscsi"]]
     assert runner.PendingSrs(config).load() == [host.srs["iscsi"]]
+
+
+def test_another_run_holding_the_lock_exits_4(demo_host):
+    from xcoalesce_agent.lock import HostLock
+    with HostLock(os.path.join(demo_host.state_dir, "agent-state")):
+        code, document, stderr = run_now(demo_host)
+    assert (code, document) == (4, None)
+    assert stderr.startswith("xcoalesce-agent: error: another run already holds the host lock")

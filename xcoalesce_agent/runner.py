@@ -18,7 +18,7 @@ import XenAPI
 from . import history as history_module
 from . import inspection as inspection_module
 from . import inventory, journal as journal_module, model, planner, schedule
-from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, HostUnreachable, LockHeld
+from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable
 from .lock import HostLock
 from .xapi import TRANSPORT_ERRORS, describe, fetch_all, open_session
 
@@ -595,7 +595,11 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
         lost = False
         try:
             with open_session(config) as session:
-                repair(config, session, journal)
+                try:
+                    repair(config, session, journal)
+                except journal_module.RepairFailed as error:
+                    raise AgentError("an interrupted run left changes that cannot be undone yet, so nothing "
+                                     "is run: {}".format(error)) from None
                 runner = Runner(config, session, policy)
                 before = inspection or runner.inspect()
                 before = _settled(config, session, runner, before, srs)
@@ -675,8 +679,8 @@ def scheduled_run(config, inspection, now=None):
     try:
         runs, problems, _ = plan_and_run(config, _policy(config), inspection=inspection, srs=srs or (),
                                          caps=caps, record_skipped=False)
-    except (LockHeld, HostUnreachable) as error:
-        LOG.info("scheduled leaf coalesce not run: %s", error)
+    except AgentError as error:
+        LOG.warning("scheduled leaf coalesce not run: %s", error)
         return []
     for problem in problems:
         LOG.error("%s", problem)
