@@ -102,9 +102,9 @@ def demo():
     return pool("demo", srs, vms, description=demo.__doc__)
 
 
-def large(count=10000, srs_count=4, size_mib=10240):
+def large(count=10000, srs_count=5, size_mib=2048):
     """Thousands of VDIs over a few SRs for benchmarks; most chains short, no real data (sparse)."""
-    types = ("ext", "lvmoiscsi", "nfs", "lvm")
+    types = ("ext", "lvmoiscsi", "nfs", "ext", "nfs")
     srs = [sr("sr{}".format(i), types[i % len(types)], 64 * 1024 * 1024, name="Storage {}".format(i),
               shared=types[i % len(types)] in ("nfs", "lvmoiscsi")) for i in range(srs_count)]
     vms = []
