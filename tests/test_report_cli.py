@@ -57,7 +57,7 @@ def test_text_report_has_a_table_per_sr_and_totals():
     assert "  1 non-VHD VDI skipped" in lines
     assert "  error: junk: scan error -22: opening file" in lines
     assert "Skipped SR ISOs (iso, iso-1): type iso does not hold VHDs" in lines
-    assert lines[-1] == "Total: 24.1 MiB reclaimable by leaf coalesce on 1 SRs; the GC's own pending work frees 4.0 KiB"
+    assert lines[-1] == "Total: 24.1 MiB reclaimable by leaf coalesce on 1 SR; the GC's own pending work frees 4.0 KiB"
 
 
 def test_json_report_has_stable_keys():

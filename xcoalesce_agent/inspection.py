@@ -4,7 +4,6 @@ Per-SR and per-image failures are recorded in the result; only an unreachable xa
 `vhd-util` raises. Bitmaps of hidden VHDs are cached across inspections: a hidden VHD changes
 only when a child is merged into it, which also changes its children.
 """
-import logging
 import os
 import time
 
@@ -22,8 +21,6 @@ JOINED_FIELDS = {
     "VBD": ("VM", "VDI", "type"),
     "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot"),
 }
-
-log = logging.getLogger(__name__)
 
 
 class BitmapCache(object):

@@ -59,8 +59,9 @@ def render_text(inspection):
     if inspection.skipped_srs:
         lines.append("")
     srs = inspection.srs or ()
-    lines.append("Total: {} reclaimable by leaf coalesce on {} SRs; the GC's own pending work frees {}".format(
-        human_bytes(inspection.reclaimable_bytes), len(srs), human_bytes(sum(sr.gc_pending_bytes for sr in srs))))
+    lines.append("Total: {} reclaimable by leaf coalesce on {} {}; the GC's own pending work frees {}".format(
+        human_bytes(inspection.reclaimable_bytes), len(srs), "SR" if len(srs) == 1 else "SRs",
+        human_bytes(sum(sr.gc_pending_bytes for sr in srs))))
     return "\n".join(lines) + "\n"
 
 
