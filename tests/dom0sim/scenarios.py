@@ -102,19 +102,20 @@ def demo():
     return pool("demo", srs, vms, description=demo.__doc__)
 
 
-def large(count=10000, srs_count=5, size_mib=2048):
-    """Thousands of VDIs over a few SRs for benchmarks; most chains short, no real data (sparse)."""
-    types = ("ext", "lvmoiscsi", "nfs", "ext", "nfs")
-    srs = [sr("sr{}".format(i), types[i % len(types)], 64 * 1024 * 1024, name="Storage {}".format(i),
-              shared=types[i % len(types)] in ("nfs", "lvmoiscsi")) for i in range(srs_count)]
+def large(count=10000, file_srs=3, size_mib=2048):
+    """Thousands of VDIs for benchmarks: one in ten on an iSCSI LVM SR, the rest over `file_srs` ext and
+    NFS SRs; most chains short; no real data (sparse blocks)."""
+    srs = [sr("lvm", "lvmoiscsi", 64 * 1024 * 1024, name="iSCSI SAN", shared=True)]
+    srs += [sr("sr{}".format(i), ("ext", "nfs")[i % 2], 64 * 1024 * 1024, name="Storage {}".format(i),
+               shared=i % 2 == 1) for i in range(file_srs)]
     vms = []
     for index in range(count):
-        sr_key = "sr{}".format(index % srs_count)
-        shape = index % 10
+        sr_key = "lvm" if index % 10 == 0 else "sr{}".format(index % file_srs)
+        shape = (index + index // 10) % 10
         if shape < 6:
-            steps = [sparse(0, 2 + index % 5)]
+            steps = [sparse(0, 1 + index % 3)]
         elif shape < 9:
-            steps = [sparse(0, 3), snapshot("s"), sparse(3 + index % 7, 1 + index % 3), delete_snapshot("s")]
+            steps = [sparse(0, 2), snapshot("s"), sparse(2 + index % 7, 1 + index % 2), delete_snapshot("s")]
         else:
             steps = [sparse(0, 2), snapshot("s"), sparse(2, 1)]
         disks = [disk("vdi-{}".format(index), sr_key, size_mib, steps=steps)]

@@ -685,8 +685,9 @@ class GcPass(object):
     # -- deleting, coalescing a hidden parent --
 
     def delete(self, image):
-        self.store.remove(image.uuid)
-        self.sm.forget_vdi(image.uuid)
+        with self.sm.sr_lock(self.sr_uuid):
+            self.store.remove(image.uuid)
+            self.sm.forget_vdi(image.uuid)
 
     def coalesce(self, image):
         """Merge a hidden single-child VHD into its parent, relink its children, delete it."""
@@ -701,13 +702,14 @@ class GcPass(object):
                 self.sm.timed_merge(self.sr_uuid, image.path)
             finally:
                 self.store.deflate(parent.uuid)
-            for child in image.children:
-                self.log("  Relinking {} from {} to {}".format(child.uuid, image.uuid, parent.uuid))
-                with self.sm.io_lock(child.uuid):
-                    vhdfile.set_parent(child.path, self.store.link_path(parent.uuid))
-                self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
-            self.delete(image)
-            self.sm.update_vdi(self.sr_uuid, parent.uuid)
+            with self.sm.sr_lock(self.sr_uuid):
+                for child in image.children:
+                    self.log("  Relinking {} from {} to {}".format(child.uuid, image.uuid, parent.uuid))
+                    with self.sm.io_lock(child.uuid):
+                        vhdfile.set_parent(child.path, self.store.link_path(parent.uuid))
+                    self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
+                self.delete(image)
+                self.sm.update_vdi(self.sr_uuid, parent.uuid)
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(image.uuid)
             self.log("Coalesce failed, skipping: {}".format(exc))
@@ -745,14 +747,13 @@ class GcPass(object):
         """Single-snapshot the leaf, coalesce the temporary snapshot away; the leaf as it is now, or None."""
         self.log("Single-snapshotting {}".format(image.uuid))
         temp_uuid = str(uuidlib.uuid4())
-        with self.sm.io_lock(image.uuid):
+        with self.sm.sr_lock(self.sr_uuid), self.sm.io_lock(image.uuid):
             self.store.rename(image.uuid, temp_uuid)
-            with vhdfile.Vhd.open(self.store.path(temp_uuid), writable=True) as vhd:
-                vhd.set_hidden(True)
+            self.set_hidden(temp_uuid, True)
             self.store.deflate(temp_uuid)
             self.store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
-        self.sm.update_vdi(self.sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
-        self.sm.update_vdi(self.sr_uuid, image.uuid, parent_uuid=temp_uuid)
+            self.sm.update_vdi(self.sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
+            self.sm.update_vdi(self.sr_uuid, image.uuid, parent_uuid=temp_uuid)
         forest = self.scan()
         temp = forest.get(temp_uuid)
         if temp is None or not temp.is_coalesceable():
@@ -777,7 +778,7 @@ class GcPass(object):
         if timeout is None:
             self.log("Leaf-coalesce forced, will not use timeout")
         old_uuid = TMP_RENAME_PREFIX + vdi_uuid
-        with self.sm.frozen(vdi_uuid):
+        with self.sm.sr_lock(self.sr_uuid), self.sm.frozen(vdi_uuid):
             if self.store.lvm:
                 self.store.deflate(vdi_uuid)
                 self.store.inflate(parent.uuid, full_lv_size(parent.virtual_size))
@@ -794,8 +795,9 @@ class GcPass(object):
             self.sm.forget_vdi(parent.uuid)
             self.sm.update_vdi(self.sr_uuid, vdi_uuid,
                                parent_uuid=parent.parent.uuid if parent.parent is not None else "")
-        self.store.remove(old_uuid)
-        self.sm.update_vdi(self.sr_uuid, vdi_uuid)
+        with self.sm.sr_lock(self.sr_uuid):
+            self.store.remove(old_uuid)
+            self.sm.update_vdi(self.sr_uuid, vdi_uuid)
 
     def set_hidden(self, uuid, hidden):
         with vhdfile.Vhd.open(self.store.path(uuid), writable=True) as vhd:
@@ -878,6 +880,7 @@ class StorageManager(object):
         self._log_lock = threading.Lock()
         self._gcs = {}
         self._io_locks = {}
+        self._sr_locks = {}
         self._writers = []
         for directory in (self.run_dir, self.lock_dir, os.path.dirname(self.cleanup_path)):
             if not os.path.isdir(directory):
@@ -905,6 +908,11 @@ class StorageManager(object):
     def vm_power_state(self, vm_uuid):
         ref = self.records.by_uuid("VM", vm_uuid)
         return self.db.get_field("VM", ref, "power_state") if ref else None
+
+    def sr_lock(self, sr_uuid):
+        """SM's SR lock: scans and the GC's changes to the SR's VHDs and records take turns."""
+        with self._lock:
+            return self._sr_locks.setdefault(sr_uuid, threading.RLock())
 
     def io_lock(self, vdi_uuid):
         """The lock a VDI's I/O path (its tapdisk) holds for each write; SM takes it to pause I/O."""
@@ -994,6 +1002,10 @@ class StorageManager(object):
 
     def refresh_sr(self, sr_uuid):
         """What SR.scan does to xapi: VDI records for every VHD, vhd-parent, sizes, SR utilisation."""
+        with self.sr_lock(sr_uuid):
+            self._refresh_sr(sr_uuid)
+
+    def _refresh_sr(self, sr_uuid):
         sr_ref = self.records.sr_ref(sr_uuid)
         store = self.store(sr_uuid)
         if store is None or not store.exists():
