@@ -550,8 +550,10 @@ class CoalesceTracker(object):
 class GcPass(object):
     """cleanup.py's loop for one SR: garbage, then one coalesce or one leaf coalesce, rescan, repeat."""
 
-    def __init__(self, sm, sr_uuid):
+    def __init__(self, sm, sr_uuid, task=None):
         self.sm = sm
+        self.task = task
+        self.done = 0
         self.records = sm.records
         self.sr_uuid = sr_uuid
         self.sr_ref = self.records.sr_ref(sr_uuid)
@@ -568,6 +570,7 @@ class GcPass(object):
             return
         while not self.sm.stopping.is_set():
             forest = self.scan()
+            self.report_progress(forest)
             garbage = forest.garbage()
             if garbage:
                 self.log("Found {} VDIs for deletion:".format(len(garbage)))
@@ -578,13 +581,21 @@ class GcPass(object):
             candidate = self.find_coalesceable(forest)
             if candidate is not None:
                 self.coalesce(candidate)
+                self.done += 1
                 continue
             candidate = self.find_leaf_coalesceable(forest)
             if candidate is not None:
                 self.coalesce_leaf(candidate)
+                self.done += 1
                 continue
             break
         self.report_no_space()
+
+    def report_progress(self, forest):
+        """The task's progress counts pairs, as SM's does: done / (done + coalesceable now)."""
+        pending = len(forest.coalesceable()) + len(forest.leaf_coalesceable())
+        if self.task is not None and self.done + pending:
+            tasks.set_progress(self.sm.db, self.task, float(self.done) / (self.done + pending))
 
     def enabled(self):
         other = self.records.sr(self.sr_ref)["other_config"]
@@ -812,9 +823,11 @@ class GcPass(object):
 # ---- the storage manager of the host -------------------------------------------------------
 
 class VmWriter(threading.Thread):
-    """A running VM writing `rate` bytes/s of fresh data sequentially into its disk's leaf."""
+    """A running VM writing `rate` bytes/s of fresh data sequentially into its disk's leaf, going round
+    a `window` of the disk from `start_offset` (so a VM that keeps writing does not fill the host)."""
 
     CHUNK = 256 * 1024
+    WINDOW = 256 * MIB
 
     def __init__(self, sm, vm_uuid, sr_uuid, vdi_uuid, rate, start_offset=0):
         threading.Thread.__init__(self, name="writer-" + vm_uuid[:8])
@@ -833,9 +846,12 @@ class VmWriter(threading.Thread):
         """The data of the VM's `number`-th write."""
         return (b"%015x\n" % number) * (cls.CHUNK // 16)
 
+    def offset(self, number, virtual_size):
+        return (self.start_offset + number * self.CHUNK % self.WINDOW) % virtual_size
+
     def writes(self, virtual_size):
         """[(offset, data)] of every write made so far, in order."""
-        return [((self.start_offset + number * self.CHUNK) % virtual_size, self.chunk(number))
+        return [(self.offset(number, virtual_size), self.chunk(number))
                 for number in range(self.written // self.CHUNK)]
 
     def stop(self):
@@ -857,8 +873,8 @@ class VmWriter(threading.Thread):
         path = self.sm.store(self.sr_uuid).path(self.vdi_uuid)
         with self.sm.io_lock(self.vdi_uuid):
             with vhdfile.Vhd.open(path, writable=True) as vhd:
-                size = int(vhd.virtual_size)
-                vhd.write((self.start_offset + self.written) % size, self.chunk(self.written // self.CHUNK))
+                number = self.written // self.CHUNK
+                vhd.write(self.offset(number, int(vhd.virtual_size)), self.chunk(number))
         self.written += self.CHUNK
 
 
@@ -1107,7 +1123,7 @@ class StorageManager(object):
                             other_config={"applies_to": sr_ref})
         try:
             with self._sr_lock_file(sr_uuid, "running"):
-                GcPass(self, sr_uuid).run()
+                GcPass(self, sr_uuid, task).run()
         except Exception as exc:  # the GC logs what stopped it, as cleanup.py's logException
             self.log("GC process exiting, no work left: {}: {}".format(type(exc).__name__, exc))
         finally:
