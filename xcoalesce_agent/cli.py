@@ -5,6 +5,7 @@ Every AgentError becomes one line `xcoalesce-agent: error: ...` and its exit cod
 """
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__, config as config_module
@@ -112,3 +113,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("{}: error: interrupted\n".format(PROG))
         return 130
+    except BrokenPipeError:  # `--report | head`: the reader has all it wanted
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
