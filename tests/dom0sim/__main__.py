@@ -125,8 +125,8 @@ def demo(args):
 
 def list_scenarios(args):
     for name in scenarios.names():
-        doc = (scenarios.SCENARIOS[name].__doc__ or "").strip().splitlines()
-        print("{:<12} {}".format(name, doc[0] if doc else ""))
+        doc = " ".join((scenarios.SCENARIOS[name].__doc__ or "").split())
+        print("{:<12} {}".format(name, doc))
     return 0
 
 

@@ -380,7 +380,9 @@ class _DiskHistory(object):
         self.deleted = True
 
     def step_lose_parent(self, number):
+        """The parent VHD vanishes behind xapi's back: the leaf's record still names it."""
         self.store.remove(self.parent)
+        self.db.update("VDI", self.vdi_ref, sm_config={"vdi_type": "vhd", "vhd-parent": self.parent})
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):
