@@ -93,10 +93,11 @@ def test_tracker_gives_up_on_a_growing_leaf_and_not_on_a_shrinking_one():
 
 # ---- the GC -----------------------------------------------------------------------------------------
 
-def test_gc_coalesces_a_hidden_parent_keeping_content(sim_host, xapi_session):
+@pytest.mark.parametrize("sr_type", ["ext", "lvm"])
+def test_gc_coalesces_a_hidden_parent_keeping_content(sim_host, xapi_session, sr_type):
     steps = [sc.write(0, 4), sc.snapshot("a"), sc.write(4, 4), sc.snapshot("b"), sc.write(1, 2),
              sc.delete_snapshot("a"), sc.delete_snapshot("b")]
-    host = sim_host(one_disk_pool(steps=steps, vdi_other={"leaf-coalesce": "false"}))
+    host = sim_host(one_disk_pool(sr_type=sr_type, steps=steps, vdi_other={"leaf-coalesce": "false"}))
     before = vhdfile.chain_digest(host.vdi_path("disk"))
     middle = host.parents["disk"]
     trees = forest(host)
@@ -106,7 +107,12 @@ def test_gc_coalesces_a_hidden_parent_keeping_content(sim_host, xapi_session):
     usage = used(host)
     scan(xapi_session(host), host)
     assert vhdfile.chain_digest(host.vdi_path("disk")) == before
-    assert used(host) == usage - child.vhd_size + new_blocks * BLOCK_COST
+    if sr_type == "lvm":
+        merged_lv = sm.lv_size_for(parent.vhd_size + new_blocks * BLOCK_COST)
+        assert used(host) == usage - child.lv_size - parent.lv_size + merged_lv
+        assert forest(host).get(parent.uuid).lv_size == merged_lv
+    else:
+        assert used(host) == usage - child.vhd_size + new_blocks * BLOCK_COST
     after = forest(host)
     assert after.get(middle) is None and after.get(host.vdis["disk"]).parent.uuid == parent.uuid
     assert host.db.get("VDI", host.vdi_ref("disk"))["sm_config"]["vhd-parent"] == parent.uuid
@@ -139,6 +145,20 @@ def test_live_leaf_coalesce_keeps_content_uuid_and_frees_the_right_bytes(sim_hos
     frozen = intervals(host, kind="io-frozen")
     assert len(frozen) == 1 and frozen[0].end is not None
     assert "Leaf-coalescing {}".format(host.vdis["disk"]) in smlog(host)
+
+
+def test_a_live_merge_over_the_timeout_is_abandoned_unchanged(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(speed_mib=8.0, live_timeout=0.2))
+    sm.record_speed(host.sm.speed_log(host.srs["sr"]), 400 * MIB)
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    scan(xapi_session(host), host)
+    assert "Leaf-coalesce failed on {}, skipping: Timed out".format(host.vdis["disk"]) in smlog(host)
+    assert vhdfile.chain_digest(path) == before
+    trees = forest(host)
+    assert trees.get(host.vdis["disk"]).is_leaf_coalesceable() and trees.get(host.parents["disk"]).hidden
+    frozen = intervals(host, kind="io-frozen")
+    assert len(frozen) == 1 and 0.2 <= frozen[0].duration < 1.0
 
 
 def test_forced_leaf_coalesce_skips_snapshot_coalesce_and_freezes_for_the_whole_merge(sim_host, xapi_session):
@@ -299,6 +319,14 @@ def test_plugin_notes_srs_this_host_is_not_master_of(sim_host, xapi_session):
     assert details[3] == ("VM has no leaf-coalesceable VDIs\nNote:\nUnable to check VDIs on SR {} because this "
                           "host is not its master. Run on host {} to check that SR".format(host.srs["sr"], master))
     assert len(forest(host).images) == 2
+
+
+def test_plugin_notes_srs_that_are_not_attached(sim_host, xapi_session):
+    host = sim_host("pool-member")
+    session = xapi_session(host)
+    details = plugin_failure(session, host, host.vms["detached-vm"])
+    assert details[3] == ("VM has no leaf-coalesceable VDIs\nNote:\nUnable to check VDIs on SR {} because it is "
+                          "not attached".format(host.srs["old"]))
 
 
 def test_writer_pauses_while_frozen(sim_host):
