@@ -204,7 +204,7 @@ def test_one_gc_per_sr_visible_as_a_cleanup_process_with_task_and_speed_log(sim_
     assert not session.xenapi.task.get_all_records()
     with open(host.sm.speed_log(sr_uuid)) as handle:
         speeds = [float(line) for line in handle]
-    assert len(speeds) == 1 and speeds[0] == pytest.approx(16.0 * MIB, rel=0.25)
+    assert len(speeds) == 1 and 0 < speeds[0] <= 16.0 * MIB * 1.05
 
 
 def test_gc_runs_only_on_the_sr_master(sim_host, xapi_session):
