@@ -148,7 +148,7 @@ class FreezeMeter(object):
     a VM that was not running loses nothing. Falls back to the elapsed time if xapi's events fail.
     """
 
-    EVENT_TIMEOUT = 1.0
+    EVENT_TIMEOUT = 0.25  # how late the meter notices it is asked to stop
 
     def __init__(self, config, vdi_vms):
         self.config = config
@@ -472,7 +472,13 @@ class Runner(object):
         forced_any = False
         for entry in planned:
             entry["started"] = time.time()
-            if _shortened(current, entry):
+            try:
+                if not _merged(current, entry) and self._parent_changed(entry):
+                    current = self.inspect()  # the GC worked on this chain while busy with another
+            except (XenAPI.Failure, HostUnreachable) as error:
+                failures[entry["vdi_uuid"]] = self._ended(entry, planner.FAILED, describe(error))
+                continue
+            if _merged(current, entry):
                 outcomes[entry["vdi_uuid"]] = (planner.GC, frozen_by_gc.get(entry["vdi_uuid"]),
                                                entry["predicted_freeze_seconds"])
                 continue
@@ -525,6 +531,11 @@ class Runner(object):
             strategy = fresh["strategy"] if fresh is not None and fresh.get("strategy") else entry["strategy"]
             return self._ended(entry, planner.FAILED, describe(error), strategy=strategy)
 
+    def _parent_changed(self, entry):
+        """xapi's `vhd-parent` of the VDI is no longer the parent it was planned with."""
+        ref = self.session.xenapi.VDI.get_by_uuid(entry["vdi_uuid"])
+        return self.session.xenapi.VDI.get_sm_config(ref).get("vhd-parent", "") != entry["parent_uuid"]
+
     def _verify(self, entry, before, after, strategy, frozen, predicted):
         """The run record once its path ran: the chain must be one link shorter; bytes freed measured."""
         run = _run_record(entry, entry["started"])
@@ -550,6 +561,13 @@ class Runner(object):
 def _shortened(inspection, entry):
     _, report = _find(inspection, entry["vdi_uuid"])
     return report is not None and report.chain_length < entry["chain_length"]
+
+
+def _merged(inspection, entry):
+    """The chain is shorter and nothing is left to leaf-coalesce (a GC merging only a hidden parent
+    also shortens it, but leaves the leaf leaf-coalesceable)."""
+    _, report = _find(inspection, entry["vdi_uuid"])
+    return _shortened(inspection, entry) and report.state != model.LEAF_COALESCEABLE
 
 
 def _vdis_of_vm(inspection, vm_uuid):
