@@ -228,7 +228,7 @@ def test_switches_and_exclusions_keep_the_gc_off(sim_host, xapi_session):
     for key in ("ext", "lvm", "nolc"):
         scan(session, states, key)
     for disk in ("excluded-vdi", "excluded-reset", "excluded-caching", "excluded-sr"):
-        image = sm.Forest(states.store(states._disk_spec(disk)["sr"]).scan()).get(states.vdis[disk])
+        image = sm.Forest(states.store(states.disk_spec(disk)["sr"]).scan()).get(states.vdis[disk])
         assert image.is_leaf_coalesceable(), disk
     assert "Skipping reset-on-boot" in smlog(states) and "Leaf-coalesce disabled for this SR" in smlog(states)
 
@@ -271,7 +271,7 @@ def test_plugin_suspends_forces_and_resumes_a_busy_vm_on_lvm(sim_host, xapi_sess
                                   steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 2), sc.delete_snapshot("s")]))
     session = xapi_session(host)
     path = host.vdi_path("disk")
-    writer = host.sm._writers[0]
+    writer = host.writers[0]
     with host.sm.io_lock(host.vdis["disk"]):
         expected = bytearray(vhdfile.read_chain(path))
     assert plugin(session, host, host.vms["vm"]) == "Success"
@@ -331,7 +331,7 @@ def test_plugin_notes_srs_that_are_not_attached(sim_host, xapi_session):
 
 def test_writer_pauses_while_frozen(sim_host):
     host = sim_host(one_disk_pool(size_mib=64, writes_mib_s=20.0, speed_mib=400.0))
-    writer = host.sm._writers[0]
+    writer = host.writers[0]
     assert wait_until(lambda: writer.written > 0, timeout=5)
     with host.sm.frozen(host.vdis["disk"]):
         frozen_at = writer.written

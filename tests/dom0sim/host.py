@@ -69,7 +69,7 @@ class SimHost(object):
         self.vdis = {}          # disk key -> VDI uuid
         self.vms = {}           # VM name -> VM uuid
         self.parents = {}       # disk key -> uuid of its leaf's parent VHD ("" if none)
-        self._writers = []
+        self.writers = []       # the VmWriter of each VM that keeps writing
         self.socket_path = os.path.join(self.state_dir, "xapi.sock")
         self.agent_conf = os.path.join(self.state_dir, "agent.conf")
         self.inventory = os.path.join(self.state_dir, "xensource-inventory")
@@ -102,8 +102,8 @@ class SimHost(object):
         for spec in self.scenario["vms"]:
             if spec["writes_mib_s"] and spec["power_state"] == "Running" and spec["disks"]:
                 first = spec["disks"][0]
-                if first["key"] in self.vdis and self.srs[first["sr"]]:
-                    self._writers.append(self.sm.start_writer(
+                if os.path.exists(self.vdi_path(first["key"])):
+                    self.writers.append(self.sm.start_writer(
                         self.vms[spec["name"]], self.srs[first["sr"]], self.vdis[first["key"]],
                         spec["writes_mib_s"] * MIB, start_offset=first["size_mib"] * MIB // 2))
         return self
@@ -150,10 +150,10 @@ class SimHost(object):
 
     def vdi_path(self, disk_key):
         """The VHD of a disk's leaf."""
-        disk = self._disk_spec(disk_key)
+        disk = self.disk_spec(disk_key)
         return self.store(disk["sr"]).path(self.vdis[disk_key])
 
-    def _disk_spec(self, disk_key):
+    def disk_spec(self, disk_key):
         for spec in self.scenario["vms"]:
             for disk in spec["disks"]:
                 if disk["key"] == disk_key:
