@@ -168,3 +168,21 @@ def test_another_run_holding_the_lock_exits_4(demo_host):
         code, document, stderr = run_now(demo_host)
     assert (code, document) == (4, None)
     assert stderr.startswith("xcoalesce-agent: error: another run already holds the host lock")
+
+
+def test_startup_repair_undoes_what_an_interrupted_run_left(demo_host):
+    from xcoalesce_agent import journal
+    config = config_module.load(demo_host.agent_conf)
+    assert runner.startup_repair(config) == []
+    vdi_ref, vm_ref = demo_host.vdi_ref("web-01-root"), demo_host.vm_ref("db-01")
+    steps = journal.Journal(config.agent.state_dir)
+    steps.begin(journal.force_step(demo_host.srs["local"], demo_host.vdis["web-01-root"], None))
+    demo_host.db.add_to_map("VDI", vdi_ref, "other_config", "leaf-coalesce", "force")
+    steps.begin(journal.suspend_step([demo_host.srs["iscsi"]], demo_host.vms["db-01"], "Running"))
+    demo_host.db.update("VM", vm_ref, power_state="Suspended")
+    actions = runner.startup_repair(config)
+    assert sorted(actions) == sorted(["VM {}: resumed".format(demo_host.vms["db-01"]),
+                                      "VDI {}: leaf-coalesce=(unset) restored".format(demo_host.vdis["web-01-root"])])
+    assert demo_host.db.get_field("VDI", vdi_ref, "other_config") == {}
+    assert demo_host.db.get_field("VM", vm_ref, "power_state") == "Running"
+    assert steps.steps() == []

@@ -1,9 +1,10 @@
 """Leaf-coalesce runs: `--now`, the daemon's scheduled runs and the snapshot-deletion trigger.
 
-Every run: host lock -> repair what a crash left (journal) -> inspect -> plan -> for each SR: the
-SR's normal GC pass, then per VDI still leaf-coalesceable the forced live path or the plugin,
-each host change journalled before it is made and undone in a `finally` -> verify the chain is
-one link shorter -> measure the bytes freed and the freeze -> record in the run history.
+Every run: host lock -> repair what an interrupted run left (journal) -> inspect -> plan -> hold
+back the leaves the plan leaves alone -> the SRs' normal GC pass -> per VDI still
+leaf-coalesceable the forced live path or the plugin -> one inspection to verify each chain is
+shorter and measure the bytes freed -> record in the run history. Every host change is journalled
+before it is made and undone in a `finally`; the freeze of each run is measured from xapi's events.
 """
 import datetime
 import json
@@ -665,7 +666,22 @@ def run_now(config, options):
     return EXIT_OK
 
 
-# ---- the daemon: scheduled runs and the snapshot-deletion trigger ----------------------------
+# ---- the daemon: start-up repair, scheduled runs and the snapshot-deletion trigger -------------
+
+def startup_repair(config):
+    """Called once by the daemon at start: undo what an interrupted run left, if no run holds the
+    lock (that run repairs first itself). Returns what was done; logs instead of raising."""
+    journal = journal_module.Journal(config.agent.state_dir)
+    if not journal.steps():
+        return []
+    try:
+        with HostLock(config.agent.state_dir):
+            with open_session(config) as session:
+                return repair(config, session, journal)
+    except (AgentError, journal_module.RepairFailed) + TRANSPORT_ERRORS as error:
+        LOG.error("could not undo what an interrupted run left (the next run will try again): %s", describe(error))
+        return []
+
 
 def scheduled_run(config, inspection, now=None):
     """Called by the daemon after each inspection: in `auto` mode, inside a window and under the
