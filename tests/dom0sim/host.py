@@ -171,6 +171,7 @@ class _Builder(object):
         self.name = self.scenario["name"]
         self.host_refs = {}
         self.snapshot_vdis = {}     # (VM name, snapshot name) -> [VDI ref]
+        self.stores = {}            # SR uuid -> its store
 
     def uuid(self, *parts):
         return stable_uuid(self.name, *parts)
@@ -279,7 +280,9 @@ class _Builder(object):
                             sm_config={"vdi_type": disk["vdi_type"]})
         if not sr_spec["attached"]:
             return vdi_ref
-        store = self.host.sm.store(sr_uuid)
+        if sr_uuid not in self.stores:
+            self.stores[sr_uuid] = self.host.sm.store(sr_uuid)
+        store = self.stores[sr_uuid]
         if disk["vdi_type"] != "vhd":
             self.build_other_format(store, disk, vdi_uuid, size)
             return vdi_ref

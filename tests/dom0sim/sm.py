@@ -557,8 +557,7 @@ class GcPass(object):
         self.records = sm.records
         self.sr_uuid = sr_uuid
         self.sr_ref = self.records.sr_ref(sr_uuid)
-        sr = self.records.sr(self.sr_ref)
-        self.store = make_store(sm.state_dir, sr_uuid, sr["type"], int(sr["physical_size"]))
+        self.store = sm.store(sr_uuid)
         self.failed = set()
         self.no_space = {}
         self.log = sm.log
@@ -598,14 +597,16 @@ class GcPass(object):
             tasks.set_progress(self.sm.db, self.task, float(self.done) / (self.done + pending))
 
     def enabled(self):
-        other = self.records.sr(self.sr_ref)["other_config"]
-        if other.get("gc") == "false":
+        if self.switch("gc") == "false":
             self.log("GC is disabled for this SR, abort")
             return False
         return True
 
     def switch(self, key):
-        return self.records.sr(self.sr_ref)["other_config"].get(key)
+        return self.sr_field("other_config").get(key)
+
+    def sr_field(self, name):
+        return self.sm.db.get_field("SR", self.sr_ref, name)
 
     def scan(self):
         forest = Forest(self.store.scan())
@@ -918,8 +919,9 @@ class StorageManager(object):
         return speed_log_path(self.run_dir, sr_uuid)
 
     def store(self, sr_uuid):
-        sr = self.records.sr(self.records.sr_ref(sr_uuid))
-        return make_store(self.state_dir, sr_uuid, sr["type"], int(sr["physical_size"]))
+        sr_ref = self.records.sr_ref(sr_uuid)
+        return make_store(self.state_dir, sr_uuid, self.db.get_field("SR", sr_ref, "type"),
+                          int(self.db.get_field("SR", sr_ref, "physical_size")))
 
     def vm_power_state(self, vm_uuid):
         ref = self.records.by_uuid("VM", vm_uuid)
