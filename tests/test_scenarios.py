@@ -225,3 +225,14 @@ def test_scenario_names():
     assert {"demo", "large"} <= set(scenarios.names())
     with pytest.raises(KeyError):
         scenarios.get("nope")
+
+
+def test_demo_command_shows_the_agent_before_and_after(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "tests.dom0sim", "demo"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    for text in ("SR usage before:", "--report", "--now", "SR usage after:", "freed "):
+        assert text in out
+    assert not os.listdir(str(tmp_path))
