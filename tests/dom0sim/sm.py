@@ -436,20 +436,11 @@ class Records(object):
         except XapiError:
             return None
 
-    def get(self, cls, ref):
-        return self.db.get(cls, ref)
-
-    def update(self, cls, ref, **fields):
-        self.db.update(cls, ref, **fields)
-
     def host_ref(self):
         return self.by_uuid("host", self.host_uuid)
 
     def sr_ref(self, sr_uuid):
         return self.by_uuid("SR", sr_uuid)
-
-    def sr(self, sr_ref):
-        return self.db.get("SR", sr_ref)
 
     def vdi_ref(self, vdi_uuid):
         return self.by_uuid("VDI", vdi_uuid)
@@ -468,17 +459,17 @@ class Records(object):
 
     def sr_master_uuid(self, sr_ref):
         """(uuid of the SR's master, attached there?) as the coalesce-leaf plugin works it out."""
-        sr = self.sr(sr_ref)
-        master_ref = self.pool_master() if sr["shared"] else None
+        shared = self.db.get_field("SR", sr_ref, "shared")
+        master_ref = self.pool_master() if shared else None
         for pbd_ref in self.find("PBD", SR=sr_ref):
             pbd = self.db.get("PBD", pbd_ref)
-            if not sr["shared"] or pbd["host"] == master_ref:
+            if not shared or pbd["host"] == master_ref:
                 return self.db.get_field("host", pbd["host"], "uuid"), bool(pbd["currently_attached"])
         return None, False
 
     def is_master(self, sr_ref, host_ref):
         """cleanup.py's rule: the pool master for shared SRs, the one attached host for local ones."""
-        if self.sr(sr_ref)["shared"]:
+        if self.db.get_field("SR", sr_ref, "shared"):
             return self.pool_master() == host_ref
         pbds = self.attached_pbds(sr_ref)
         return len(pbds) == 1 and pbds[0]["host"] == host_ref
@@ -1047,7 +1038,7 @@ class StorageManager(object):
 
     def report_no_space(self, sr_ref, sr_uuid, candidates):
         """SM_GC_NO_SPACE while some merge lacks room; the message goes once everything fits."""
-        message = self.records.sr(sr_ref)["sm_config"].get(GC_NO_SPACE_KEY)
+        message = self.db.get_field("SR", sr_ref, "sm_config").get(GC_NO_SPACE_KEY)
         if candidates:
             if message is None or not self.db.exists("message", message):
                 self.log("Could not coalesce due to a lack of space in SR {}".format(sr_uuid))
