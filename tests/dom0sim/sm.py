@@ -730,6 +730,8 @@ class GcPass(object):
         try:
             tracker = CoalesceTracker()
             while not self.can_live_coalesce(image):
+                if self.sm.stopping.is_set():
+                    raise SmError("Aborting due to signal")
                 before = image.vhd_size
                 image = self.snapshot_coalesce(image)
                 if image is None:
