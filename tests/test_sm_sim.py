@@ -207,6 +207,21 @@ def test_one_gc_per_sr_visible_as_a_cleanup_process_with_task_and_speed_log(sim_
     assert len(speeds) == 1 and 0 < speeds[0] <= 16.0 * MIB * 1.05
 
 
+def test_a_gc_without_work_makes_no_task_and_later_runs_keep_a_quiet_period(sim_host, xapi_session):
+    scenario = one_disk_pool(vdi_other={"leaf-coalesce": "false"})
+    scenario["gc_quiet_seconds"] = 0.5
+    host = sim_host(scenario)
+    session = xapi_session(host)
+    scan(session, host)
+    assert "No work, exiting" in smlog(host) and not session.xenapi.task.get_all()
+    session.xenapi.VDI.remove_from_other_config(host.vdi_ref("disk"), "leaf-coalesce")
+    scan(session, host, wait=False)
+    assert wait_until(lambda: "about to go quiet" in smlog(host), timeout=5)
+    assert len(session.xenapi.task.get_all()) == 1 and len(forest(host).images) == 2
+    assert host.sm.wait_idle(30)
+    assert len(forest(host).images) == 1 and "quiet period ended" in smlog(host)
+
+
 def test_gc_runs_only_on_the_sr_master(sim_host, xapi_session):
     host = sim_host("pool-member")
     session = xapi_session(host)

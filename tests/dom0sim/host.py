@@ -186,7 +186,8 @@ class _Builder(object):
         db.create("pool", uuid=self.uuid("pool"), name_label=self.scenario["name"] + "-pool", master=master)
         self.host.host_uuid = self.uuid("host", self.scenario["this_host"])
         self.host.sm = sm.StorageManager(self.host.state_dir, db, self.host.host_uuid,
-                                         live_timeout=self.scenario["live_timeout"])
+                                         live_timeout=self.scenario["live_timeout"],
+                                         gc_quiet_seconds=self.scenario["gc_quiet_seconds"])
         for name, ref in self.host_refs.items():
             db.create("VM", name_label="Control domain on host: " + name, is_control_domain=True,
                       power_state="Running", resident_on=ref, domid=0)

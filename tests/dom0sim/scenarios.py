@@ -70,11 +70,13 @@ def garbage_file(sr_key, name, size=4096):
 
 
 def pool(name, srs, vms, hosts=("xcp-ng-1",), master=None, this_host=None, loose=(), live_timeout=10.0,
-         description=""):
+         gc_quiet_seconds=0.0, description=""):
+    """A pool; `live_timeout` is SM's live leaf-coalesce timeout (10 s), `gc_quiet_seconds` the pause a
+    background GC keeps after its first run (300 s on a real host, none by default here)."""
     hosts = list(hosts)
     return {"name": name, "description": description, "hosts": hosts, "master": master or hosts[0],
             "this_host": this_host or hosts[0], "srs": list(srs), "vms": list(vms), "loose": list(loose),
-            "live_timeout": live_timeout}
+            "live_timeout": live_timeout, "gc_quiet_seconds": gc_quiet_seconds}
 
 
 # ---- the scenarios ---------------------------------------------------------------------------------

@@ -541,9 +541,10 @@ class CoalesceTracker(object):
 class GcPass(object):
     """cleanup.py's loop for one SR: garbage, then one coalesce or one leaf coalesce, rescan, repeat."""
 
-    def __init__(self, sm, sr_uuid, task=None):
+    def __init__(self, sm, sr_uuid, quiet_seconds=0.0):
         self.sm = sm
-        self.task = task
+        self.quiet_seconds = quiet_seconds
+        self.task = None
         self.done = 0
         self.records = sm.records
         self.sr_uuid = sr_uuid
@@ -556,8 +557,34 @@ class GcPass(object):
     # -- the loop --
 
     def run(self):
+        """One GC run: nothing (no task) without work; else a "Garbage Collection" task for the loop."""
         if not self.enabled():
             return
+        try:
+            if not self.has_work(self.scan()):
+                self.log("No work, exiting")
+                return
+            self.task = tasks.create(self.sm.db, GC_TASK_LABEL, "Garbage collection for SR " + self.sr_uuid,
+                                     other_config={"applies_to": self.sr_ref})
+            try:
+                self.pause()
+                self.loop()
+            finally:
+                self.sm.db.destroy("task", self.task)
+        finally:
+            self.report_no_space()
+
+    def has_work(self, forest):
+        return bool(forest.garbage() or self.find_coalesceable(forest) or self.find_leaf_coalesceable(forest))
+
+    def pause(self):
+        """The quiet period a background GC keeps before working, after its first run since boot."""
+        if self.quiet_seconds > 0:
+            self.log("GC active, about to go quiet")
+            self.sm.stopping.wait(self.quiet_seconds)
+            self.log("GC active, quiet period ended")
+
+    def loop(self):
         while not self.sm.stopping.is_set():
             forest = self.scan()
             self.report_progress(forest)
@@ -579,7 +606,6 @@ class GcPass(object):
                 self.done += 1
                 continue
             break
-        self.report_no_space()
 
     def report_progress(self, forest):
         """The task's progress counts pairs, as SM's does: done / (done + coalesceable now)."""
@@ -875,12 +901,15 @@ class VmWriter(threading.Thread):
 class StorageManager(object):
     """SM on the simulated host: SR.scan, one GC thread per SR, the coalesce-leaf plugin, writing VMs."""
 
-    def __init__(self, state_dir, db, host_uuid, speeds=None, live_timeout=LIVE_LEAF_COALESCE_TIMEOUT):
+    def __init__(self, state_dir, db, host_uuid, speeds=None, live_timeout=LIVE_LEAF_COALESCE_TIMEOUT,
+                 gc_quiet_seconds=0.0):
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.records = Records(db, host_uuid)
         self.speeds = dict(speeds or {})
         self.live_timeout = float(live_timeout)
+        self.gc_quiet_seconds = float(gc_quiet_seconds)
+        self._gc_ran = set()
         self.run_dir = os.path.join(self.state_dir, "run")
         self.lock_dir = os.path.join(self.state_dir, "lock", "sm")
         self.cleanup_path = os.path.join(self.state_dir, "bin", "cleanup")
@@ -1064,8 +1093,11 @@ class StorageManager(object):
         self.refresh_sr(sr_uuid)
         self.kick(sr_uuid)
 
-    def kick(self, sr_uuid, host_ref=None):
-        """Start the SR's GC (as this host, or `host_ref`) unless one runs; False when it may not run there."""
+    def kick(self, sr_uuid, host_ref=None, immediate=False):
+        """Start the SR's GC (as this host, or `host_ref`) unless one runs; False when it may not run there.
+
+        A background kick after the SR's first GC run keeps the quiet period first; `immediate` does not.
+        """
         sr_ref = self.records.sr_ref(sr_uuid)
         host_ref = host_ref or self.records.host_ref()
         if self.store(sr_uuid) is None:
@@ -1080,7 +1112,8 @@ class StorageManager(object):
             current = self._gcs.get(sr_uuid)
             if current is not None and current.is_alive():
                 return True
-            thread = threading.Thread(target=self._gc_main, args=(sr_uuid,), name="gc-" + sr_uuid[:8])
+            quiet = self.gc_quiet_seconds if (sr_uuid in self._gc_ran and not immediate) else 0.0
+            thread = threading.Thread(target=self._gc_main, args=(sr_uuid, quiet), name="gc-" + sr_uuid[:8])
             thread.daemon = True
             self._gcs[sr_uuid] = thread
             thread.start()
@@ -1107,23 +1140,20 @@ class StorageManager(object):
     def run_gc(self, sr_uuid, host_ref=None):
         """cleanup.run_gc(immediate=True): wait for a running GC, then one full pass, waited for."""
         self.wait_gc(sr_uuid)
-        if self.kick(sr_uuid, host_ref):
+        if self.kick(sr_uuid, host_ref, immediate=True):
             self.wait_gc(sr_uuid)
 
-    def _gc_main(self, sr_uuid):
+    def _gc_main(self, sr_uuid, quiet_seconds):
         process = subprocess.Popen([self.cleanup_path, "-g", "-b", "-u", sr_uuid], stdin=subprocess.PIPE,
                                    close_fds=True)
-        sr_ref = self.records.sr_ref(sr_uuid)
-        task = tasks.create(self.db, GC_TASK_LABEL, "Garbage collection for SR " + sr_uuid,
-                            other_config={"applies_to": sr_ref})
         try:
             with self._sr_lock_file(sr_uuid, "running"):
-                GcPass(self, sr_uuid, task).run()
+                GcPass(self, sr_uuid, quiet_seconds).run()
+            self.log("GC process exiting, no work left")
         except Exception as exc:  # the GC logs what stopped it, as cleanup.py's logException
-            self.log("GC process exiting, no work left: {}: {}".format(type(exc).__name__, exc))
+            self.log("GC process exiting: {}: {}".format(type(exc).__name__, exc))
         finally:
-            if self.db.exists("task", task):
-                self.db.destroy("task", task)
+            self._gc_ran.add(sr_uuid)
             self.update_sr_usage(sr_uuid)
             process.stdin.close()
             process.wait()
