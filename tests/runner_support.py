@@ -5,9 +5,22 @@ import os
 import subprocess
 import sys
 
-from tests.dom0sim import vhdfile
+from tests.dom0sim import scenarios as sc, vhdfile
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+KEEP_SNAPSHOT = [sc.write(0, 4), sc.snapshot("s"), sc.write(0, 12), sc.delete_snapshot("s")]
+
+
+def small_scenario():
+    """Three running VMs with small leaves left by deleted snapshots, on a slow file SR and a slow
+    LVM SR, so that runs are quick to set up and each merge lasts long enough to interrupt."""
+    srs = [sc.sr("local", "ext", 512, speed_mib=24), sc.sr("lvm", "lvm", 512, speed_mib=24)]
+    vms = [sc.vm("app", [sc.disk("app-root", "local", 32, steps=KEEP_SNAPSHOT)]),
+           sc.vm("idle", [sc.disk("idle-root", "local", 32, steps=KEEP_SNAPSHOT)]),
+           sc.vm("db", [sc.disk("db-data", "lvm", 32, steps=KEEP_SNAPSHOT)])]
+    return sc.pool("small", srs, vms)
 
 
 def configure(host, **coalesce):
@@ -26,7 +39,12 @@ def run_now(host, *args, **options):
     """`xcoalesce-agent --now ARGS --json`: (exit code, parsed JSON or None, stderr)."""
     process = subprocess.Popen(agent_command(host, "--now", "--json", *args), cwd=REPOSITORY,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    stdout, stderr = process.communicate(timeout=options.get("timeout", 120))
+    try:
+        stdout, stderr = process.communicate(timeout=options.get("timeout", 120))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
     try:
         document = json.loads(stdout)
     except ValueError:

@@ -4,7 +4,7 @@ import subprocess
 
 from tests.dom0sim import vhdfile
 from tests.runner_support import (agent_command, chain_parent, configure, digests, downtime, files, other_configs,
-                                  power_states, run_now, sr_free, REPOSITORY)
+                                  power_states, run_now, small_scenario, sr_free, REPOSITORY)
 from xcoalesce_agent import config as config_module, history, runner
 
 
@@ -116,7 +116,7 @@ def test_exclusions_and_ha_are_reported(sim_host):
 
 
 def test_scheduled_run_honours_mode_window_and_caps(sim_host):
-    host = sim_host("demo")
+    host = sim_host(small_scenario())
     configure(host, windows="Mon-Sun 00:00-24:00", max_vms_per_window=1)
     config = config_module.load(host.agent_conf)
     inspection = _inspect(config)

@@ -9,25 +9,13 @@ import subprocess
 import pytest
 
 from tests.agent_process import wait_for
-from tests.dom0sim import scenarios as sc
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, other_configs,
-                                  power_states, run_now)
-
-KEEP_SNAPSHOT = [sc.write(0, 4), sc.snapshot("s"), sc.write(0, 12), sc.delete_snapshot("s")]
-
-
-def faults_scenario():
-    """Small disks on a slow file SR and a slow LVM SR, so that each merge lasts long enough to hit."""
-    srs = [sc.sr("local", "ext", 512, speed_mib=24), sc.sr("lvm", "lvm", 512, speed_mib=24)]
-    vms = [sc.vm("app", [sc.disk("app-root", "local", 32, steps=KEEP_SNAPSHOT)]),
-           sc.vm("idle", [sc.disk("idle-root", "local", 32, steps=KEEP_SNAPSHOT)]),
-           sc.vm("db", [sc.disk("db-data", "lvm", 32, steps=KEEP_SNAPSHOT)])]
-    return sc.pool("faults", srs, vms)
+                                  power_states, run_now, small_scenario)
 
 
 @pytest.fixture
 def host(sim_host):
-    started = sim_host(faults_scenario())
+    started = sim_host(small_scenario())
     started.before = (digests(started), other_configs(started), power_states(started))
     return started
 
