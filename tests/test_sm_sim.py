@@ -222,6 +222,20 @@ def test_a_gc_without_work_makes_no_task_and_later_runs_keep_a_quiet_period(sim_
     assert len(forest(host).images) == 1 and "quiet period ended" in smlog(host)
 
 
+def test_deleting_a_snapshot_kicks_the_gc_that_merges_its_sibling(sim_host):
+    host = sim_host("states")
+    path = host.vdi_path("snapshot-present")
+    before = vhdfile.chain_digest(path)
+    vdi_ref = host.vdi_ref("snapshot-present")
+    snapshot = host.db.get_field("VDI", vdi_ref, "snapshots")[0]
+    host.sm.delete_vdi(host.db.get_field("VDI", snapshot, "uuid"))
+    assert host.sm.wait_idle(30)
+    assert list(forest(host, "lvm").get(host.vdis["snapshot-present"]).children) == []
+    assert forest(host, "lvm").get(host.vdis["snapshot-present"]).parent is None
+    assert vhdfile.chain_digest(path) == before
+    assert not host.db.exists("VDI", snapshot)
+
+
 def test_gc_runs_only_on_the_sr_master(sim_host, xapi_session):
     host = sim_host("pool-member")
     session = xapi_session(host)

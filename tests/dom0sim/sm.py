@@ -1085,6 +1085,25 @@ class StorageManager(object):
         elif message is not None and self.db.exists("message", message):
             self.db.destroy("message", message)
 
+    def delete_vdi(self, vdi_uuid):
+        """VDI.destroy as SM's vdi_delete does it: the VHD goes (or is hidden while it has children), its
+        record and VBDs go, and the SR's GC is kicked."""
+        ref = self.records.vdi_ref(vdi_uuid)
+        sr_uuid = self.db.get_field("SR", self.db.get_field("VDI", ref, "SR"), "uuid")
+        store = self.store(sr_uuid)
+        with self.sr_lock(sr_uuid):
+            image = Forest(store.scan()).get(vdi_uuid)
+            if image is not None and image.children:
+                with vhdfile.Vhd.open(image.path, writable=True) as vhd:
+                    vhd.set_hidden(True)
+            elif image is not None:
+                store.remove(vdi_uuid)
+            for vbd in self.db.get_field("VDI", ref, "VBDs"):
+                self.db.destroy("VBD", vbd)
+            self.db.destroy("VDI", ref)
+            self.update_sr_usage(sr_uuid)
+        self.kick(sr_uuid)
+
     # -- SR.scan and the GC threads --
 
     def sr_scan(self, sr_ref):
