@@ -78,30 +78,31 @@ def test_a_vdi_predicted_over_the_maximum_is_skipped_and_held_back(demo_host):
 
 
 def test_forced_live_path_and_the_plugin_measure_their_freeze(sim_host):
-    host = sim_host("demo")
+    host = sim_host(small_scenario())
     configure(host, strategies="live, plugin")
-    code, document, stderr = run_now(host, "--vm", host.vms["web-01"], "--vm", host.vms["db-01"])
+    code, document, stderr = run_now(host, "--vm", host.vms["app"], "--vm", host.vms["db"])
     assert code == 0, stderr
     runs = runs_by_disk(host, document)
-    assert {key: run["strategy"] for key, run in runs.items()} == {"web-01-root": "live", "db-01-data": "live"}
-    for key, vm_name in (("web-01-root", "web-01"), ("db-01-data", "db-01")):
+    assert {key: run["strategy"] for key, run in runs.items()} == {"app-root": "live", "db-data": "live"}
+    for key, vm_name in (("app-root", "app"), ("db-data", "db")):
         assert runs[key]["result"] == "success" and chain_parent(host, key) == ""
         assert 0 < downtime(host, vm_name) <= 10.0
         assert abs(runs[key]["frozen_seconds"] - downtime(host, vm_name)) < 0.25
-    assert "mail-01-root" not in runs and chain_parent(host, "mail-01-root") != ""  # not asked for: held back
+    assert "idle-root" not in runs and chain_parent(host, "idle-root") != ""  # not asked for: held back
+    assert downtime(host, "idle") == 0
 
-    host = sim_host("demo")
+    host = sim_host(small_scenario())
     configure(host, strategies="plugin")
-    contents = vhdfile.chain_digest(host.vdi_path("db-01-data"))
-    code, document, stderr = run_now(host, "--sr", host.srs["iscsi"])
+    contents = vhdfile.chain_digest(host.vdi_path("db-data"))
+    code, document, stderr = run_now(host, "--sr", host.srs["lvm"])
     assert code == 0, stderr
     (run,) = document["runs"]
-    assert (run["strategy"], run["result"], run["vdi_uuid"]) == ("plugin", "success", host.vdis["db-01-data"])
-    kinds = {interval.kind for interval in host.db.downtime(host.vms["db-01"])}
-    assert "suspended" in kinds and power_states(host)["db-01"] == "Running"
-    assert abs(run["frozen_seconds"] - downtime(host, "db-01")) < 0.25
-    assert vhdfile.chain_digest(host.vdi_path("db-01-data")) == contents
-    assert other_configs(host)["db-01-data"] == {}
+    assert (run["strategy"], run["result"], run["vdi_uuid"]) == ("plugin", "success", host.vdis["db-data"])
+    kinds = {interval.kind for interval in host.db.downtime(host.vms["db"])}
+    assert "suspended" in kinds and power_states(host)["db"] == "Running"
+    assert abs(run["frozen_seconds"] - downtime(host, "db")) < 0.25
+    assert vhdfile.chain_digest(host.vdi_path("db-data")) == contents
+    assert other_configs(host)["db-data"] == {}
 
 
 def test_exclusions_and_ha_are_reported(sim_host):
