@@ -40,7 +40,7 @@ sm_lock_dir = {root}/lock/sm
 lvm_device_dir = {root}/lvm
 
 [coalesce]
-mode = auto
+mode = report
 """
 
 
