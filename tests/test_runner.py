@@ -51,7 +51,7 @@ def test_now_reclaims_the_estimate_on_file_and_lvm_srs(demo_host):
     for run in runs.values():
         assert run["frozen_seconds"] is not None
         vm_name = next(name for name, uuid in demo_host.vms.items() if uuid == run["vm_uuid"])
-        assert abs(run["frozen_seconds"] - downtime(demo_host, vm_name)) < 0.25
+        assert abs(run["frozen_seconds"] - downtime(demo_host, vm_name)) < 0.5
         assert downtime(demo_host, vm_name) <= 10.0
     totals = history.RunHistory(os.path.join(demo_host.state_dir, "agent-state")).totals()
     assert totals["runs"] == 3
@@ -87,7 +87,7 @@ def test_forced_live_path_and_the_plugin_measure_their_freeze(sim_host):
     for key, vm_name in (("app-root", "app"), ("db-data", "db")):
         assert runs[key]["result"] == "success" and chain_parent(host, key) == ""
         assert 0 < downtime(host, vm_name) <= 10.0
-        assert abs(runs[key]["frozen_seconds"] - downtime(host, vm_name)) < 0.25
+        assert abs(runs[key]["frozen_seconds"] - downtime(host, vm_name)) < 0.5
     assert "idle-root" not in runs and chain_parent(host, "idle-root") != ""  # not asked for: held back
     assert downtime(host, "idle") == 0
 
@@ -100,7 +100,7 @@ def test_forced_live_path_and_the_plugin_measure_their_freeze(sim_host):
     assert (run["strategy"], run["result"], run["vdi_uuid"]) == ("plugin", "success", host.vdis["db-data"])
     kinds = {interval.kind for interval in host.db.downtime(host.vms["db"])}
     assert "suspended" in kinds and power_states(host)["db"] == "Running"
-    assert abs(run["frozen_seconds"] - downtime(host, "db")) < 0.25
+    assert abs(run["frozen_seconds"] - downtime(host, "db")) < 0.5
     assert vhdfile.chain_digest(host.vdi_path("db-data")) == contents
     assert other_configs(host)["db-data"] == {}
 
