@@ -108,7 +108,7 @@ class VolumeGroup(object):
     def _save(self, meta):
         tmp = os.path.join(self.path, METADATA + ".tmp")
         with open(tmp, "w") as handle:
-            json.dump(meta, handle, indent=1, sort_keys=True)
+            handle.write(json.dumps(meta, sort_keys=True))
         os.rename(tmp, os.path.join(self.path, METADATA))
 
     @contextmanager
