@@ -45,7 +45,7 @@ test311: deps venv
 
 test: deps venv check-compat test36 test311
 
-demo: deps venv
+demo: $(VENV)/.stamp
 	$(VENV)/bin/python -m tests.dom0sim demo
 
 bench: deps venv
