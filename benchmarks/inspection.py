@@ -36,6 +36,15 @@ class Meter(object):
                 "wall": time.time() - self.wall_start}
 
 
+def peak_rss_mb():
+    """This process's peak RSS since its exec (VmHWM); ru_maxrss would count the parent it forked from."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def child_inspect(conf):
     """Two inspections in a row: cold (no cached bitmaps) and warm (the daemon's steady state)."""
     from xcoalesce_agent import config, inspection, model, vhdutil
@@ -49,7 +58,7 @@ def child_inspect(conf):
         figures = meter.read()
         figures["spawned"] = tools.spawned
         figures["forked"] = tools.forked
-        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        figures["peak_rss_mb"] = peak_rss_mb()
         runs.append(figures)
     vdis = [vdi for sr_report in result.srs for vdi in sr_report.vdis]
     return {"cold": runs[0], "warm": runs[1], "srs": len(result.srs), "vhds": len(vdis),

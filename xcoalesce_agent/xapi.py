@@ -157,20 +157,40 @@ def _value(data, start):
     return (_scalar(kind, raw) if kind else _text(bare or b"")), match.end()
 
 
+def _field_pattern(fields):
+    """A wanted field's member, with the value itself when it is a plain string or boolean."""
+    names = b"|".join(re.escape(name.encode("ascii")) for name in fields)
+    return re.compile(rb"<member>\s*<name>(" + names + rb")</name>\s*<value>(?:"
+                      rb"\s*<string>([^<]*)</string>\s*</value>|\s*<string\s*/>()\s*</value>"
+                      rb"|\s*<boolean>([01])</boolean>\s*</value>|([^<]*)</value>|)")
+
+
 def _record(data, start, end, field_pattern):
     """The wanted fields of the record whose struct spans data[start:end]."""
     record = {}
     depth = 0
     position = start
     for match in field_pattern.finditer(data, start, end):
-        if match.start() < position:
+        found = match.start()
+        if found < position:
             continue
-        depth += data.count(b"<struct>", position, match.start()) - data.count(b"</struct>", position, match.start())
+        depth += data.count(b"<struct>", position, found) - data.count(b"</struct>", position, found)
         if depth:
-            position = match.start()
+            position = found
             continue
-        value, position = _value(data, match.end())
-        record[match.group(1).decode("ascii")] = value
+        name, string, empty, boolean, bare = match.groups()
+        if string is not None or bare is not None:
+            value = _text(string if string is not None else bare)
+        elif empty is not None:
+            value = ""
+        elif boolean is not None:
+            value = boolean == b"1"
+        else:
+            value, position = _value(data, match.end())
+            record[name.decode("ascii")] = value
+            continue
+        record[name.decode("ascii")] = value
+        position = match.end()
     return record
 
 
@@ -179,8 +199,7 @@ def parse_records(chunks, fields):
 
     Records are parsed as soon as the next one starts, so memory holds one chunk and the records.
     """
-    field_pattern = re.compile(rb"<member>\s*<name>(" + b"|".join(re.escape(name.encode("ascii")) for name in fields)
-                               + rb")</name>\s*<value>")
+    field_pattern = _field_pattern(fields)
     records = {}
     pending = b""
     succeeded = False
