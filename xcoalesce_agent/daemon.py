@@ -1,8 +1,13 @@
-"""The foreground service: inspect on an interval, serve the last good inspection on /metrics.
+"""The foreground service: inspect on an interval, serve the last good inspection on /metrics, and
+leaf-coalesce on schedule.
 
 Inspections run in their own thread; a scrape only renders what they left (collector.py). An
-inspection that fails keeps the previous one served and is counted in the metrics. SIGTERM and
-SIGINT stop the service cleanly, SIGHUP rereads the configuration file and inspects at once.
+inspection that fails keeps the previous one served and is counted in the metrics. The same thread
+first repairs what an interrupted run left, and after each good inspection hands it to the
+scheduled run (runner.py: mode, windows, caps, lock); when that changed the host it inspects again,
+so /metrics shows the result. With `trigger_on_snapshot_delete`, a snapshot watcher wakes it once
+the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly, SIGHUP rereads the
+configuration file and inspects at once.
 """
 import logging
 import signal
@@ -10,7 +15,7 @@ import socket
 import threading
 import time
 
-from . import collector, config as config_module, history, http, inspection, xapi
+from . import collector, config as config_module, history, http, inspection, planner, runner, xapi
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -36,9 +41,11 @@ class Service(object):
         self._wake_main = threading.Event()
         self._wake_inspection = threading.Event()
         self._reload_requested = False
+        self._watcher = None
 
     def run(self):
         self.server.start()
+        self._start_watcher(self.config)
         worker = threading.Thread(target=self._inspect_forever, name="inspection")
         worker.daemon = True
         previous = {number: signal.signal(number, self._on_signal)
@@ -55,6 +62,7 @@ class Service(object):
             for number, handler in previous.items():
                 signal.signal(number, handler)
             self.server.stop()
+            self._stop_watcher()
             self._wake_inspection.set()
             worker.join(SHUTDOWN_GRACE_SECONDS)
         LOG.info("stopped")
@@ -81,6 +89,9 @@ class Service(object):
             except ConfigError as error:
                 LOG.error("reload: %s; keeping the running configuration", error)
                 return
+        if watcher_settings(config) != watcher_settings(self.config):
+            self._stop_watcher()
+            self._start_watcher(config)
         self.config = config
         LOG.info("reloaded %s", config.path)
         self._wake_inspection.set()
@@ -98,15 +109,42 @@ class Service(object):
             raise
         self.server, self.history, self.exposition = server, run_history, exposition
 
+    def _start_watcher(self, config):
+        if runner.watching(config):
+            self._watcher = runner.SnapshotWatcher(config, on_settled=self._on_snapshots_settled)
+            self._watcher.start()
+
+    def _stop_watcher(self):
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _on_snapshots_settled(self, sr_uuid):
+        LOG.info("SR %s settled after a snapshot deletion; inspecting it now", sr_uuid)
+        self._wake_inspection.set()
+
     def _inspect_forever(self):
+        runner.startup_repair(self.config)
         while not self._stop.is_set():
-            self.inspect_once()
-            self._wake_inspection.wait(self.config.inspection.interval_seconds)
+            config = self.config
+            result = self.inspect_once(config)
+            if result is not None and self.scheduled_run(config, result):
+                self.inspect_once(config)
+            self._wake_inspection.wait(config.inspection.interval_seconds)
             self._wake_inspection.clear()
 
-    def inspect_once(self):
-        """One inspection; its result, or its failure, goes into the status the metrics show."""
-        config = self.config
+    def scheduled_run(self, config, result):
+        """Leaf-coalesce on schedule after an inspection; True when a run changed the host."""
+        try:
+            runs = runner.scheduled_run(config, result)
+        except Exception:
+            LOG.exception("scheduled leaf coalesce failed")
+            return False
+        return any(run["result"] != planner.SKIPPED for run in runs)
+
+    def inspect_once(self, config):
+        """One inspection; its result, or its failure, goes into the status the metrics show.
+        Returns the inspection, or None when it failed."""
         try:
             result = inspection.inspect(config)
         except HostUnreachable as error:
@@ -126,6 +164,13 @@ class Service(object):
                      len(result.srs or ()), result.duration_seconds or 0, result.reclaimable_bytes)
             for error in result.errors or ():
                 LOG.warning("inspection: %s: %s", error["stage"], error["message"])
+            return result
+        return None
+
+
+def watcher_settings(config):
+    """What the snapshot watcher depends on: on reload it is restarted when these change."""
+    return runner.watching(config), vars(config.xapi), config.agent.state_dir
 
 
 def xapi_reachable(config):

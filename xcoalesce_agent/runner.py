@@ -678,7 +678,7 @@ def startup_repair(config):
         with HostLock(config.agent.state_dir):
             with open_session(config) as session:
                 return repair(config, session, journal)
-    except (AgentError, journal_module.RepairFailed) + TRANSPORT_ERRORS as error:
+    except (AgentError, journal_module.RepairFailed, XenAPI.Failure) + TRANSPORT_ERRORS as error:
         LOG.error("could not undo what an interrupted run left (the next run will try again): %s", describe(error))
         return []
 
@@ -713,12 +713,16 @@ def scheduled_run(config, inspection, now=None):
     try:
         runs, problems, _ = plan_and_run(config, _policy(config), inspection=inspection, srs=srs or (),
                                          caps=caps, record_skipped=False)
-    except AgentError as error:
-        LOG.warning("scheduled leaf coalesce not run: %s", error)
+    except (AgentError, XenAPI.Failure) + TRANSPORT_ERRORS as error:
+        LOG.warning("scheduled leaf coalesce not run: %s", describe(error))
         return []
     for problem in problems:
         LOG.error("%s", problem)
     done = [run for run in runs if run["result"] == planner.SUCCESS]
+    LOG.info("scheduled leaf coalesce%s: %d succeeded, %d failed, %d skipped; %d bytes reclaimed",
+             " on SR {}".format(", ".join(srs)) if srs else "", len(done),
+             sum(1 for run in runs if run["result"] == planner.FAILED),
+             sum(1 for run in runs if run["result"] == planner.SKIPPED), sum(run["reclaimed_bytes"] for run in done))
     usage["vms"] = sorted(set(usage["vms"]) | {run["vm_uuid"] or run["vdi_uuid"] for run in done})
     usage["bytes"] += sum(run["reclaimed_bytes"] for run in done)
     _write_json(usage_path, usage)
@@ -814,7 +818,9 @@ class SnapshotWatcher(object):
             token = result["token"]
             for event in result["events"]:
                 self._note(session, event, sr_uuids)
-            self.following.set()
+            if not self.following.is_set():
+                LOG.info("following snapshot deletions (%d snapshot VDIs now)", len(self._snapshots))
+                self.following.set()
             self._settle(session)
 
     def _note(self, session, event, sr_uuids):
