@@ -16,13 +16,18 @@ from xcoalesce_agent import config as config_module, inspection, journal
 OPEN_WINDOW = "Mon-Sun 00:00-24:00"
 
 
-def set_mode(host, mode, **coalesce):
-    """The host's agent.conf with `[coalesce] mode` (it says `report`) and more `[coalesce]` keys."""
-    with open(host.agent_conf) as stream:
+def switch_mode(path, old, new):
+    """Rewrite the `[coalesce] mode` of the config file at `path` from `old` to `new`."""
+    with open(path) as stream:
         text = stream.read()
-    assert "\nmode = report\n" in text
-    with open(host.agent_conf, "w") as stream:
-        stream.write(text.replace("\nmode = report\n", "\nmode = {}\n".format(mode)))
+    assert "\nmode = {}\n".format(old) in text
+    with open(path, "w") as stream:
+        stream.write(text.replace("\nmode = {}\n".format(old), "\nmode = {}\n".format(new)))
+
+
+def set_mode(host, mode, **coalesce):
+    """The host's agent.conf (in `report` mode) with `mode` and more `[coalesce]` keys."""
+    switch_mode(host.agent_conf, "report", mode)
     configure(host, **coalesce)
 
 
@@ -82,9 +87,14 @@ def test_no_run_in_report_mode_or_outside_the_windows(demo_host, tmp_path, mode,
 
 
 def test_a_snapshot_deletion_leads_to_a_run_on_its_sr_only(demo_host, tmp_path):
-    set_mode(demo_host, "auto", windows=OPEN_WINDOW, trigger_on_snapshot_delete="true")
+    set_mode(demo_host, "off", windows=OPEN_WINDOW, trigger_on_snapshot_delete="true")
+    config_path = write_config(demo_host, tmp_path / "agent.conf")
     iscsi, local = demo_host.srs["iscsi"], demo_host.srs["local"]
-    with Agent(write_config(demo_host, tmp_path / "agent.conf")) as agent:
+    with Agent(config_path) as agent:
+        agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
+        assert "following snapshot deletions" not in agent.stderr()  # mode off: no watcher
+        switch_mode(config_path, "off", "auto")
+        agent.signal(signal.SIGHUP)
         wait_for(lambda: "following snapshot deletions" in agent.stderr(), what="the snapshot watcher")
         (snapshot,) = [ref for ref, record in demo_host.db.records("VDI").items() if record["is_a_snapshot"]]
         demo_host.store("iscsi").remove(demo_host.db.get_field("VDI", snapshot, "uuid"))
