@@ -89,6 +89,8 @@ def test_tracker_gives_up_on_a_growing_leaf_and_not_on_a_shrinking_one():
     assert "bump in size" in growing.reason
     shrinking = sm.CoalesceTracker()
     assert not any(shrinking.give_up(size, size // 2) for size in (64, 32, 16, 8, 4))
+    steady = sm.CoalesceTracker()  # cleanup.py counts a round that ends no bigger as progress
+    assert not any(steady.give_up(8, 8) for _ in range(20))
 
 
 # ---- the GC -----------------------------------------------------------------------------------------
@@ -290,6 +292,52 @@ def test_a_vm_writing_faster_than_the_merge_is_given_up_on(sim_host, xapi_sessio
     image = forest(host).get(host.vdis["disk"])
     assert image is not None and image.is_leaf_coalesceable() and image.vhd_size > 4 * MIB
     assert not intervals(host, kind="io-frozen")
+
+
+def test_the_busy_scenario_leaf_grows_every_round_until_sm_gives_up(sim_host, xapi_session):
+    host = sim_host("busy", speed_mib=16.0, writes_mib_s=32.0, leaf_mib=4, disk_mib=512, live_timeout=0.05)
+    scan(xapi_session(host), host, "ext", wait=False)
+    assert host.sm.wait_idle(60), "the GC is still snapshot-coalescing"
+    log = smlog(host)
+    sizes = [(int(line.split()[-5]), int(line.split()[-1])) for line in log.splitlines() if "-- Initial size" in line]
+    assert len(sizes) >= 3 and all(after > before for before, after in sizes[1:])
+    assert "Aborted coalesce" in log and "VDI {} could not be coalesced".format(host.vdis["busy-leaf"]) in log
+    trees = forest(host, "ext")
+    assert trees.get(host.vdis["busy-leaf"]).is_leaf_coalesceable() and len(trees.images) == 2
+    assert not intervals(host, "busy-db", kind="io-frozen")
+
+
+def test_running_out_of_room_mid_merge_fails_it_and_changes_no_content(sim_host, xapi_session):
+    host = sim_host(one_disk_pool(steps=[sc.write(0, 4), sc.snapshot("s"), sc.write(2, 8), sc.delete_snapshot("s")]))
+    sr_uuid, vdi_uuid, parent_uuid = host.srs["sr"], host.vdis["disk"], host.parents["disk"]
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    parent_path = host.store("sr").path(parent_uuid)
+    assert vhdfile.allocated_blocks(parent_path) == [0, 1] and vhdfile.allocated_blocks(path) == [1, 2, 3, 4]
+    parent_size = os.path.getsize(parent_path)
+    host.sm.fail_merge_after(sr_uuid, BLOCK_COST)
+    session = xapi_session(host)
+    scan(session, host)
+    assert vhdfile.chain_digest(path) == before
+    assert vhdfile.allocated_blocks(parent_path) == [0, 1, 2]  # part-way: one block appended, then ENOSPC
+    assert parent_size < os.path.getsize(parent_path) <= parent_size + BLOCK_COST
+    trees = forest(host)
+    assert trees.get(vdi_uuid).is_leaf_coalesceable() and trees.get(parent_uuid).hidden
+    log = smlog(host)
+    assert "Coalesce failed on SR {}: No space left on device (Run out of space while coalescing.)".format(
+        sr_uuid) in log
+    assert "Leaf-coalesce failed on {}, skipping".format(vdi_uuid) in log
+    frozen = intervals(host, kind="io-frozen")
+    assert len(frozen) == 1 and frozen[0].end is not None
+    assert "paused" not in host.db.get("VDI", host.vdi_ref("disk"))["sm_config"]
+    scan(session, host)  # the next GC sees the SR full
+    assert "No space to leaf-coalesce {}".format(vdi_uuid) in smlog(host)
+    assert vhdfile.chain_digest(path) == before
+    messages = sorted((m["name"], m["obj_uuid"]) for m in session.xenapi.message.get_all_records().values())
+    assert messages == [("No space left on device", sr_uuid), ("SM_GC_NO_SPACE", sr_uuid)]
+    lvm_host = sim_host(one_disk_pool(sr_type="lvm"))
+    with pytest.raises(ValueError):
+        lvm_host.sm.fail_merge_after(lvm_host.srs["sr"], BLOCK_COST)
 
 
 # ---- the coalesce-leaf plugin -------------------------------------------------------------------------

@@ -186,10 +186,11 @@ def long_chain(length=29):
     return pool("long-chain", srs, vms, description=long_chain.__doc__)
 
 
-def busy(speed_mib=4.0, writes_mib_s=8.0, leaf_mib=64, live_timeout=10.0):
-    """A VM that writes faster than its SR merges: SM snapshot-coalesces and gives up on it."""
+def busy(speed_mib=4.0, writes_mib_s=8.0, leaf_mib=64, disk_mib=1024, live_timeout=10.0):
+    """A VM that writes faster than its SR merges: SM snapshot-coalesces, the leaf grows every round,
+    and SM gives up on it ("could not be coalesced"); the disk's size bounds what the VM writes."""
     srs = [sr("ext", "ext", 8192, name="Slow storage", speed_mib=speed_mib)]
-    vms = [vm("busy-db", [disk("busy-leaf", "ext", 4096, expect="leaf_coalesceable",
+    vms = [vm("busy-db", [disk("busy-leaf", "ext", disk_mib, expect="leaf_coalesceable",
                                steps=[write(0, 8), snapshot("s"), write(8, leaf_mib), delete_snapshot("s")])],
               writes_mib_s=writes_mib_s)]
     return pool("busy", srs, vms, live_timeout=live_timeout, description=busy.__doc__)

@@ -9,6 +9,7 @@ Every merge really copies data (vhdfile.coalesce) and lasts bytes / SR speed.
 """
 import collections
 import contextlib
+import errno
 import fcntl
 import os
 import subprocess
@@ -34,6 +35,13 @@ LVM_TYPES = ("lvm", "lvmoiscsi", "lvmohba", "lvhd", "lvhdoiscsi", "lvhdohba")
 FILE_TYPES = ("ext", "nfs", "smb", "ocfsoiscsi", "ocfsohba", "file")
 LEAF_COALESCE_KEY = "leaf-coalesce"
 GC_NO_SPACE_KEY = "gc_no_space"
+COALESCE_LAST_ERROR_KEY = "last-coalesce-error"
+COALESCE_ERROR_RATE_KEY = "coalesce-error-rate"
+DEFAULT_COALESCE_ERROR_RATE = 1.0 / 60          # xapi messages per minute about failed merges
+COALESCE_ERROR_BODIES = {errno.ENOSPC: "Run out of space while coalescing.",
+                         errno.EIO: "I/O error while coalescing."}
+BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES
+OTHER_DATA_FILE = "other-data.img"
 GC_TASK_LABEL = "Garbage Collection"
 
 PLUGIN_NAME = "coalesce-leaf"
@@ -56,6 +64,46 @@ while read -r _line; do :; done
 
 class SmError(Exception):
     """An SM operation that failed; the GC logs it and skips the VDI, as SMException."""
+
+
+class OutOfRoom(Exception):
+    """A merge stopped by ENOSPC once `copied` sectors were in the parent."""
+
+    def __init__(self, parent_path, copied):
+        Exception.__init__(self, "{}: {}".format(parent_path, os.strerror(errno.ENOSPC)))
+        self.copied = copied
+
+
+# ---- merging within the room the storage has left ----------------------------------------
+
+def merge_growth(child_path):
+    """Bytes the parent grows by when `child_path` is coalesced into it: a block for each it lacks."""
+    parent_blocks = set(vhdfile.allocated_blocks(vhdfile.resolve_parent(child_path)))
+    return len(set(vhdfile.allocated_blocks(child_path)) - parent_blocks) * BLOCK_COST
+
+
+def coalesce_within(child_path, room):
+    """`vhd-util coalesce` on storage with `room` bytes left: the child's blocks go into the parent in
+    order until the next block the parent lacks does not fit (OutOfRoom). The parent keeps what was
+    copied, which changes nothing the chain reads: the child holds every sector copied. Returns the
+    sectors copied when everything fitted."""
+    copied = 0
+    with vhdfile.Vhd.open(child_path) as child:
+        with vhdfile.Vhd.open(child.parent_path(), writable=True) as parent:
+            grown = 0
+            for block, entry in enumerate(child.bat):
+                if entry == vhdfile.UNUSED:
+                    continue
+                if parent.bat[block] == vhdfile.UNUSED:
+                    if grown + BLOCK_COST > room:
+                        raise OutOfRoom(parent.path, copied)
+                    grown += BLOCK_COST
+                mask = int.from_bytes(child.block_bitmap(block)[:child.spb // 8], "big")
+                for first, count in vhdfile.bit_runs(mask, child.spb):
+                    offset = (block * child.spb + first) * vhdfile.SECTOR_SIZE
+                    parent.write(offset, child.read_own(offset, count * vhdfile.SECTOR_SIZE))
+                    copied += count
+    return copied
 
 
 # ---- SM's size arithmetic (lvhdutil / vhdutil) -------------------------------------------
@@ -285,6 +333,13 @@ class FileStore(object):
     def free_space(self):
         return self.physical_size - self.utilisation()
 
+    def take_room(self, nbytes):
+        """Another writer on the same storage uses `nbytes` more (a sparse file in the SR here)."""
+        path = os.path.join(self.directory, OTHER_DATA_FILE)
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        with open(path, "ab") as handle:
+            handle.truncate(size + max(0, int(nbytes)))
+
     def create_base(self, uuid, size_mib):
         vhdfile.create(self.path(uuid), size_mib)
 
@@ -501,29 +556,39 @@ class Records(object):
 # ---- one GC pass over one SR ---------------------------------------------------------------
 
 class CoalesceTracker(object):
-    """When to give up snapshot-coalescing a leaf that does not shrink (cleanup.py's rules)."""
+    """When to give up snapshot-coalescing a leaf that does not shrink (cleanup.py's rules): a round
+    whose leaf ends no bigger than it started counts as progress; one that ends bigger counts against
+    it, and the leaf is given up after too many such rounds, too many rounds in all, or a second bump
+    past 1.2 x the smallest size seen. `log` gets the lines SM writes to SMlog."""
 
     GRACE_ITERATIONS = 2
     MAX_ITERATIONS_NO_PROGRESS = 3
     MAX_ITERATIONS = 10
     MAX_INCREASE_FROM_MINIMUM = 1.2
 
-    def __init__(self):
+    def __init__(self, log=None):
+        self.log = log or (lambda text: None)
         self.iterations = 0
         self.no_progress = 0
         self.minimum = float("inf")
         self.grace = self.GRACE_ITERATIONS
         self.history = []
         self.reason = ""
+        self.start_size = None
+        self.finish_size = None
 
     def give_up(self, before, after):
         self.iterations += 1
         self.history.append("Iteration: {} -- Initial size {} --> Final size {}".format(
             self.iterations, before, after))
+        self.finish_size = after
+        if self.start_size is None:
+            self.start_size = before
         self.minimum = min(self.minimum, before, after)
         if self.iterations == 1 or before >= after:
             return False
         self.no_progress += 1
+        self.log("No progress, attempt: {}".format(self.no_progress))
         if self.iterations > self.MAX_ITERATIONS:
             self.reason = "Max iterations ({}) exceeded".format(self.MAX_ITERATIONS)
             return True
@@ -536,6 +601,25 @@ class CoalesceTracker(object):
                 self.reason = "Unexpected bump in size, compared to minimum achieved"
                 return True
         return False
+
+    def log_sizes(self):
+        self.log("Starting size was         {}".format(self.start_size))
+        self.log("Final size was            {}".format(self.finish_size))
+        self.log("Minimum size achieved was {}".format(self.minimum))
+
+    def log_reasoning(self):
+        """Why the leaf was given up, round by round."""
+        self.log("Aborted coalesce")
+        for line in self.history + [self.reason]:
+            self.log(line)
+        self.log_sizes()
+
+    def log_summary(self):
+        """After snapshot-coalesce rounds that shrank the leaf enough for a live merge."""
+        if self.iterations:
+            self.log("Coalesce summary")
+            self.log("Performed {} iterations".format(self.iterations))
+            self.log_sizes()
 
 
 class GcPass(object):
@@ -754,7 +838,7 @@ class GcPass(object):
         vdi_uuid = image.uuid
         self.log("Leaf-coalescing {} -> {}".format(vdi_uuid, image.parent.uuid))
         try:
-            tracker = CoalesceTracker()
+            tracker = CoalesceTracker(self.log)
             while not self.can_live_coalesce(image):
                 if self.sm.stopping.is_set():
                     raise SmError("Aborting due to signal")
@@ -763,10 +847,9 @@ class GcPass(object):
                 if image is None:
                     return
                 if tracker.give_up(before, image.vhd_size):
-                    self.log("Aborted coalesce")
-                    for line in tracker.history + [tracker.reason]:
-                        self.log(line)
+                    tracker.log_reasoning()
                     raise SmError("VDI {} could not be coalesced".format(vdi_uuid))
+            tracker.log_summary()
             self.live_leaf_coalesce(vdi_uuid)
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(vdi_uuid)
@@ -843,11 +926,11 @@ class GcPass(object):
 # ---- the storage manager of the host -------------------------------------------------------
 
 class VmWriter(threading.Thread):
-    """A running VM writing `rate` bytes/s of fresh data sequentially into its disk's leaf, going round
-    a `window` of the disk from `start_offset` (so a VM that keeps writing does not fill the host)."""
+    """A running VM writing `rate` bytes/s of fresh data sequentially into its disk's leaf from
+    `start_offset`, going round the whole disk: each leaf SM puts on top while it runs holds every
+    block written since, as on a real host, and the disk's size bounds what the VM can fill."""
 
     CHUNK = 256 * 1024
-    WINDOW = 256 * MIB
 
     def __init__(self, sm, vm_uuid, sr_uuid, vdi_uuid, rate, start_offset=0):
         threading.Thread.__init__(self, name="writer-" + vm_uuid[:8])
@@ -867,7 +950,7 @@ class VmWriter(threading.Thread):
         return (b"%015x\n" % number) * (cls.CHUNK // 16)
 
     def offset(self, number, virtual_size):
-        return (self.start_offset + number * self.CHUNK % self.WINDOW) % virtual_size
+        return (self.start_offset + number * self.CHUNK) % virtual_size
 
     def writes(self, virtual_size):
         """[(offset, data)] of every write made so far, in order."""
@@ -921,6 +1004,7 @@ class StorageManager(object):
         self._io_locks = {}
         self._sr_locks = {}
         self._writers = []
+        self._room_faults = {}      # sr_uuid -> bytes the next merge may still append (fail_merge_after)
         for directory in (self.run_dir, self.lock_dir, os.path.dirname(self.cleanup_path)):
             if not os.path.isdir(directory):
                 os.makedirs(directory)
@@ -981,10 +1065,26 @@ class StorageManager(object):
     def timed_merge(self, sr_uuid, child_path, timeout=None):
         """`vhd-util coalesce` of child_path at the SR's speed; logs the speed; bytes merged.
 
-        With a timeout the merge is abandoned once it has taken that long (SmError "Timed out").
+        With a timeout the merge is abandoned once it has taken that long (SmError "Timed out"). A
+        file SR running out of room stops it part-way with ENOSPC, reported as SM reports it.
         """
         start = time.monotonic()
-        merged = vhdfile.coalesce(child_path) * vhdfile.SECTOR_SIZE
+        try:
+            merged = self.merge_within_room(sr_uuid, child_path) * vhdfile.SECTOR_SIZE
+        except OutOfRoom as exc:
+            self.wait_for_merge(sr_uuid, exc.copied * vhdfile.SECTOR_SIZE, start, timeout)
+            self.report_coalesce_error(sr_uuid, errno.ENOSPC)
+            self.log("Coalesce failed on {}, attempting repair on parent {}".format(
+                os.path.basename(child_path), vhdfile.resolve_parent(child_path)))
+            raise SmError(str(exc)) from None
+        self.wait_for_merge(sr_uuid, merged, start, timeout)
+        elapsed = time.monotonic() - start
+        if merged and elapsed > 0:
+            record_speed(self.speed_log(sr_uuid), merged / elapsed)
+        return merged
+
+    def wait_for_merge(self, sr_uuid, merged, start, timeout):
+        """Let a merge of `merged` bytes that began at `start` last as long as the SR's speed makes it."""
         duration = merged / float(self.speeds.get(sr_uuid, DEFAULT_SPEED))
         if timeout is not None and duration > timeout:
             self.stopping.wait(max(0.0, timeout - (time.monotonic() - start)))
@@ -992,10 +1092,54 @@ class StorageManager(object):
         remaining = duration - (time.monotonic() - start)
         if remaining > 0:
             self.stopping.wait(remaining)
-        elapsed = time.monotonic() - start
-        if merged and elapsed > 0:
-            record_speed(self.speed_log(sr_uuid), merged / elapsed)
-        return merged
+
+    def merge_within_room(self, sr_uuid, child_path):
+        """Sectors merged; on a file SR only as far as its free space goes (OutOfRoom beyond). LVM SRs
+        inflate the parent LV before merging, so their merges never run out of room part-way."""
+        store = self.store(sr_uuid)
+        if store.lvm:
+            return vhdfile.coalesce(child_path)
+        room = store.free_space()
+        left = self._room_faults.pop(sr_uuid, None)
+        if left is not None and left < room:
+            store.take_room(room - left)
+            room = left
+        if merge_growth(child_path) <= room:
+            return vhdfile.coalesce(child_path)
+        return coalesce_within(child_path, room)
+
+    def fail_merge_after(self, sr_uuid, nbytes):
+        """Fault: the storage of a file SR fills up during its next merge. Another writer takes all its
+        free space but `nbytes`, so the merge stops with ENOSPC once the parent has grown by that much
+        (whole blocks) and the SR stays full."""
+        if self.store(sr_uuid).lvm:
+            raise ValueError("SR {} is an LVM SR: its merges cannot run out of room part-way".format(sr_uuid))
+        self._room_faults[sr_uuid] = int(nbytes)
+
+    def report_coalesce_error(self, sr_uuid, number):
+        """VDI._reportCoalesceError: an SMlog line and, at most at the SR's error rate, an xapi message
+        named after the error."""
+        name = os.strerror(number)
+        body = COALESCE_ERROR_BODIES.get(number, "")
+        self.log("Coalesce failed on SR {}: {} ({})".format(sr_uuid, name, body))
+        sr_ref = self.records.sr_ref(sr_uuid)
+        if self.coalesce_error_message_due(sr_ref):
+            self.db.create("message", uuid=str(uuidlib.uuid4()), name=name, priority=3, cls="SR",
+                           obj_uuid=sr_uuid, body=body)
+
+    def coalesce_error_message_due(self, sr_ref):
+        """SR other-config:coalesce-error-rate messages per minute (0: every time, < 0: never); the time
+        of the last one is kept in SR sm-config:last-coalesce-error."""
+        rate = float(self.db.get_field("SR", sr_ref, "other_config").get(COALESCE_ERROR_RATE_KEY,
+                                                                         DEFAULT_COALESCE_ERROR_RATE))
+        if rate <= 0:
+            return rate == 0
+        now = time.time()
+        last = self.db.get_field("SR", sr_ref, "sm_config").get(COALESCE_LAST_ERROR_KEY)
+        if last is not None and now - float(last) < 60.0 / rate:
+            return False
+        self.records.set_map_key("SR", sr_ref, "sm_config", COALESCE_LAST_ERROR_KEY, str(int(now)))
+        return True
 
     # -- xapi records --
 
