@@ -12,7 +12,7 @@ import re
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/xcoalesce-agent/agent.conf"
-DEFAULT_LISTEN_ADDRESS = "0.0.0.0:9856"
+DEFAULT_LISTEN_ADDRESS = "0.0.0.0:10530"
 
 STRATEGIES = ("gc", "live", "plugin")
 MODES = ("off", "report", "auto")
