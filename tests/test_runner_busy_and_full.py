@@ -17,7 +17,7 @@ from tests.runner_support import (KEEP_SNAPSHOT, REPOSITORY, agent_command, chai
 def busy_pool():
     """The busy scenario, small and fast, with a quiet neighbour on the same SR; its VM starts writing
     only when the test says so (`start_busy_writer`)."""
-    scenario = sc.busy(speed_mib=16.0, writes_mib_s=0.0, leaf_mib=4, disk_mib=512, live_timeout=0.05)
+    scenario = sc.busy(speed_mib=16.0, writes_mib_s=0.0, leaf_mib=8, disk_mib=512, live_timeout=0.05)
     scenario["vms"].append(sc.vm("quiet", [sc.disk("quiet-root", "ext", 32, steps=KEEP_SNAPSHOT)]))
     return scenario
 
