@@ -121,10 +121,12 @@ def gc_running(session, sr_uuid):
 def wait_gc_idle(session, sr_uuid, timeout):
     """Wait (bounded) until the SR's GC is not running; True if it is idle."""
     deadline = time.monotonic() + timeout
-    while gc_running(session, sr_uuid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
+    if gc_running(session, sr_uuid):
+        LOG.info("SR %s: waiting up to %g s for the storage manager's GC to finish", sr_uuid, timeout)
+        while gc_running(session, sr_uuid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
     return True
 
 
@@ -550,8 +552,11 @@ class Runner(object):
         sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
         reclaimed = max(0, _chain_bytes(before, sr_uuid, vdi_uuid) - _chain_bytes(after, sr_uuid, vdi_uuid))
         run.update(result=planner.SUCCESS, reclaimed_bytes=reclaimed)
-        if reclaimed != entry["estimated_bytes"]:
+        if reclaimed < entry["estimated_bytes"]:
             LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", vdi_uuid, reclaimed, entry["estimated_bytes"])
+        elif reclaimed > entry["estimated_bytes"]:
+            LOG.info("VDI %s: reclaimed %d bytes: %d by the leaf coalesce, the rest by the GC's merges in its chain",
+                     vdi_uuid, reclaimed, entry["estimated_bytes"])
         if frozen is not None and strategy != planner.GC:
             record_speed(self.config, sr_uuid, strategy, entry["merge_bytes"], frozen)
         if frozen is not None:
