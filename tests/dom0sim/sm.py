@@ -5,7 +5,8 @@ It behaves as SM's `cleanup.py` does (see shared/reference/storage-manager.md): 
 garbage, coalesces hidden single-child parents, leaf-coalesces live (I/O frozen) or through
 snapshot-coalesce, gives up on leaves written faster than they merge, checks free space first,
 renames the parent to the leaf's UUID after a leaf coalesce, and keeps xapi's records in step.
-Every merge really copies data (vhdfile.coalesce) and lasts bytes / SR speed.
+Every merge really copies data (vhdfile.coalesce) and lasts bytes / SR speed; on a file SR it stops
+with ENOSPC where the SR's free space ends, and the failure is reported as SM reports it.
 """
 import collections
 import contextlib
