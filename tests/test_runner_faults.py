@@ -53,6 +53,19 @@ def start_agent(host, *args):
                             stderr=subprocess.PIPE, universal_newlines=True)
 
 
+def failed_plugin_run(host):
+    """A `--now` run by the plugin strategy that has to fail (exit 1): (document, stderr)."""
+    configure(host, strategies="plugin")
+    code, document, stderr = run_now(host)
+    assert code == 1, stderr
+    return document, stderr
+
+
+def db_data_run(host, document):
+    (run,) = [run for run in document["runs"] if run["vdi_uuid"] == host.vdis["db-data"]]
+    return run
+
+
 def when_step(host, action, value=None):
     wait_for(lambda: step_seen(host, action, value), timeout=60, interval=0.01,
              what="journal step {} {}".format(action, value or ""))
@@ -75,11 +88,9 @@ def test_xapi_dropping_mid_run(host):
 
 
 def test_the_plugin_failing(host):
-    configure(host, strategies="plugin")
     host.db.faults.fail_method("host.call_plugin", "XENAPI_PLUGIN_FAILURE", "leaf-coalesce", "Exception", "Error")
-    code, document, stderr = run_now(host)
-    assert code == 1, stderr
-    (run,) = [run for run in document["runs"] if run["vdi_uuid"] == host.vdis["db-data"]]
+    document, _ = failed_plugin_run(host)
+    run = db_data_run(host, document)
     assert run["result"] == "failed" and "XENAPI_PLUGIN_FAILURE" in run["reason"]
     assert chain_parent(host, "db-data") != ""
     assert_nothing_left_behind(host)
@@ -115,20 +126,16 @@ def test_vhd_util_failing(host):
 
 
 def test_the_vm_refusing_to_suspend(host):
-    configure(host, strategies="plugin")
     host.db.faults.fail_vm_operation(host.vms["db"], "suspend")
-    code, document, stderr = run_now(host)
-    assert code == 1, stderr
-    (run,) = [run for run in document["runs"] if run["vdi_uuid"] == host.vdis["db-data"]]
+    document, _ = failed_plugin_run(host)
+    run = db_data_run(host, document)
     assert run["result"] == "failed" and "Failed to suspend the VM" in run["reason"]
     assert_nothing_left_behind(host)
 
 
 def test_the_vm_refusing_to_resume_is_resumed_by_the_next_run(host):
-    configure(host, strategies="plugin")
     host.db.faults.fail_vm_operation(host.vms["db"], "resume")
-    code, document, stderr = run_now(host)
-    assert code == 1, stderr
+    _, stderr = failed_plugin_run(host)
     assert power_states(host)["db"] == "Suspended"
     assert "could not undo everything yet" in stderr and step_seen(host, "suspend")
     host.db.faults.clear()

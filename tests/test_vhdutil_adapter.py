@@ -140,32 +140,25 @@ def fake_tool(tmp_path, body):
     return vhdutil.VhdUtil(agent_config)
 
 
-def test_garbage_scan_output_is_an_error_not_a_crash(tmp_path):
-    tool = fake_tool(tmp_path, "printf 'vhd=a.vhd capacity=1 size=1 hidden=0 parent=none\\n\\001\\002 core dumped\\n'")
+def scan_file_sr(tool, tmp_path):
+    return tool.scan_file_sr(str(tmp_path))
+
+
+@pytest.mark.parametrize("body, call, messages", [
+    pytest.param("printf 'vhd=a.vhd capacity=1 size=1 hidden=0 parent=none\\n\\001\\002 core dumped\\n'",
+                 scan_file_sr, ["printed unexpected output: line 2"], id="garbage-scan-output"),
+    pytest.param("printf 'ab'", lambda tool, _: tool.read_bitmap("x.vhd", 64 << 20),
+                 ["printed 2 bytes where a 4-byte bitmap was expected"], id="short-bitmap"),
+    pytest.param("exec sleep 30", scan_file_sr, ["timed out after 1 s"], id="hung-tool-times-out"),
+    pytest.param("kill -ABRT $$", lambda tool, _: tool.scan_lvm_sr(SR), ["signal 6", "exit 134"],
+                 id="crash-names-its-signal"),
+])
+def test_misbehaving_tool_is_an_error_not_a_crash(tmp_path, body, call, messages):
+    """`messages`: what the error says, any one of them."""
+    tool = fake_tool(tmp_path, body)
     with pytest.raises(vhdutil.VhdUtilError) as caught:
-        tool.scan_file_sr(str(tmp_path))
-    assert "printed unexpected output: line 2" in str(caught.value)
-
-
-def test_short_bitmap_is_an_error(tmp_path):
-    tool = fake_tool(tmp_path, "printf 'ab'")
-    with pytest.raises(vhdutil.VhdUtilError) as caught:
-        tool.read_bitmap("x.vhd", 64 << 20)
-    assert "printed 2 bytes where a 4-byte bitmap was expected" in str(caught.value)
-
-
-def test_hung_tool_times_out(tmp_path):
-    tool = fake_tool(tmp_path, "exec sleep 30")
-    with pytest.raises(vhdutil.VhdUtilError) as caught:
-        tool.scan_file_sr(str(tmp_path))
-    assert "timed out after 1 s" in str(caught.value)
-
-
-def test_crashing_tool_names_its_signal(tmp_path):
-    tool = fake_tool(tmp_path, "kill -ABRT $$")
-    with pytest.raises(vhdutil.VhdUtilError) as caught:
-        tool.scan_lvm_sr(SR)
-    assert "signal 6" in str(caught.value) or "exit 134" in str(caught.value)
+        call(tool, tmp_path)
+    assert any(message in str(caught.value) for message in messages)
 
 
 def test_missing_binary_means_the_host_tools_are_unreachable(tmp_path):

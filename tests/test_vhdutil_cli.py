@@ -543,3 +543,24 @@ def test_modify_points_a_child_at_another_parent(tmp_path):
     assert run_tool(["modify", "-n", "c.vhd", "-p", "x.vhd"], cwd) == ("failed to set parent to 'x.vhd': -2\n", "", 2)
     assert run_tool(["modify", "-n", "a.vhd", "-p", "b.vhd"], cwd) == ("failed to set parent to 'b.vhd': -22\n", "", 22)
     assert run_tool(["modify"], cwd) == (vhdutil_cli.MODIFY_USAGE, "", 22)
+
+
+def test_bracket_patterns_with_set_characters_scan_without_warnings(tmp_path):
+    """`[`, `-`, `&&` and the like inside a bracket are plain characters to fnmatch: no Python
+    FutureWarning on stderr, and a range that runs backwards matches nothing, as in glibc."""
+    root = str(tmp_path)
+    vhdfile.create(os.path.join(root, "[x1.vhd"), 4)
+    vg = lvm.VolumeGroup.create(root, "VGB")
+    vhdfile.create(vg.create_lv("VHD-a", 4 << 20), 4)
+    bin_dir = os.path.join(root, "bin")
+    tools.install_tools(root, bin_dir)
+    env = {"PATH": bin_dir + ":" + os.environ.get("PATH", "/usr/bin:/bin"), "DOM0SIM_ROOT": root,
+           "PYTHONWARNINGS": "default"}
+    found_file = "vhd=[x1.vhd capacity=4194304 size=3584 hidden=0 parent=none\n"
+    found_lv = "vhd=VHD-a capacity=4194304 size=4194304 hidden=0 parent=none\n"
+    for args, stdout in ((["-m", os.path.join(root, "[[]x*.vhd")], found_file),
+                         (["-m", os.path.join(root, "[!-a&&]x*.vhd")], found_file),
+                         (["-m", os.path.join(root, "[a-[]*.vhd")], ""),
+                         (["-l", "VGB", "-m", "VHD-[[a]"], found_lv),
+                         (["-l", "VGB", "-m", "VHD-[a--z||]"], "")):
+        assert run_tool(["scan"] + args, root, env) == (stdout, "", 0), args

@@ -202,7 +202,19 @@ def decode_locator(code, payload):
 # On-disk structures
 
 
-class Footer(object):
+class _Checksummed(object):
+    """A structure whose checksum field covers its own packed bytes (footer and header)."""
+
+    def computed_checksum(self):
+        return checksum(self.pack(with_checksum=0))
+
+    def sealed(self):
+        """Bytes with a freshly computed checksum (and the checksum field updated)."""
+        self.checksum = self.computed_checksum()
+        return self.pack()
+
+
+class Footer(_Checksummed):
     """The 512-byte hd_ftr, with blktap's `hidden` byte after `saved_state`."""
 
     def __init__(self, cookie=FOOTER_COOKIE, features=FEATURES_RESERVED, format_version=FORMAT_VERSION,
@@ -242,14 +254,6 @@ class Footer(object):
                             self.original_size, self.current_size, self.geometry, self.disk_type,
                             value, uuidlib.UUID(self.uuid).bytes, self.saved_state, self.hidden,
                             self.reserved)
-
-    def computed_checksum(self):
-        return checksum(self.pack(with_checksum=0))
-
-    def sealed(self):
-        """Bytes with a freshly computed checksum (and the checksum field updated)."""
-        self.checksum = self.computed_checksum()
-        return self.pack()
 
     @property
     def chs(self):
@@ -293,7 +297,7 @@ class Locator(object):
         return _LOCATOR.pack(self.code, self.data_space, self.data_len, self.reserved, self.data_offset)
 
 
-class Header(object):
+class Header(_Checksummed):
     """The 1024-byte dynamic disk header (dd_hdr)."""
 
     def __init__(self, cookie=HEADER_COOKIE, data_offset=NO_OFFSET, table_offset=TABLE_OFFSET,
@@ -328,13 +332,6 @@ class Header(object):
                             uuidlib.UUID(self.parent_uuid).bytes, self.parent_timestamp,
                             self.reserved1, self.parent_name_raw,
                             b"".join(loc.pack() for loc in self.locators), self.reserved2)
-
-    def computed_checksum(self):
-        return checksum(self.pack(with_checksum=0))
-
-    def sealed(self):
-        self.checksum = self.computed_checksum()
-        return self.pack()
 
     @property
     def parent_name(self):
@@ -396,6 +393,25 @@ class BatmapHeader(object):
 
 # ---------------------------------------------------------------------------------------------
 # An open VHD file
+
+
+def _footer_field(name, doc=None):
+    """A read-only Vhd attribute that reads one field of its footer."""
+    def read(vhd):
+        return getattr(vhd.footer, name)
+    return property(read, doc=doc or "The footer's `{}`.".format(name))
+
+
+def _header_field(name, required=False):
+    """A read-only Vhd attribute that reads one field of its dynamic header.
+
+    Without a header (a fixed disk) it is None, or EINVAL when the field is `required`.
+    """
+    def read(vhd):
+        if required:
+            return getattr(vhd._need_header(), name)
+        return getattr(vhd.header, name) if vhd.header else None
+    return property(read, doc="The header's `{}`.".format(name))
 
 
 class Vhd(object):
@@ -528,46 +544,20 @@ class Vhd(object):
     def is_dynamic(self):
         return self.footer.disk_type in (DISK_DYNAMIC, DISK_DIFF)
 
-    @property
-    def disk_type(self):
-        return self.footer.disk_type
-
-    @property
-    def uuid(self):
-        return self.footer.uuid
-
-    @property
-    def hidden(self):
-        return self.footer.hidden
-
-    @property
-    def virtual_size(self):
-        return self.footer.current_size
-
-    @property
-    def original_size(self):
-        return self.footer.original_size
-
-    @property
-    def geometry(self):
-        return self.footer.chs
-
-    @property
-    def timestamp(self):
-        """Footer timestamp in VHD seconds (since 2000-01-01 UTC); add VHD_EPOCH for Unix time."""
-        return self.footer.timestamp
+    disk_type = _footer_field("disk_type")
+    uuid = _footer_field("uuid")
+    hidden = _footer_field("hidden")
+    virtual_size = _footer_field("current_size")
+    original_size = _footer_field("original_size")
+    geometry = _footer_field("chs")
+    timestamp = _footer_field(
+        "timestamp", "Footer timestamp in VHD seconds (since 2000-01-01 UTC); add VHD_EPOCH for Unix time.")
+    creator_version = _footer_field("creator_version")
+    creator_os = _footer_field("creator_os")
 
     @property
     def creator_app(self):
         return self.footer.creator_app.rstrip(b"\0").decode("latin-1")
-
-    @property
-    def creator_version(self):
-        return self.footer.creator_version
-
-    @property
-    def creator_os(self):
-        return self.footer.creator_os
 
     # -- header fields --------------------------------------------------------------------------
 
@@ -576,25 +566,14 @@ class Vhd(object):
             raise VhdError(errno.EINVAL, "{}: not a dynamic or differencing disk".format(self.path))
         return self.header
 
-    @property
-    def parent_uuid(self):
-        return self.header.parent_uuid if self.header else None
+    parent_uuid = _header_field("parent_uuid")
+    parent_timestamp = _header_field("parent_timestamp")
+    max_bat_size = _header_field("max_bat_size", required=True)
+    block_size = _header_field("block_size", required=True)
 
     @property
     def parent_name(self):
         return self.header.parent_name if self.footer.disk_type == DISK_DIFF else None
-
-    @property
-    def parent_timestamp(self):
-        return self.header.parent_timestamp if self.header else None
-
-    @property
-    def max_bat_size(self):
-        return self._need_header().max_bat_size
-
-    @property
-    def block_size(self):
-        return self._need_header().block_size
 
     @property
     def parent_locators(self):

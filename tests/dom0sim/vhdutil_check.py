@@ -11,7 +11,8 @@ from tests.dom0sim.vhdfile import (
     DISK_DIFF, DISK_DYNAMIC, DISK_FIXED, PLAT_CODE_NONE, SECTOR_SIZE, UNUSED, Footer, Header, VhdError,
 )
 from tests.dom0sim.vhdutil_disk import NULL_UUID, PARENT_LOCATOR_CODES, Disk, read_at
-from tests.dom0sim.vhdutil_libc import c_basename, getopt
+from tests.dom0sim.vhdutil_libc import c_basename
+from tests.dom0sim.vhdutil_options import CommandLine
 from tests.dom0sim.vhdutil_read import read_disk
 
 TIMESTAMP_MAX_SLACK = 1800
@@ -385,19 +386,11 @@ def _pct(num, den):
 
 def cmd_check(args, out):
     """`vhd-util check -n NAME [-iItpbBs]`: returns 0 or the first failure's negative errno."""
-    options, operands = getopt(args, "n:iItpbBsh", "check", out)
-    name, opts = None, {}
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt in "iItpbBs":
-            opts[opt] = True
-        else:
-            out.write(CHECK_USAGE)
-            return 0 if opt == "h" else -errno.EINVAL
-    if name is None or operands or ((opts.get("s") or opts.get("b")) and opts.get("B")):
-        out.write(CHECK_USAGE)
-        return -errno.EINVAL
+    line = CommandLine(args, "n:iItpbBsh", "check", out, CHECK_USAGE, help_succeeds=True)
+    opts = {opt: True for opt in line.values if opt in "iItpbBs"}
+    if line.incomplete("n") or ((opts.get("s") or opts.get("b")) and opts.get("B")):
+        return line.usage()
+    name = line.get("n")
     checker = Checker(out, opts)
     err = checker.check(name)
     if err:

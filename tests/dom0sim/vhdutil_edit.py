@@ -5,7 +5,8 @@ import os
 from tests.dom0sim import vhdfile
 from tests.dom0sim.vhdfile import VhdError
 from tests.dom0sim.vhdutil_disk import Disk, open_failed
-from tests.dom0sim.vhdutil_libc import c_strtol, c_strtoul, getopt
+from tests.dom0sim.vhdutil_libc import c_strtol, c_strtoul
+from tests.dom0sim.vhdutil_options import CommandLine
 
 COALESCE_USAGE = "options: <-n name> [-s sparse] [-p progress] [-h help]\n"
 SET_USAGE = "options: <-n name> <-f field> <-v value> [-h help]\n"
@@ -18,22 +19,11 @@ SNAPSHOT_USAGE = ("options: <-n name> <-p parent name> [-l snapshot depth limit]
 
 def cmd_coalesce(args, out):
     """`vhd-util coalesce -n CHILD [-s] [-p]`: merge the child's data into its parent."""
-    options, operands = getopt(args, "n:o:a:x:sph", "coalesce", out)
-    name, sparse, progress = None, False, False
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "s":
-            sparse = True
-        elif opt == "p":
-            progress = True
-        elif opt not in "oax":
-            out.write(COALESCE_USAGE)
-            return -errno.EINVAL
-    if name is None or operands:
-        out.write(COALESCE_USAGE)
-        return -errno.EINVAL
-    result = coalesce(name, sparse, progress, out)
+    line = CommandLine(args, "n:o:a:x:sph", "coalesce", out, COALESCE_USAGE)
+    if line.incomplete("n"):
+        return line.usage()
+    name = line.get("n")
+    result = coalesce(name, line.given("s"), line.given("p"), out)
     if result < 0:
         out.write("error coalescing: {}\n".format(result))
         return result
@@ -72,21 +62,10 @@ def coalesce(name, sparse, progress, out):
 
 def cmd_set(args, out):
     """`vhd-util set -n NAME -f hidden|marker -v VALUE`."""
-    options, operands = getopt(args, "n:f:v:h", "set", out)
-    name, field, value = None, None, None
-    for opt, arg in options:
-        if opt == "n":
-            name = arg
-        elif opt == "f":
-            field = arg
-        elif opt == "v":
-            value = c_strtol(arg)
-        else:
-            out.write(SET_USAGE)
-            return -errno.EINVAL
-    if name is None or field is None or operands or value is None:
-        out.write(SET_USAGE)
-        return -errno.EINVAL
+    line = CommandLine(args, "n:f:v:h", "set", out, SET_USAGE)
+    if line.incomplete("n", "f", "v"):
+        return line.usage()
+    name, field, value = line.get("n"), line.get("f"), c_strtol(line.get("v"))
     if len(field) >= 25:
         out.write("invalid field\n" + SET_USAGE)
         return -errno.EINVAL
@@ -114,28 +93,15 @@ def cmd_set(args, out):
 
 def cmd_create(args, out):
     """`vhd-util create -n NAME -s MiB [-r] [-S MiB]`: a new dynamic (or, with -r, fixed) disk."""
-    options, operands = getopt(args, "n:s:S:rh", "create", out)
-    name, size, max_size, fixed, err = None, 0, 0, False, -errno.EINVAL
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "s":
-            size, err = c_strtoul(value), 0
-        elif opt == "S":
-            max_size, err = c_strtoul(value), 0
-        elif opt == "r":
-            fixed = True
-        else:
-            out.write(CREATE_USAGE)
-            return -errno.EINVAL
-    if err or name is None or operands:
-        out.write(CREATE_USAGE)
-        return -errno.EINVAL
+    line = CommandLine(args, "n:s:S:rh", "create", out, CREATE_USAGE)
+    if line.incomplete("n") or not (line.given("s") or line.given("S")):
+        return line.usage()
+    name, size, max_size = line.get("n"), c_strtoul(line.get("s", "")), c_strtoul(line.get("S", ""))
     if max_size and max_size < size:
         out.write("Error: <-S size> must be greater than <-s size>\n")
         return -errno.EINVAL
     try:
-        vhdfile.create(name, size, fixed=fixed)
+        vhdfile.create(name, size, fixed=line.given("r"))
     except VhdError as exc:
         return -exc.errno
     return 0
@@ -143,30 +109,15 @@ def cmd_create(args, out):
 
 def cmd_snapshot(args, out):
     """`vhd-util snapshot -n CHILD -p PARENT [-l limit] [-e]`: a new differencing child."""
-    options, operands = getopt(args, "n:p:S:l:meh", "snapshot", out)
-    name, parent, limit, check_empty = None, None, 0, True
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "p":
-            parent = value
-        elif opt == "l":
-            limit = c_strtol(value)
-        elif opt == "e":
-            check_empty = False
-        elif opt in "Sm":
-            pass
-        else:
-            out.write(SNAPSHOT_USAGE)
-            return 0 if opt == "h" else -errno.EINVAL
-    if name is None or parent is None or operands:
-        out.write(SNAPSHOT_USAGE)
-        return -errno.EINVAL
+    line = CommandLine(args, "n:p:S:l:meh", "snapshot", out, SNAPSHOT_USAGE, help_succeeds=True)
+    if line.incomplete("n", "p"):
+        return line.usage()
+    name, parent, limit = line.get("n"), line.get("p"), c_strtol(line.get("l", ""))
     if not os.path.exists(parent):
         return -errno.ENOENT
     parent = os.path.realpath(parent)
     try:
-        backing = vhdfile.snapshot_target(parent) if check_empty else parent
+        backing = parent if line.given("e") else vhdfile.snapshot_target(parent)
         if limit:
             try:
                 depth = Disk.open(backing).chain_depth()
@@ -190,22 +141,14 @@ MODIFY_USAGE = ("*** Dangerous operations, use with care ***\noptions: <-n name>
 
 def cmd_modify(args, out):
     """`modify -n child -p parent`: re-point a child (SM's setParent); -s, -z and -m are not simulated."""
-    options, operands = getopt(args, "n:s:p:mzh", "modify", out)
-    name, parent = None, None
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "p":
-            parent = value
-        elif opt in "smz":
+    line = CommandLine(args, "n:s:p:mzh", "modify", out, MODIFY_USAGE)
+    for opt, _ in line.options:
+        if opt in "smz":
             out.error("vhd-util modify -{}: not available on the simulated host\n".format(opt))
             return -errno.ENOSYS
-        else:
-            out.write(MODIFY_USAGE)
-            return -errno.EINVAL
-    if name is None or operands:
-        out.write(MODIFY_USAGE)
-        return -errno.EINVAL
+    if line.incomplete("n"):
+        return line.usage()
+    name, parent = line.get("n"), line.get("p")
     try:
         Disk.open(name).close()
     except VhdError as exc:

@@ -33,6 +33,27 @@ def _top_level_parts(text, start, end, separator, brackets):
     yield begin, end
 
 
+def _set_char(char):
+    """One character taken literally inside a regex set (where `[`, `-`, `&&` and the like are special)."""
+    return "\\" + char if char in "\\]^-[&~|" else char
+
+
+def _set_body(members):
+    """The inside of a regex set for a bracket expression's members: single characters and `a-z`
+    ranges; a range that runs backwards matches nothing, as in glibc."""
+    out, index = [], 0
+    while index < len(members):
+        if members[index + 1:index + 2] == "-" and index + 2 < len(members):
+            low, high = members[index], members[index + 2]
+            if low <= high:
+                out.append(_set_char(low) + "-" + _set_char(high))
+            index += 3
+        else:
+            out.append(_set_char(members[index]))
+            index += 1
+    return "".join(out)
+
+
 def has_magic(text):
     """True when `text` holds a wildcard, so glob must read a directory."""
     return re.search(r"[*?\[]", text) is not None
@@ -84,8 +105,11 @@ class Pattern(object):
                     negate = body[:1] in ("!", "^")
                     if negate:
                         body = body[1:]
-                    body = body.replace("\\", "\\\\").replace("^", "\\^")
-                    out.append("[" + ("^/" if negate else "") + body + "]")
+                    body = _set_body(body)
+                    if negate:
+                        out.append("[^/" + body + "]")
+                    else:
+                        out.append("[" + body + "]" if body else "(?!)")
                     index = close
             else:
                 out.append(re.escape(char))

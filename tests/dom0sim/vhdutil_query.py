@@ -1,10 +1,9 @@
 """`vhd-util query`: one line per asked field of a VHD (sizes, parent, hidden, marker, chain depth,
 allocated blocks), in the tool's fixed order whatever the order of the options."""
-import errno
 
 from tests.dom0sim.vhdfile import UNUSED, VhdError
 from tests.dom0sim.vhdutil_disk import Disk, open_failed
-from tests.dom0sim.vhdutil_libc import getopt
+from tests.dom0sim.vhdutil_options import CommandLine
 
 QUERY_USAGE = ("options: <-n name> [-v print virtual size (in MB)] [-s print physical utilization (bytes)] "
                "[-p print parent] [-f print fields] [-m print marker] [-d print chain depth] "
@@ -34,31 +33,20 @@ def _answers(disk, name, resolve):
 
 def cmd_query(args, out):
     """`vhd-util query -n NAME [-vspfdSma] [-u]`: returns the first failure's negative errno, or 0."""
-    options, operands = getopt(args, "n:vspfdSmauh", "query", out)
-    name, wanted, resolve = None, set(), True
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "u":
-            resolve = False
-        elif opt in "vspfdSma":
-            wanted.add(opt)
-        else:
-            out.write(QUERY_USAGE)
-            return 0 if opt == "h" else -errno.EINVAL
-    if name is None or operands:
-        out.write(QUERY_USAGE)
-        return -errno.EINVAL
+    line = CommandLine(args, "n:vspfdSmauh", "query", out, QUERY_USAGE, help_succeeds=True)
+    if line.incomplete("n"):
+        return line.usage()
+    name = line.get("n")
     try:
         disk = Disk.open(name)
     except VhdError as exc:
         return open_failed(out, name, exc)
     err = 0
-    for option, line, failure in _answers(disk, name, resolve):
-        if option not in wanted:
+    for option, answer, failure in _answers(disk, name, not line.given("u")):
+        if not line.given(option):
             continue
         try:
-            out.write(line())
+            out.write(answer())
         except VhdError as exc:
             out.write(failure.format(-exc.errno))
             err = err or -exc.errno

@@ -6,7 +6,8 @@ from tests.dom0sim import vhdfile
 from tests.dom0sim.vhdfile import SECTOR_SIZE, UNUSED, VhdError
 from tests.dom0sim.vhdutil_disk import Disk
 from tests.dom0sim.vhdutil_dump import dump_raw_headers, print_headers
-from tests.dom0sim.vhdutil_libc import c_strtoul, conv, getopt
+from tests.dom0sim.vhdutil_libc import c_strtoul, conv
+from tests.dom0sim.vhdutil_options import CommandLine
 
 READ_USAGE = ("options:\n-h          help\n-n          name\n-p          print VHD headers\n"
               "-t sec      translate logical sector to VHD location\n-b blk      print bat entry\n"
@@ -19,28 +20,13 @@ READ_USAGE = ("options:\n-h          help\n-n          name\n-p          print V
 
 def cmd_read(args, out):
     """`vhd-util read -n NAME [-x] [-c num] ACTIONS...`: the actions run in the tool's fixed order."""
-    options, operands = getopt(args, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh", "read", out)
-    name, hex_mode, count, actions = None, False, 1, {}
-    for opt, value in options:
-        if opt == "n":
-            name = value
-        elif opt == "x":
-            hex_mode = True
-        elif opt == "c":
-            count = c_strtoul(value) & 0xFFFFFFFF
-        elif opt in ("p", "B", "a"):
-            actions[opt] = True
-        elif opt == "C":
-            pass
-        elif opt in "tbmiejdrR":
-            actions[opt] = c_strtoul(value)
-        else:
-            out.write(READ_USAGE)
-            return -errno.EINVAL
-    if name is None or operands:
-        out.write(READ_USAGE)
-        return -errno.EINVAL
-    return read_disk(name, actions, count, hex_mode, out)
+    line = CommandLine(args, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh", "read", out, READ_USAGE)
+    if line.incomplete("n"):
+        return line.usage()
+    count = c_strtoul(line.get("c")) & 0xFFFFFFFF if line.given("c") else 1
+    actions = {opt: True if value is None else c_strtoul(value)
+               for opt, value in line.values.items() if opt in "pBatbmiejdrR"}
+    return read_disk(line.get("n"), actions, count, line.given("x"), out)
 
 
 def read_disk(name, actions, count, hex_mode, out):

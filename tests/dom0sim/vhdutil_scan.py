@@ -8,7 +8,8 @@ from tests.dom0sim import lvm
 from tests.dom0sim.vhdfile import DISK_DIFF, VhdError
 from tests.dom0sim.vhdutil_disk import Abort, Disk, open_volume
 from tests.dom0sim.vhdutil_glob import GLOB_ABORTED, GLOB_NOMATCH, Glob, Pattern
-from tests.dom0sim.vhdutil_libc import c_basename, getopt
+from tests.dom0sim.vhdutil_libc import c_basename
+from tests.dom0sim.vhdutil_options import CommandLine
 from tests.dom0sim.vhdutil_volumes import lvm_scan_vg
 
 SCAN_FAST, SCAN_PRETTY, SCAN_VOLUME, SCAN_NOFAIL, SCAN_VERBOSE, SCAN_PARENTS, SCAN_MARKERS = (
@@ -318,24 +319,15 @@ class Scanner(object):
 
 def cmd_scan(args, out):
     """`vhd-util scan [-m filter] [-l VG] [-fcpavM] [names]`: returns 0 or a negative errno."""
-    options, operands = getopt(args, "m:fcl:pavMh", "scan", out)
-    flags, filter_pattern, vg_name = 0, None, None
+    line = CommandLine(args, "m:fcl:pavMh", "scan", out, SCAN_USAGE, help_succeeds=True)
+    filter_pattern, vg_name, operands = line.get("m"), line.get("l"), line.operands
+    if line.stop or (filter_pattern is None and not operands):
+        return line.usage()
     bits = {"f": SCAN_FAST, "c": SCAN_NOFAIL, "p": SCAN_PRETTY, "a": SCAN_PARENTS, "v": SCAN_VERBOSE,
-            "M": SCAN_MARKERS}
-    for opt, value in options:
-        if opt == "m":
-            filter_pattern = value
-        elif opt == "l":
-            vg_name = value
-            flags |= SCAN_VOLUME
-        elif opt in bits:
-            flags |= bits[opt]
-        else:
-            out.write(SCAN_USAGE)
-            return 0 if opt == "h" else -errno.EINVAL
-    if filter_pattern is None and not operands:
-        out.write(SCAN_USAGE)
-        return -errno.EINVAL
+            "M": SCAN_MARKERS, "l": SCAN_VOLUME}
+    flags = 0
+    for opt in line.values:
+        flags |= bits.get(opt, 0)
     if flags & SCAN_PRETTY:
         flags &= ~SCAN_FAST
     scanner = Scanner(flags, out, vg_name)
