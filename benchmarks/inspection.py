@@ -63,7 +63,7 @@ def child_inspect(conf):
     vdis = [vdi for sr_report in result.srs for vdi in sr_report.vdis]
     return {"cold": runs[0], "warm": runs[1], "srs": len(result.srs), "vhds": len(vdis),
             "candidates": sum(1 for vdi in vdis if vdi.state == model.LEAF_COALESCEABLE),
-            "errors": len(result.errors)}
+            "errors": [error["message"] for error in result.errors]}
 
 
 def child_baseline(conf):
@@ -154,8 +154,8 @@ def run(sizes=SIZES):
                 ratio(baseline["spawned"], warm["spawned"]), ratio(baseline["agent_cpu"], warm["agent_cpu"]),
                 ratio(baseline["wall"], warm["wall"]))),
         ]
-        if agent["errors"]:
-            figures.append((prefix + "inspection errors", agent["errors"]))
+        for message in agent["errors"][:3]:
+            figures.append((prefix + "inspection error", message))
         cold_cpu[count] = (cold["agent_cpu"], warm["agent_cpu"])
     if len(sizes) > 1:
         low, high = min(sizes), max(sizes)
