@@ -5,7 +5,7 @@ import subprocess
 from tests.dom0sim import vhdfile
 from tests.runner_support import (agent_command, chain_parent, configure, digests, downtime, files, other_configs,
                                   power_states, run_now, small_scenario, sr_free, REPOSITORY)
-from xcoalesce_agent import config as config_module, history, runner
+from xcoalesce_agent import config as config_module, history, runner, scheduled, snapshot_trigger
 
 
 def runs_by_disk(host, document):
@@ -122,14 +122,14 @@ def test_scheduled_run_honours_mode_window_and_caps(sim_host):
     config = config_module.load(host.agent_conf)
     inspection = _inspect(config)
     config.coalesce.mode = "report"
-    assert runner.scheduled_run(config, inspection) == []
+    assert scheduled.scheduled_run(config, inspection) == []
     config.coalesce.mode = "auto"
-    runs = runner.scheduled_run(config, inspection)
+    runs = scheduled.scheduled_run(config, inspection)
     assert [run["result"] for run in runs if run["result"] == "success"] == ["success"]
-    assert runner.scheduled_run(config, _inspect(config)) == []  # the cap of one VM is used up
+    assert scheduled.scheduled_run(config, _inspect(config)) == []  # the cap of one VM is used up
     config.coalesce.max_vms_per_window = 0
     config.coalesce.windows = config_module.windows("Mon-Sun 00:00-00:01")
-    assert runner.scheduled_run(config, _inspect(config), now=_today_at(12)) == []
+    assert scheduled.scheduled_run(config, _inspect(config), now=_today_at(12)) == []
 
 
 def _inspect(config):
@@ -149,7 +149,7 @@ def test_snapshot_deletion_marks_the_sr_pending_once_the_gc_settled(sim_host):
     configure(host, trigger_on_snapshot_delete="true")
     config = config_module.load(host.agent_conf)
     settled = []
-    watcher = runner.SnapshotWatcher(config, on_settled=settled.append)
+    watcher = snapshot_trigger.SnapshotWatcher(config, on_settled=settled.append)
     watcher.start()
     try:
         assert watcher.following.wait(20)
@@ -160,7 +160,7 @@ def test_snapshot_deletion_marks_the_sr_pending_once_the_gc_settled(sim_host):
     finally:
         watcher.stop()
     assert settled == [host.srs["iscsi"]]
-    assert runner.PendingSrs(config).load() == [host.srs["iscsi"]]
+    assert snapshot_trigger.PendingSrs(config).load() == [host.srs["iscsi"]]
 
 
 def test_another_run_holding_the_lock_exits_4(demo_host):

@@ -15,7 +15,8 @@ import socket
 import threading
 import time
 
-from . import collector, config as config_module, history, http, inspection, planner, runner, xapi
+from . import collector, config as config_module, history, http, inspection, planner, runner, scheduled, xapi
+from . import snapshot_trigger
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ class Service(object):
         self.server, self.history, self.exposition = server, run_history, exposition
 
     def _start_watcher(self, config):
-        if runner.watching(config):
-            self._watcher = runner.SnapshotWatcher(config, on_settled=self._on_snapshots_settled)
+        if snapshot_trigger.watching(config):
+            self._watcher = snapshot_trigger.SnapshotWatcher(config, on_settled=self._on_snapshots_settled)
             self._watcher.start()
 
     def _stop_watcher(self):
@@ -136,7 +137,7 @@ class Service(object):
     def scheduled_run(self, config, result):
         """Leaf-coalesce on schedule after an inspection; True when a run changed the host."""
         try:
-            runs = runner.scheduled_run(config, result)
+            runs = scheduled.scheduled_run(config, result)
         except Exception:
             LOG.exception("scheduled leaf coalesce failed")
             return False
@@ -170,7 +171,7 @@ class Service(object):
 
 def watcher_settings(config):
     """What the snapshot watcher depends on: on reload it is restarted when these change."""
-    return runner.watching(config), vars(config.xapi), config.agent.state_dir
+    return snapshot_trigger.watching(config), vars(config.xapi), config.agent.state_dir
 
 
 def xapi_reachable(config):

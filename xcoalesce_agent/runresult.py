@@ -1,0 +1,56 @@
+"""The outcome of `--now` (or its plan, with `--dry-run`) as a table or as JSON with stable keys. Pure."""
+import json
+
+from . import planner
+from .report import human_bytes
+
+JSON_FIELDS = ("vm_uuid", "vm_name", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
+               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "merge_bytes")
+
+
+def render_json(runs, dry_run=False):
+    document = {
+        "dry_run": dry_run,
+        "runs": [{name: run.get(name) for name in JSON_FIELDS} for run in runs],
+        "estimated_bytes": sum(run["estimated_bytes"] for run in runs if run["result"] != planner.SKIPPED),
+        "reclaimed_bytes": sum(run.get("reclaimed_bytes") or 0 for run in runs),
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def _size(value):
+    return human_bytes(value or 0)
+
+
+def _seconds(value):
+    return "-" if value is None else "{:.2f} s".format(value)
+
+
+def render_text(runs, dry_run=False):
+    if not runs:
+        return "Nothing to leaf-coalesce.\n"
+    header = ("VDI", "VM", "STRATEGY", "PREDICTED", "ESTIMATED") + (
+        ("PLAN", "REASON") if dry_run else ("FROZEN", "RECLAIMED", "RESULT", "REASON"))
+    rows = [header]
+    for run in runs:
+        row = (run["vdi_uuid"], run["vm_name"] or run["vm_uuid"] or "-", run["strategy"] or "-",
+               _seconds(run["predicted_freeze_seconds"]), _size(run["estimated_bytes"]))
+        if dry_run:
+            row += (run["result"], run["reason"] or "")
+        else:
+            row += (_seconds(run["frozen_seconds"]), _size(run["reclaimed_bytes"]), run["result"], run["reason"] or "")
+        rows.append(row)
+    widths = [max(len(str(row[column])) for row in rows) for column in range(len(header) - 1)]
+    lines = ["  ".join(str(row[column]).ljust(width) for column, width in enumerate(widths)) + "  " + str(row[-1])
+             for row in rows]
+    planned = [run for run in runs if run["result"] != planner.SKIPPED]
+    if dry_run:
+        lines.append("Would leaf-coalesce {} VDI(s), expected to free {}.".format(
+            len(planned), _size(sum(run["estimated_bytes"] for run in planned))))
+    else:
+        lines.append("Reclaimed {} in {} successful run(s), {} failed, {} skipped.".format(
+            _size(sum(run["reclaimed_bytes"] or 0 for run in runs)),
+            sum(1 for run in runs if run["result"] == planner.SUCCESS),
+            sum(1 for run in runs if run["result"] == planner.FAILED),
+            sum(1 for run in runs if run["result"] == planner.SKIPPED)))
+    return "\n".join(line.rstrip() for line in lines) + "\n"
