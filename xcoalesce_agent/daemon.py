@@ -4,7 +4,7 @@ leaf-coalesce on schedule.
 Inspections run in their own thread; a scrape only renders what they left (collector.py). An
 inspection that fails keeps the previous one served and is counted in the metrics. The same thread
 first repairs what an interrupted run left, and after each good inspection hands it to the
-scheduled run (runner.py: mode, windows, caps, lock); when that changed the host it inspects again,
+scheduled run (scheduled.py: mode, windows, caps, lock); when that changed the host it inspects again,
 so /metrics shows the result. With `trigger_on_snapshot_delete`, a snapshot watcher wakes it once
 the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly, SIGHUP rereads the
 configuration file and inspects at once.
