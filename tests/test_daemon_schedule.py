@@ -110,6 +110,11 @@ def test_a_snapshot_deletion_leads_to_a_run_on_its_sr_only(demo_host, tmp_path):
     assert chain_parent(demo_host, "web-01-root") != "" and chain_parent(demo_host, "mail-01-root") != ""
 
 
+def smlog(host):
+    with open(host.sm.log_path) as stream:
+        return stream.read()
+
+
 def test_a_journal_left_by_a_killed_run_is_repaired_at_start(sim_host, tmp_path):
     host = sim_host(small_scenario())
     configure(host, strategies="plugin")
@@ -123,8 +128,11 @@ def test_a_journal_left_by_a_killed_run_is_repaired_at_start(sim_host, tmp_path)
     finally:
         killed.kill()
         killed.wait(30)
+    wait_for(lambda: "Resuming VM {}".format(host.vms["db"]) in smlog(host), timeout=60,
+             what="the plugin's resume, refused")
+    wait_for(lambda: host.sm.wait_idle(5) and not host.db.get_field("VM", host.vm_ref("db"), "current_operations"),
+             timeout=60, what="the simulated GCs to finish")
     host.db.faults.clear()
-    wait_for(lambda: host.sm.wait_idle(5), timeout=60, what="the simulated GCs to finish")
     assert [step["action"] for step in steps.steps()] == ["suspend"]
     assert power_states(host)["db"] == "Suspended"
     with Agent(write_config(host, tmp_path / "agent.conf")) as agent:

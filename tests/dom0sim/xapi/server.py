@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import xmlrpc.client
 
@@ -70,6 +71,12 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             with self.connections_lock:
                 self.connections.discard(request)
+
+    def handle_error(self, request, client_address):
+        """A client that went away mid-reply (killed, timed out) is no error of the server's, as in
+        xapi; anything else is still reported."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            socketserver.UnixStreamServer.handle_error(self, request, client_address)
 
     def close_connections(self):
         with self.connections_lock:
