@@ -140,6 +140,26 @@ def vdi_users(vbds, vms):
     return users
 
 
+class _Vdi(object):
+    """What an inspection keeps of one VDI record: thousands of them, so no dict each."""
+
+    __slots__ = ("sr", "uuid", "name", "image_uuid", "vdi_type", "is_snapshot", "on_boot", "allow_caching",
+                 "leaf_coalesce", "physical_utilisation", "virtual_size")
+
+    def __init__(self, record):
+        self.sr = record["SR"]
+        self.uuid = record["uuid"]
+        self.name = record["name_label"]
+        self.image_uuid = record.get("location") or record["uuid"]
+        self.vdi_type = (record.get("sm_config") or {}).get("vdi_type", "vhd")
+        self.is_snapshot = _is_true(record.get("is_a_snapshot"))
+        self.on_boot = record.get("on_boot", "persist")
+        self.allow_caching = _is_true(record.get("allow_caching"))
+        self.leaf_coalesce = (record.get("other_config") or {}).get("leaf-coalesce", "")
+        self.physical_utilisation = record.get("physical_utilisation")
+        self.virtual_size = record.get("virtual_size")
+
+
 def _is_true(value):
     return value is True or str(value).lower() == "true"
 
@@ -167,12 +187,10 @@ class _Inspector(object):
         master = next(iter(pools.values()), {}).get("master")
         ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
         scans = [(ref, sr, self.scan(sr)) for ref, sr in ours]
-        vdis, vbds, vms = (xapi.fetch_fields(self.config, self.session, name, JOINED_FIELDS[name])
-                           for name in ("VDI", "VBD", "VM"))
-        users = vdi_users(vbds, vms)
+        users = self.vdi_users()
         by_sr = {}
-        for ref, vdi in vdis.items():
-            by_sr.setdefault(vdi["SR"], []).append((ref, vdi))
+        for ref, vdi in xapi.fetch_fields(self.config, self.session, "VDI", JOINED_FIELDS["VDI"], _Vdi).items():
+            by_sr.setdefault(vdi.sr, []).append((ref, vdi))
         gcs = running_gcs()
         reports = [self.sr_report(sr, scan, by_sr.get(ref, []), users, gcs.get(sr["uuid"])) for ref, sr, scan in scans]
         host = hosts[host_ref]
@@ -180,6 +198,11 @@ class _Inspector(object):
             host={"uuid": host["uuid"], "name": host["name_label"],
                   "product_version": (host.get("software_version") or {}).get("product_version", "")},
             srs=reports, skipped_srs=skipped, errors=self.errors)
+
+    def vdi_users(self):
+        """`vdi_users` of xapi's VBDs and VMs; the VBD records go before the VDIs are read."""
+        vms = xapi.fetch_fields(self.config, self.session, "VM", JOINED_FIELDS["VM"])
+        return vdi_users(xapi.fetch_fields(self.config, self.session, "VBD", JOINED_FIELDS["VBD"]), vms)
 
     def error(self, stage, sr, message):
         self.errors.append({"stage": stage, "message": "SR {} ({}): {}".format(sr["name_label"], sr["uuid"], message)})
@@ -233,18 +256,14 @@ class _Inspector(object):
         facts, names, reports = {}, {}, []
         for ref, vdi in vdi_records:
             vm = users.get(ref) or {}
-            vdi_type = (vdi.get("sm_config") or {}).get("vdi_type", "vhd")
-            if vdi_type in NOT_VHD_TYPES:
+            if vdi.vdi_type in NOT_VHD_TYPES:
                 report.skipped_vdis += 1
-                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi_type]))
+                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi.vdi_type]))
                 continue
-            uuid = vdi.get("location") or vdi["uuid"]
-            names[uuid] = (vdi["name_label"], vm)
-            facts[uuid] = vhdtree.VdiFacts(
-                vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")), on_boot=vdi.get("on_boot", "persist"),
-                allow_caching=_is_true(vdi.get("allow_caching")),
-                leaf_coalesce=(vdi.get("other_config") or {}).get("leaf-coalesce", ""),
-                vm_uuid=vm.get("uuid", ""), vm_tags=tuple(vm.get("tags") or ()))
+            names[vdi.image_uuid] = (vdi.name, vm)
+            facts[vdi.image_uuid] = vhdtree.VdiFacts(
+                vdi.uuid, is_snapshot=vdi.is_snapshot, on_boot=vdi.on_boot, allow_caching=vdi.allow_caching,
+                leaf_coalesce=vdi.leaf_coalesce, vm_uuid=vm.get("uuid", ""), vm_tags=tuple(vm.get("tags") or ()))
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))
             report.vdis = reports
@@ -315,8 +334,8 @@ class _Inspector(object):
 
 def _not_vhd_report(vdi, vm, kind):
     return model.VdiReport(
-        uuid=vdi["uuid"], name=vdi["name_label"], vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
+        uuid=vdi.uuid, name=vdi.name, vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
         chain_length=0, state=model.NOT_VHD, reason="{} VDI: vhd-util does not read it; left alone".format(kind),
         reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
-        physical_bytes=int(vdi.get("physical_utilisation") or 0), virtual_size_bytes=int(vdi.get("virtual_size") or 0),
+        physical_bytes=int(vdi.physical_utilisation or 0), virtual_size_bytes=int(vdi.virtual_size or 0),
         parent_uuid="", hidden=False)

@@ -23,8 +23,12 @@ MAX_CHAIN_LENGTH = 30
 
 
 class _Record(object):
-    """Keyword-built record with a fixed field list; `to_dict` follows that list."""
+    """Keyword-built record with a fixed field list; `to_dict` follows that list.
 
+    Each subclass holds its fields in `__slots__` (thousands of VDI reports per inspection).
+    """
+
+    __slots__ = ()
     FIELDS = ()
 
     def __init__(self, **values):
@@ -71,6 +75,7 @@ class VdiReport(_Record):
         "parent_uuid",        # "" for a root
         "hidden",
     )
+    __slots__ = FIELDS
 
 
 class SrReport(_Record):
@@ -93,6 +98,7 @@ class SrReport(_Record):
         "errors",                 # per-image scan errors, one line each
         "vdis",                   # [VdiReport]
     )
+    __slots__ = FIELDS
 
     def state_counts(self):
         counts = dict.fromkeys(STATES, 0)
@@ -112,6 +118,7 @@ class Inspection(_Record):
         "skipped_srs",            # [{"uuid", "name", "type", "reason"}]: not ours, not VHD, detached
         "errors",                 # [{"stage", "message"}]: what went wrong, per stage
     )
+    __slots__ = FIELDS
 
     @property
     def reclaimable_bytes(self):

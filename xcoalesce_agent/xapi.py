@@ -174,7 +174,8 @@ def _record(data, start, end, field_pattern):
         found = match.start()
         if found < position:
             continue
-        depth += data.count(b"<struct>", position, found) - data.count(b"</struct>", position, found)
+        if depth or data.find(b"<struct>", position, found) != -1:  # nested structs are rare: count only then
+            depth += data.count(b"<struct>", position, found) - data.count(b"</struct>", position, found)
         if depth:
             position = found
             continue
@@ -194,11 +195,13 @@ def _record(data, start, end, field_pattern):
     return record
 
 
-def parse_records(chunks, fields):
+def parse_records(chunks, fields, convert=None):
     """{ref: {field: value}} from the chunks of a `get_all_records` response, keeping only `fields`.
 
-    Records are parsed as soon as the next one starts, so memory holds one chunk and the records.
+    Records are parsed as soon as the next one starts, so memory holds one chunk and the records;
+    `convert(record)`, when given, replaces each record as it is parsed (by something smaller).
     """
+    convert = convert or _same
     field_pattern = _field_pattern(fields)
     records = {}
     pending = b""
@@ -211,16 +214,20 @@ def parse_records(chunks, fields):
                 continue
         starts = list(_RECORD.finditer(pending))
         for index in range(len(starts) - 1):
-            records[starts[index].group(1).decode("ascii")] = _record(pending, starts[index].end(),
-                                                                       starts[index + 1].start(), field_pattern)
+            records[starts[index].group(1).decode("ascii")] = convert(_record(
+                pending, starts[index].end(), starts[index + 1].start(), field_pattern))
         if starts:
             pending = pending[starts[-1].start():]
     if not succeeded:
         return _failure(pending)
     last = _RECORD.search(pending)
     if last is not None:
-        records[last.group(1).decode("ascii")] = _record(pending, last.end(), len(pending), field_pattern)
+        records[last.group(1).decode("ascii")] = convert(_record(pending, last.end(), len(pending), field_pattern))
     return records
+
+
+def _same(record):
+    return record
 
 
 def _failure(body):
@@ -231,8 +238,8 @@ def _failure(body):
     raise XenAPI.Failure(result.get("ErrorDescription") or ["failure without a description"])
 
 
-def fetch_fields(config, session, class_name, fields):
-    """Like `fetch_all`, with only `fields` of each record: {ref: {field: value}}."""
+def fetch_fields(config, session, class_name, fields, convert=None):
+    """Like `fetch_all`, with only `fields` of each record: {ref: {field: value}} or {ref: convert(record)}."""
     request = xmlrpc.client.dumps((session.handle,), class_name + ".get_all_records").encode("utf-8")
     connection = _SocketConnection(config.xapi.socket, config.xapi.timeout_seconds)
     try:
@@ -240,7 +247,7 @@ def fetch_fields(config, session, class_name, fields):
         response = connection.getresponse()
         if response.status != 200:
             raise xmlrpc.client.ProtocolError(config.xapi.socket, response.status, response.reason, {})
-        return parse_records(iter(lambda: response.read(_CHUNK), b""), fields)
+        return parse_records(iter(lambda: response.read(_CHUNK), b""), fields, convert)
     except TRANSPORT_ERRORS as error:
         raise unreachable(config, error) from None
     except ResponseError as error:
