@@ -127,15 +127,31 @@ def _boot_time(proc_dir):
     return 0.0
 
 
+class _Vm(object):
+    """What an inspection keeps of one VM record: thousands of them, so no dict each."""
+
+    __slots__ = ("uuid", "name", "tags", "is_control_domain", "is_snapshot")
+
+    def __init__(self, record):
+        self.uuid = record.get("uuid", "")
+        self.name = record.get("name_label", "")
+        self.tags = tuple(record.get("tags") or ())
+        self.is_control_domain = bool(record.get("is_control_domain"))
+        self.is_snapshot = bool(record.get("is_a_snapshot"))
+
+
+NO_VM = _Vm({})
+
+
 def vdi_users(vbds, vms):
-    """{VDI ref: VM record} of the VM using each VDI, preferring a real VM over a snapshot."""
+    """{VDI ref: _Vm} of the VM using each VDI, preferring a real VM over a snapshot."""
     users = {}
     for vbd in vbds.values():
         vm = vms.get(vbd["VM"])
-        if vm is None or vm.get("is_control_domain") or vbd.get("type") == "CD":
+        if vm is None or vm.is_control_domain or vbd.get("type") == "CD":
             continue
         current = users.get(vbd["VDI"])
-        if current is None or (current.get("is_a_snapshot") and not vm.get("is_a_snapshot")):
+        if current is None or (current.is_snapshot and not vm.is_snapshot):
             users[vbd["VDI"]] = vm
     return users
 
@@ -201,7 +217,7 @@ class _Inspector(object):
 
     def vdi_users(self):
         """`vdi_users` of xapi's VBDs and VMs; the VBD records go before the VDIs are read."""
-        vms = xapi.fetch_fields(self.config, self.session, "VM", JOINED_FIELDS["VM"])
+        vms = xapi.fetch_fields(self.config, self.session, "VM", JOINED_FIELDS["VM"], _Vm)
         return vdi_users(xapi.fetch_fields(self.config, self.session, "VBD", JOINED_FIELDS["VBD"]), vms)
 
     def error(self, stage, sr, message):
@@ -255,7 +271,7 @@ class _Inspector(object):
             skipped_vdis=0, errors=[], vdis=[])
         facts, names, reports = {}, {}, []
         for ref, vdi in vdi_records:
-            vm = users.get(ref) or {}
+            vm = users.get(ref, NO_VM)
             if vdi.vdi_type in NOT_VHD_TYPES:
                 report.skipped_vdis += 1
                 reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi.vdi_type]))
@@ -263,7 +279,7 @@ class _Inspector(object):
             names[vdi.image_uuid] = (vdi.name, vm)
             facts[vdi.image_uuid] = vhdtree.VdiFacts(
                 vdi.uuid, is_snapshot=vdi.is_snapshot, on_boot=vdi.on_boot, allow_caching=vdi.allow_caching,
-                leaf_coalesce=vdi.leaf_coalesce, vm_uuid=vm.get("uuid", ""), vm_tags=tuple(vm.get("tags") or ()))
+                leaf_coalesce=vdi.leaf_coalesce, vm_uuid=vm.uuid, vm_tags=vm.tags)
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))
             report.vdis = reports
@@ -279,9 +295,9 @@ class _Inspector(object):
         bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging})
         for uuid, node in nodes.items():
             state, reason = states[uuid]
-            name, vm = names.get(uuid, ("", {}))
+            name, vm = names.get(uuid, ("", NO_VM))
             vdi_report = model.VdiReport(
-                uuid=uuid, name=name, vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
+                uuid=uuid, name=name, vm_uuid=vm.uuid, vm_name=vm.name,
                 chain_length=node.chain_length, state=state, reason=reason,
                 reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=node.record.size,
                 virtual_size_bytes=node.record.virtual_size, parent_uuid=node.record.parent_uuid,
@@ -334,7 +350,7 @@ class _Inspector(object):
 
 def _not_vhd_report(vdi, vm, kind):
     return model.VdiReport(
-        uuid=vdi.uuid, name=vdi.name, vm_uuid=vm.get("uuid", ""), vm_name=vm.get("name_label", ""),
+        uuid=vdi.uuid, name=vdi.name, vm_uuid=vm.uuid, vm_name=vm.name,
         chain_length=0, state=model.NOT_VHD, reason="{} VDI: vhd-util does not read it; left alone".format(kind),
         reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
         physical_bytes=int(vdi.physical_utilisation or 0), virtual_size_bytes=int(vdi.virtual_size or 0),
