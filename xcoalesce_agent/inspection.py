@@ -143,16 +143,21 @@ class _Vm(object):
 NO_VM = _Vm({})
 
 
+def vbd_link(record):
+    """(VM ref, VDI ref, type) of a VBD record: all an inspection keeps of it."""
+    return record["VM"], record["VDI"], record.get("type")
+
+
 def vdi_users(vbds, vms):
-    """{VDI ref: _Vm} of the VM using each VDI, preferring a real VM over a snapshot."""
+    """{VDI ref: _Vm} of the VM using each VDI (vbds: {ref: vbd_link}), preferring a real VM over a snapshot."""
     users = {}
-    for vbd in vbds.values():
-        vm = vms.get(vbd["VM"])
-        if vm is None or vm.is_control_domain or vbd.get("type") == "CD":
+    for vm_ref, vdi_ref, vbd_type in vbds.values():
+        vm = vms.get(vm_ref)
+        if vm is None or vm.is_control_domain or vbd_type == "CD":
             continue
-        current = users.get(vbd["VDI"])
+        current = users.get(vdi_ref)
         if current is None or (current.is_snapshot and not vm.is_snapshot):
-            users[vbd["VDI"]] = vm
+            users[vdi_ref] = vm
     return users
 
 
@@ -208,7 +213,10 @@ class _Inspector(object):
         for ref, vdi in xapi.fetch_fields(self.config, self.session, "VDI", JOINED_FIELDS["VDI"], _Vdi).items():
             by_sr.setdefault(vdi.sr, []).append((ref, vdi))
         gcs = running_gcs()
-        reports = [self.sr_report(sr, scan, by_sr.get(ref, []), users, gcs.get(sr["uuid"])) for ref, sr, scan in scans]
+        reports = []
+        while scans:  # each SR's scan and VDI records go once its report is made
+            ref, sr, scan = scans.pop(0)
+            reports.append(self.sr_report(sr, scan, by_sr.pop(ref, []), users, gcs.get(sr["uuid"])))
         host = hosts[host_ref]
         return model.Inspection(
             host={"uuid": host["uuid"], "name": host["name_label"],
@@ -218,7 +226,7 @@ class _Inspector(object):
     def vdi_users(self):
         """`vdi_users` of xapi's VBDs and VMs; the VBD records go before the VDIs are read."""
         vms = xapi.fetch_fields(self.config, self.session, "VM", JOINED_FIELDS["VM"], _Vm)
-        return vdi_users(xapi.fetch_fields(self.config, self.session, "VBD", JOINED_FIELDS["VBD"]), vms)
+        return vdi_users(xapi.fetch_fields(self.config, self.session, "VBD", JOINED_FIELDS["VBD"], vbd_link), vms)
 
     def error(self, stage, sr, message):
         self.errors.append({"stage": stage, "message": "SR {} ({}): {}".format(sr["name_label"], sr["uuid"], message)})

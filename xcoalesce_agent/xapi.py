@@ -174,7 +174,7 @@ def _record(data, start, end, field_pattern):
         found = match.start()
         if found < position:
             continue
-        if depth or data.find(b"<struct>", position, found) != -1:  # nested structs are rare: count only then
+        if depth or data.find(b"<struct>", position, found) != -1:  # count only past a nested struct
             depth += data.count(b"<struct>", position, found) - data.count(b"</struct>", position, found)
         if depth:
             position = found
