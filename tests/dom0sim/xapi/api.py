@@ -4,7 +4,7 @@ import collections
 import logging
 import threading
 
-from . import events, schema, tasks, vm, wire
+from . import events, query, schema, tasks, vm, wire
 from .errors import XapiError
 from .schema import NULL_REF
 
@@ -98,6 +98,9 @@ class Api(object):
         self._add(cls + ".get_all", lambda c: db.all(cls), 0)
         self._add(cls + ".get_all_records", lambda c: {
             ref: wire.encode_record(cls, record) for ref, record in db.records(cls).items()}, 0)
+        self._add(cls + ".get_all_records_where", lambda c, expr: {
+            ref: wire.encode_record(cls, record)
+            for ref, record in query.select(cls, db.records(cls), expr).items()}, 1)
         self._add(cls + ".get_record", lambda c, ref: wire.encode_record(cls, db.get(cls, ref)), 1)
         self._add(cls + ".get_by_uuid", lambda c, uuid: db.ref_of(cls, uuid), 1)
         if "name_label" in schema.FIELDS[cls]:
