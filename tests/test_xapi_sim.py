@@ -150,7 +150,13 @@ def test_wire_bytes_and_keep_alive(sim):
     text = response.read().decode()
     assert response.status == 200 and response.getheader("Content-Type") == "text/xml"
     assert not response.will_close
-    assert "<name>Value</name>\n<value><string>{}</string></value>".format(900 * GIB) in text
+    assert text == ('<?xml version="1.0"?><methodResponse><params><param><value><struct><member><name>Status</name>'
+                    '<value>Success</value></member><member><name>Value</name><value>{}</value></member></struct>'
+                    '</value></param></params></methodResponse>'.format(900 * GIB))
+    session.xenapi.VM.set_name_label(sim.vm, 'a<b>&"c\td')
+    connection.request("POST", "/", xmlrpc.client.dumps((session._session, sim.vm), "VM.get_name_label"))
+    assert "<value>a&lt;b&gt;&amp;&quot;c\td</value>" in connection.getresponse().read().decode()
+    assert session.xenapi.VM.get_name_label(sim.vm) == 'a<b>&"c\td'
     connection.request("POST", "/", xmlrpc.client.dumps((session._session, sim.vdi), "VDI.get_snapshot_time"))
     assert "<dateTime.iso8601>19700101T00:00:00Z</dateTime.iso8601>" in connection.getresponse().read().decode()
     connection.close()

@@ -12,6 +12,7 @@ import sys
 import threading
 import xmlrpc.client
 
+from . import wire
 from .api import Api
 from .errors import XapiError
 
@@ -141,11 +142,11 @@ class XapiServer(object):
             LOG.exception("%s failed", method)
             result = {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", str(error)]}
         try:
-            return xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True).encode("utf-8")
+            return wire.response_xml(result).encode("utf-8")
         except Exception as error:
             LOG.exception("%s: cannot encode the result", method)
             failure = {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", str(error)]}
-            return xmlrpc.client.dumps((failure,), methodresponse=True, allow_none=True).encode("utf-8")
+            return wire.response_xml(failure).encode("utf-8")
 
 
 def _fault(message):

@@ -1,7 +1,5 @@
 """task records as xapi keeps them for long operations (Async calls, SM's "Garbage Collection")."""
 import contextlib
-import re
-import xmlrpc.client
 
 from . import wire
 from .errors import XapiError
@@ -48,5 +46,4 @@ def running(db, name_label, name_description=""):
 def encode_result(value):
     if value is None or value == "":
         return ""
-    text = xmlrpc.client.dumps((value,), allow_none=True)
-    return re.search(r"<value>.*</value>", text, re.S).group(0)
+    return wire.value_xml(value)

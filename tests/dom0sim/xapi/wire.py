@@ -1,5 +1,7 @@
-"""Field values between their Python form and xapi's XML-RPC form (64-bit ints as strings, dates)."""
+"""Field values between their Python form and xapi's XML-RPC form (64-bit ints as strings, dates), and
+XML-RPC documents written byte for byte as xapi writes them (ocaml-rpc's non-strict writer)."""
 import datetime
+import re
 import xmlrpc.client
 
 from . import schema
@@ -78,3 +80,57 @@ def decode(field, value):
 def now():
     """The current UTC time at xapi's one-second resolution."""
     return datetime.datetime.utcnow().replace(microsecond=0)
+
+
+# xapi writes strings bare (`<value>text</value>`, no `<string>`), escapes `<`, `>`, `&` and `"`,
+# drops the control characters XML cannot hold, and puts no whitespace between elements.
+_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;", '"': "&quot;"}
+_TO_ESCAPE = re.compile(r'[<>&"\x00-\x08\x0b\x0c\x0e-\x1f]')
+
+
+def _escape(text):
+    return _TO_ESCAPE.sub(lambda match: _ESCAPES.get(match.group(0), ""), text) if _TO_ESCAPE.search(text) else text
+
+
+def _write_value(value, out):
+    if isinstance(value, str):
+        out.append("<value>" + _escape(value) + "</value>")
+    elif isinstance(value, bool):
+        out.append("<value><boolean>1</boolean></value>" if value else "<value><boolean>0</boolean></value>")
+    elif isinstance(value, int):  # xapi's 64-bit ints are strings already: what is left is int32
+        out.append("<value><i4>{}</i4></value>".format(value))
+    elif isinstance(value, float):
+        out.append("<value><double>{:.16g}</double></value>".format(value))
+    elif isinstance(value, xmlrpc.client.DateTime):
+        out.append("<value><dateTime.iso8601>" + value.value + "</dateTime.iso8601></value>")
+    elif isinstance(value, (list, tuple)):
+        out.append("<value><array><data>")
+        for item in value:
+            _write_value(item, out)
+        out.append("</data></array></value>")
+    elif isinstance(value, dict):
+        out.append("<value><struct>")
+        for name, item in value.items():
+            out.append("<member><name>" + _escape(str(name)) + "</name>")
+            _write_value(item, out)
+            out.append("</member>")
+        out.append("</struct></value>")
+    elif value is None:
+        out.append("<value><nil/></value>")
+    else:
+        raise TypeError("cannot write {} to XML-RPC".format(type(value).__name__))
+
+
+def value_xml(value):
+    """One `<value>` element as xapi writes it (a task's result is stored in this form)."""
+    out = []
+    _write_value(value, out)
+    return "".join(out)
+
+
+def response_xml(outcome):
+    """The methodResponse document xapi sends for `outcome`, its {"Status": ..., ...} struct."""
+    out = ['<?xml version="1.0"?><methodResponse><params><param>']
+    _write_value(outcome, out)
+    out.append("</param></params></methodResponse>")
+    return "".join(out)
