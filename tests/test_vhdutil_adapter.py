@@ -1,5 +1,6 @@
 """The `vhd-util` adapter against real VHD files and the simulated host's `vhd-util` (blktap's exact output)."""
 import os
+import tempfile
 
 import pytest
 
@@ -186,3 +187,12 @@ def test_batched_bitmap_reads_keep_each_result_apart(host, tmp_path):
     assert "exit 2" in str(results[images[1][0]])
     assert "exit 22" in str(results[images[2][0]]) and "Failed to get bat" in str(results[images[2][0]])
     assert (tool.spawned, tool.forked) == (4, 1)
+
+
+def test_bitmap_reads_without_a_temporary_directory_are_errors_per_image(host, tmp_path, monkeypatch):
+    """A batch's output goes to a temporary file: when none can be made, each image says why."""
+    root, agent_config = host
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    results = vhdutil.VhdUtil(agent_config).read_bitmaps([(str(tmp_path / "a.vhd"), 64 << 20)])
+    assert "cannot create a temporary file" in str(results[str(tmp_path / "a.vhd")])
+    assert "No such file or directory" in str(results[str(tmp_path / "a.vhd")])

@@ -8,6 +8,7 @@ import binascii
 import errno
 import os
 import subprocess
+import tempfile
 
 from . import vhdtree
 from .errors import HostUnreachable
@@ -36,9 +37,10 @@ class VhdUtil(object):
         self.spawned += 1
         return output
 
-    def _run_command(self, command, what):
+    def _run_command(self, command, what, output=None):
+        """stdout of `command` (read back from the file `output` when given), or VhdUtilError."""
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output or subprocess.PIPE,
                                        stderr=subprocess.PIPE, env=self.environment, close_fds=True)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
@@ -51,6 +53,9 @@ class VhdUtil(object):
             process.kill()
             process.communicate()
             raise VhdUtilError("`vhd-util {}` timed out after {:g} s".format(what, self.timeout)) from None
+        if output is not None:
+            output.seek(0)
+            stdout = output.read()
         if process.returncode != 0:
             raise VhdUtilError("`vhd-util {}` failed (exit {}): {}".format(
                 what, _exit_status(process.returncode), _first_line(stderr, stdout)))
@@ -79,23 +84,33 @@ class VhdUtil(object):
         """{path: bitmap or VhdUtilError} for [(path, virtual_size)]: one `read -B` per image.
 
         The reads run from one small shell per batch rather than each forked from this process,
-        whose size makes every fork cost milliseconds of its CPU.
+        whose size makes every fork cost milliseconds of its CPU; the batch writes to a temporary
+        file, read once at its end, rather than to a pipe that would wake this process per image.
         """
         results = {}
         for first in range(0, len(images), BITMAP_BATCH):
             batch = images[first:first + BITMAP_BATCH]
-            boundary = "--xcoalesce-{}--".format(binascii.hexlify(os.urandom(12)).decode("ascii"))
             try:
-                output = self._run_command(["/bin/sh", "-c", _BATCH_SCRIPT, "sh", boundary, self.binary]
-                                           + [path for path, _ in batch], "read -B (batch of {})".format(len(batch)))
+                results.update(self._read_batch(batch))
             except VhdUtilError as error:
                 results.update((path, error) for path, _ in batch)
-                continue
-            self.spawned += len(batch)
-            parts = output.split(("\n" + boundary + " ").encode("ascii"))
-            for index, (path, virtual_size) in enumerate(batch):
-                results[path] = _batch_result(path, virtual_size, parts, index)
         return results
+
+    def _read_batch(self, batch):
+        boundary = "--xcoalesce-{}--".format(binascii.hexlify(os.urandom(12)).decode("ascii"))
+        try:
+            spool = tempfile.TemporaryFile(prefix="xcoalesce-bitmaps-")
+        except OSError as error:
+            raise VhdUtilError("cannot create a temporary file for `vhd-util read -B` output: {}".format(
+                os.strerror(error.errno) if error.errno else error)) from None
+        with spool:
+            output = self._run_command(["/bin/sh", "-c", _BATCH_SCRIPT, "sh", boundary, self.binary]
+                                       + [path for path, _ in batch], "read -B (batch of {})".format(len(batch)),
+                                       spool)
+        self.spawned += len(batch)
+        parts = output.split(("\n" + boundary + " ").encode("ascii"))
+        return {path: _batch_result(path, virtual_size, parts, index)
+                for index, (path, virtual_size) in enumerate(batch)}
 
 
 # For each path: the tool's output, then a line `<boundary> <exit status>`.
