@@ -5,7 +5,6 @@ import subprocess
 import sys
 import threading
 import time
-import xmlrpc.client
 
 import pytest
 
@@ -342,32 +341,3 @@ def test_lvm_volume_sizes_come_from_the_scan(demo):
     for vdi in iscsi.vdis:
         if vdi.state != model.NOT_VHD:
             assert vdi.physical_bytes == sizes["VHD-" + vdi.uuid]
-
-
-def test_records_are_read_field_by_field_from_either_wire_style():
-    """The streamed reader keeps only the fields asked for, from Python's and xapi's own XML-RPC styles."""
-    records = {"OpaqueRef:1": {"uuid": "u1", "name_label": "a&b <x>", "tags": ["t1", ""], "virtual_size": "123",
-                               "other_config": {"leaf-coalesce": "false", "uuid": "not this one"},
-                               "is_a_snapshot": True, "sm_config": {}, "ignored": "x"},
-               "OpaqueRef:2": {"other_config": {"name_label": "nor this"}, "uuid": "u2", "name_label": "",
-                               "tags": [], "is_a_snapshot": False, "sm_config": {"vdi_type": "aio"}, "virtual_size": 5}}
-    fields = ("uuid", "name_label", "tags", "other_config", "is_a_snapshot", "virtual_size", "sm_config")
-    body = xmlrpc.client.dumps(({"Status": "Success", "Value": records},), methodresponse=True).encode()
-    expected = {ref: {key: value for key, value in record.items() if key in fields} for ref, record in records.items()}
-    for size in (1, 13, 1 << 20):
-        assert xapi.parse_records([body[i:i + size] for i in range(0, len(body), size)], fields) == expected
-    bare = (b"<methodResponse><params><param><value><struct><member><name>Status</name><value>Success</value>"
-            b"</member><member><name>Value</name><value><struct><member><name>OpaqueRef:9</name><value><struct>"
-            b"<member><name>uuid</name><value>u9</value></member><member><name>name_label</name>"
-            b"<value> spaced &amp; x</value></member><member><name>tags</name><value><array><data><value>x"
-            b"</value><value></value></data></array></value></member><member><name>is_a_snapshot</name><value>"
-            b"<boolean>0</boolean></value></member><member><name>sm_config</name><value><struct></struct>"
-            b"</value></member></struct></value></member></struct></value></member></struct></value></param>"
-            b"</params></methodResponse>")
-    assert xapi.parse_records([bare], fields) == {"OpaqueRef:9": {
-        "uuid": "u9", "name_label": " spaced & x", "tags": ["x", ""], "is_a_snapshot": False, "sm_config": {}}}
-    failure = xmlrpc.client.dumps(({"Status": "Failure", "ErrorDescription": ["SESSION_INVALID", "x"]},),
-                                  methodresponse=True).encode()
-    with pytest.raises(xapi.XenAPI.Failure) as caught:
-        xapi.parse_records([failure], fields)
-    assert caught.value.details == ["SESSION_INVALID", "x"]

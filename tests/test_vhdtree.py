@@ -1,4 +1,5 @@
 """The pure core: `vhd-util scan` lines → records → forest → a state and a reason per VHD."""
+import gc
 import os
 
 import pytest
@@ -146,6 +147,23 @@ def test_chain_lengths():
     lengths = {uuid: node.chain_length for uuid, node in nodes.items()}
     assert lengths["g3"] == 3 and lengths["g2"] == 2 and lengths["g1"] == 1
     assert lengths["web"] == 2 and lengths["alone"] == 1 and lengths["lost"] == 1
+
+
+def test_an_unlinked_forest_is_freed_without_the_cyclic_collector():
+    def live_nodes():
+        return sum(1 for item in gc.get_objects() if isinstance(item, vhdtree.Node))
+
+    gc.collect()
+    before = live_nodes()
+    gc.disable()
+    try:
+        nodes, _ = classified()
+        assert live_nodes() == before + len(RECORDS)
+        vhdtree.unlink(nodes)
+        del nodes
+        assert live_nodes() == before
+    finally:
+        gc.enable()
 
 
 def test_long_chain_and_loop():

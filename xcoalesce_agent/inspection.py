@@ -16,7 +16,7 @@ NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
 
 # The fields of the records joined with the scans: only these are read from xapi's answers.
 JOINED_FIELDS = {
-    "VDI": ("uuid", "name_label", "SR", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
+    "VDI": ("uuid", "name_label", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
             "sm_config", "physical_utilisation", "virtual_size"),
     "VBD": ("VM", "VDI", "type"),
     "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot"),
@@ -143,42 +143,24 @@ class _Vm(object):
 NO_VM = _Vm({})
 
 
-def vbd_link(record):
-    """(VM ref, VDI ref, type) of a VBD record: all an inspection keeps of it."""
-    return record["VM"], record["VDI"], record.get("type")
-
-
 def vdi_users(vbds, vms):
-    """{VDI ref: _Vm} of the VM using each VDI (vbds: {ref: vbd_link}), preferring a real VM over a snapshot."""
+    """{VDI ref: _Vm} of the VM using each VDI, preferring a real VM over a snapshot.
+
+    `vbds` is any iterable of VBD records (xapi's stream of them: none is kept), `vms` {ref: _Vm}.
+    """
     users = {}
-    for vm_ref, vdi_ref, vbd_type in vbds.values():
-        vm = vms.get(vm_ref)
-        if vm is None or vm.is_control_domain or vbd_type == "CD":
+    for vbd in vbds:
+        vm = vms.get(vbd["VM"])
+        if vm is None or vm.is_control_domain or vbd.get("type") == "CD":
             continue
-        current = users.get(vdi_ref)
+        current = users.get(vbd["VDI"])
         if current is None or (current.is_snapshot and not vm.is_snapshot):
-            users[vdi_ref] = vm
+            users[vbd["VDI"]] = vm
     return users
 
 
-class _Vdi(object):
-    """What an inspection keeps of one VDI record: thousands of them, so no dict each."""
-
-    __slots__ = ("sr", "uuid", "name", "image_uuid", "vdi_type", "is_snapshot", "on_boot", "allow_caching",
-                 "leaf_coalesce", "physical_utilisation", "virtual_size")
-
-    def __init__(self, record):
-        self.sr = record["SR"]
-        self.uuid = record["uuid"]
-        self.name = record["name_label"]
-        self.image_uuid = record.get("location") or record["uuid"]
-        self.vdi_type = (record.get("sm_config") or {}).get("vdi_type", "vhd")
-        self.is_snapshot = _is_true(record.get("is_a_snapshot"))
-        self.on_boot = record.get("on_boot", "persist")
-        self.allow_caching = _is_true(record.get("allow_caching"))
-        self.leaf_coalesce = (record.get("other_config") or {}).get("leaf-coalesce", "")
-        self.physical_utilisation = record.get("physical_utilisation")
-        self.virtual_size = record.get("virtual_size")
+# One string object for each value of the enum, rather than one per VDI.
+_ON_BOOT = {"persist": "persist", "reset": "reset"}
 
 
 def _is_true(value):
@@ -198,6 +180,10 @@ class _Inspector(object):
     def fetch(self, class_name):
         return xapi.fetch_all(self.config, self.session, class_name)
 
+    def records(self, class_name, where=None):
+        """(ref, record) of `class_name` from xapi, with only the fields an inspection joins."""
+        return xapi.iter_records(self.config, self.session, class_name, JOINED_FIELDS[class_name], where)
+
     def run(self, host_uuid):
         pools, hosts = self.fetch("pool"), self.fetch("host")
         srs, pbds = self.fetch("SR"), self.fetch("PBD")
@@ -207,16 +193,9 @@ class _Inspector(object):
                 self.config.xapi.socket, host_uuid, self.config.xapi.inventory))
         master = next(iter(pools.values()), {}).get("master")
         ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
-        scans = [(ref, sr, self.scan(sr)) for ref, sr in ours]
         users = self.vdi_users()
-        by_sr = {}
-        for ref, vdi in xapi.fetch_fields(self.config, self.session, "VDI", JOINED_FIELDS["VDI"], _Vdi).items():
-            by_sr.setdefault(vdi.sr, []).append((ref, vdi))
         gcs = running_gcs()
-        reports = []
-        while scans:  # each SR's scan and VDI records go once its report is made
-            ref, sr, scan = scans.pop(0)
-            reports.append(self.sr_report(sr, scan, by_sr.pop(ref, []), users, gcs.get(sr["uuid"])))
+        reports = [self.sr_report(ref, sr, users, gcs.get(sr["uuid"])) for ref, sr in ours]
         host = hosts[host_ref]
         return model.Inspection(
             host={"uuid": host["uuid"], "name": host["name_label"],
@@ -224,9 +203,9 @@ class _Inspector(object):
             srs=reports, skipped_srs=skipped, errors=self.errors)
 
     def vdi_users(self):
-        """`vdi_users` of xapi's VBDs and VMs; the VBD records go before the VDIs are read."""
-        vms = xapi.fetch_fields(self.config, self.session, "VM", JOINED_FIELDS["VM"], _Vm)
-        return vdi_users(xapi.fetch_fields(self.config, self.session, "VBD", JOINED_FIELDS["VBD"], vbd_link), vms)
+        """`vdi_users` of xapi's VMs and VBDs: the VBD records are folded in as they stream."""
+        vms = {ref: _Vm(record) for ref, record in self.records("VM")}
+        return vdi_users((record for _, record in self.records("VBD")), vms)
 
     def error(self, stage, sr, message):
         self.errors.append({"stage": stage, "message": "SR {} ({}): {}".format(sr["name_label"], sr["uuid"], message)})
@@ -269,7 +248,32 @@ class _Inspector(object):
                 self.bitmaps.put(keys[node.uuid], read[path])
         return bitmaps
 
-    def sr_report(self, sr, scan, vdi_records, users, gc_seconds):
+    def join_vdis(self, sr_ref, users, report):
+        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of non-VHD VDIs]) of the SR's VDI records.
+
+        The records stream from xapi and go: only what classification and the report use is kept.
+        """
+        facts, names, reports = {}, {}, []
+        for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
+            vm = users.get(vdi_ref, NO_VM)
+            vdi_type = (vdi.get("sm_config") or {}).get("vdi_type", "vhd")
+            if vdi_type in NOT_VHD_TYPES:
+                report.skipped_vdis += 1
+                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi_type]))
+                continue
+            image_uuid = vdi.get("location") or vdi["uuid"]
+            names[image_uuid] = (vdi["name_label"], vm)
+            facts[image_uuid] = vhdtree.VdiFacts(
+                vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")),
+                on_boot=_ON_BOOT.get(vdi.get("on_boot"), vdi.get("on_boot", "persist")),
+                allow_caching=_is_true(vdi.get("allow_caching")),
+                leaf_coalesce=(vdi.get("other_config") or {}).get("leaf-coalesce", ""),
+                vm_uuid=vm.uuid, vm_tags=vm.tags)
+        return facts, names, reports
+
+    def sr_report(self, ref, sr, users, gc_seconds):
+        """The SR's report: its scan first, then xapi's VDI records of that SR only, joined."""
+        scan = self.scan(sr)
         size = int(sr["physical_size"])
         report = model.SrReport(
             uuid=sr["uuid"], name=sr["name_label"], type=sr["type"], shared=bool(sr["shared"]),
@@ -277,17 +281,7 @@ class _Inspector(object):
             reclaimable_bytes=0, gc_pending_bytes=0, merge_free_bytes=0, longest_chain=0,
             gc_running=gc_seconds is not None, gc_running_seconds=gc_seconds or 0.0,
             skipped_vdis=0, errors=[], vdis=[])
-        facts, names, reports = {}, {}, []
-        for ref, vdi in vdi_records:
-            vm = users.get(ref, NO_VM)
-            if vdi.vdi_type in NOT_VHD_TYPES:
-                report.skipped_vdis += 1
-                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi.vdi_type]))
-                continue
-            names[vdi.image_uuid] = (vdi.name, vm)
-            facts[vdi.image_uuid] = vhdtree.VdiFacts(
-                vdi.uuid, is_snapshot=vdi.is_snapshot, on_boot=vdi.on_boot, allow_caching=vdi.allow_caching,
-                leaf_coalesce=vdi.leaf_coalesce, vm_uuid=vm.uuid, vm_tags=vm.tags)
+        facts, names, reports = self.join_vdis(ref, users, report)
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))
             report.vdis = reports
@@ -324,6 +318,7 @@ class _Inspector(object):
             reports.append(vdi_report)
         reports.sort(key=lambda item: (item.vm_name == "", item.vm_name, item.name == "", item.name, item.uuid))
         report.vdis = reports
+        vhdtree.unlink(nodes)
         return report
 
     def estimate_leaf(self, sr, node, lvm, bitmaps, vdi_report, report):
@@ -358,8 +353,8 @@ class _Inspector(object):
 
 def _not_vhd_report(vdi, vm, kind):
     return model.VdiReport(
-        uuid=vdi.uuid, name=vdi.name, vm_uuid=vm.uuid, vm_name=vm.name,
+        uuid=vdi["uuid"], name=vdi["name_label"], vm_uuid=vm.uuid, vm_name=vm.name,
         chain_length=0, state=model.NOT_VHD, reason="{} VDI: vhd-util does not read it; left alone".format(kind),
         reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
-        physical_bytes=int(vdi.physical_utilisation or 0), virtual_size_bytes=int(vdi.virtual_size or 0),
+        physical_bytes=int(vdi.get("physical_utilisation") or 0), virtual_size_bytes=int(vdi.get("virtual_size") or 0),
         parent_uuid="", hidden=False)

@@ -132,6 +132,14 @@ def build_forest(records):
     return nodes
 
 
+def unlink(nodes):
+    """Drop the forest's parent and child links, which are reference cycles: unlinked, the forest is
+    freed as soon as it is no longer used, not at the next run of the cyclic garbage collector."""
+    for node in nodes.values():
+        node.parent = None
+        node.children = []
+
+
 def _chain_length(node):
     path = []
     seen = set()
