@@ -58,9 +58,14 @@ def image_uuid(name, lvm):
 
 
 def parse_scan(text, lvm):
-    """Parse `vhd-util scan -f -c` output (file mode, or LVM mode with `-l`)."""
+    """Parse `vhd-util scan -f -c` output (file mode, or LVM mode with `-l`).
+
+    A UUID met again (as a parent) and a size met again are the same object: the reports of thousands
+    of VHDs keep them.
+    """
     records = []
     errors = []
+    known = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -75,8 +80,10 @@ def parse_scan(text, lvm):
             parent = image.group("parent")
             # A parent name that names no image of this SR is kept as printed: that parent is missing.
             parent_uuid = "" if parent == "none" else image_uuid(parent, lvm) or parent
-            records.append(ScanRecord(uuid, int(image.group("capacity")), int(image.group("size")),
-                                      image.group("hidden") != "0", parent_uuid))
+            capacity = int(image.group("capacity"))
+            records.append(ScanRecord(known.setdefault(uuid, uuid), known.setdefault(capacity, capacity),
+                                      int(image.group("size")), image.group("hidden") != "0",
+                                      known.setdefault(parent_uuid, parent_uuid)))
             continue
         error = _ERROR.match(line)
         if not error:
