@@ -14,8 +14,12 @@ FILE_SR_TYPES = ("ext", "nfs", "smb")
 LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
 
-# The fields of the records joined with the scans: only these are read from xapi's answers.
-JOINED_FIELDS = {
+# The fields an inspection reads of each class: only these are decoded from xapi's answers.
+RECORD_FIELDS = {
+    "pool": ("master",),
+    "host": ("uuid", "name_label", "software_version"),
+    "SR": ("uuid", "name_label", "type", "shared", "physical_size", "physical_utilisation", "other_config"),
+    "PBD": ("host", "SR", "currently_attached"),
     "VDI": ("uuid", "name_label", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
             "sm_config", "physical_utilisation", "virtual_size"),
     "VBD": ("VM", "VDI", "type"),
@@ -177,16 +181,13 @@ class _Inspector(object):
         self.bitmaps = bitmaps
         self.errors = []
 
-    def fetch(self, class_name):
-        return xapi.fetch_all(self.config, self.session, class_name)
-
     def records(self, class_name, where=None):
-        """(ref, record) of `class_name` from xapi, with only the fields an inspection joins."""
-        return xapi.iter_records(self.config, self.session, class_name, JOINED_FIELDS[class_name], where)
+        """(ref, record) of `class_name` from xapi, with only the fields an inspection reads."""
+        return xapi.iter_records(self.config, self.session, class_name, RECORD_FIELDS[class_name], where)
 
     def run(self, host_uuid):
-        pools, hosts = self.fetch("pool"), self.fetch("host")
-        srs, pbds = self.fetch("SR"), self.fetch("PBD")
+        pools, hosts = dict(self.records("pool")), dict(self.records("host"))
+        srs, pbds = dict(self.records("SR")), dict(self.records("PBD"))
         host_ref = next((ref for ref, host in hosts.items() if host["uuid"] == host_uuid), None)
         if host_ref is None:
             raise HostUnreachable("xapi at {} does not know this host {} (from {})".format(
@@ -232,7 +233,7 @@ class _Inspector(object):
             path = self.image_path(sr, node.uuid)
             if node.record.hidden:
                 try:
-                    keys[node.uuid] = (path, node.record.size, os.stat(path).st_mtime_ns,
+                    keys[node.uuid] = (sr["uuid"], node.uuid, node.record.size, os.stat(path).st_mtime_ns,
                                        tuple(sorted(child.uuid for child in node.children)))
                 except OSError:
                     pass
