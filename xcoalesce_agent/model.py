@@ -30,11 +30,15 @@ class _Record(object):
 
     __slots__ = ()
     FIELDS = ()
+    _FIELD_SET = frozenset()
+
+    def __init_subclass__(cls, **options):
+        super().__init_subclass__(**options)
+        cls._FIELD_SET = frozenset(cls.FIELDS)
 
     def __init__(self, **values):
-        unknown = set(values) - set(self.FIELDS)
-        if unknown:
-            raise TypeError("{}: unknown fields {}".format(type(self).__name__, sorted(unknown)))
+        if not self._FIELD_SET.issuperset(values):
+            raise TypeError("{}: unknown fields {}".format(type(self).__name__, sorted(set(values) - self._FIELD_SET)))
         for name in self.FIELDS:
             setattr(self, name, values.get(name))
 

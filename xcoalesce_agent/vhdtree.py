@@ -71,19 +71,17 @@ def parse_scan(text, lvm):
             continue
         image = _IMAGE.match(line)
         if image:
-            name = image.group("name")
+            name, capacity, size, hidden, parent = image.groups()
             if name in _PHANTOM_NAMES:
                 continue  # the zeroed slot `-c` leaves for a target that failed early: its error line came before
             uuid = image_uuid(name, lvm)
             if uuid is None:
                 raise ScanOutputError("line {}: unexpected image name: {}".format(number, _clip(line)))
-            parent = image.group("parent")
             # A parent name that names no image of this SR is kept as printed: that parent is missing.
             parent_uuid = "" if parent == "none" else image_uuid(parent, lvm) or parent
-            capacity = int(image.group("capacity"))
+            capacity = int(capacity)
             records.append(ScanRecord(known.setdefault(uuid, uuid), known.setdefault(capacity, capacity),
-                                      int(image.group("size")), image.group("hidden") != "0",
-                                      known.setdefault(parent_uuid, parent_uuid)))
+                                      int(size), hidden != "0", known.setdefault(parent_uuid, parent_uuid)))
             continue
         error = _ERROR.match(line)
         if not error:

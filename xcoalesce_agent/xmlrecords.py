@@ -70,16 +70,22 @@ class _Reader(object):
 
     def record(self, data, start, end):
         """{field: value} of the record whose members span data[start:end]."""
+        if not self.ordered:
+            self.markers.sort(key=lambda item: _position(data.find(item[1], start, end), end))
+            self.ordered = True
         record = {}
-        found_at = {}
         position = start  # a point between the record's own members, never inside a map
+        find, rfind = data.find, data.rfind
         for name, marker, width in self.markers:
-            found = _find_member(data, marker, position, end)
+            found = find(marker, position, end)
+            if found != -1:
+                opened = rfind(_STRUCT, position, found)
+                if opened != -1 and find(_STRUCT_END, opened, found) == -1:  # inside a map: look further
+                    found = _outside_maps(data, marker, position, found, end)
             if found == -1 and position != start:  # this record holds its fields in another order
-                found = _find_member(data, marker, start, end)
+                found = _outside_maps(data, marker, start, find(marker, start, end), end)
             if found == -1:
                 continue
-            found_at[name] = found
             at = found + width
             if data[at] != 60:  # not "<": a bare string, as xapi writes them
                 position = data.index(b"</value>", at)
@@ -90,19 +96,19 @@ class _Reader(object):
                 position = at + 20
             else:
                 record[name], position = _value(data, at)
-        if not self.ordered:
-            self.markers.sort(key=lambda item: found_at.get(item[0], end))
-            self.ordered = True
         return record
 
 
-def _find_member(data, marker, position, end):
-    """Where `marker` first is in data[position:end] outside any map, or -1.
+def _position(found, end):
+    return end if found == -1 else found
+
+
+def _outside_maps(data, marker, position, found, end):
+    """The first `marker` from `found` on that is outside any map opened after `position`, or -1.
 
     xapi's maps hold strings, never maps: a point is inside one when no `</struct>` follows the
     nearest `<struct>` before it.
     """
-    found = data.find(marker, position, end)
     while found != -1:
         opened = data.rfind(_STRUCT, position, found)
         if opened == -1 or data.find(_STRUCT_END, opened, found) != -1:
