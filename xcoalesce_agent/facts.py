@@ -4,20 +4,27 @@ import os
 
 from . import planner
 from .jsonfile import read_json, write_json
-from .xapi import fetch_all
+from .xapi import iter_records
 
 SPEEDS_FILE = "merge-speeds.json"
 SPEEDS_KEPT = 10
 
+# The fields of xapi's records that the planner and the runner read (planner.py, runner.py,
+# strategies.py); only these are decoded, whatever else thousands of records hold.
+VM_FIELDS = ("uuid", "power_state", "is_control_domain", "ha_restart_priority", "current_operations",
+             "blocked_operations", "tags", "other_config")
+VDI_FIELDS = ("uuid", "other_config", "on_boot", "allow_caching", "current_operations")
+SR_FIELDS = ("uuid", "type", "other_config")
+
 
 def gather_facts(config, session, sr_uuids):
-    def by_uuid(class_name):
-        return {record["uuid"]: record for record in fetch_all(config, session, class_name).values()}
+    def by_uuid(class_name, fields):
+        return {record["uuid"]: record for _, record in iter_records(config, session, class_name, fields)}
 
     return planner.HostFacts(
-        vms=by_uuid("VM"),
-        vdis=by_uuid("VDI"),
-        srs=by_uuid("SR"),
+        vms=by_uuid("VM", VM_FIELDS),
+        vdis=by_uuid("VDI", VDI_FIELDS),
+        srs=by_uuid("SR", SR_FIELDS),
         speeds=read_speeds(config, sr_uuids),
         load_per_cpu=load_per_cpu(),
     )
