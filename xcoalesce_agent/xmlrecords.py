@@ -20,7 +20,7 @@ _RECORD_MARK = b"<member><name>OpaqueRef:"
 _RECORD_OPEN = b"</name><value><struct>"
 _STRUCT, _STRUCT_END = b"<struct>", b"</struct>"
 _ARRAY_END = b"</array>"
-_SPACED = re.compile(rb">\s+<")
+_SPACED = re.compile(rb"<(?:methodResponse|params?)>\s")
 _BETWEEN_TAGS = re.compile(rb"(<(?:/?(?:member|struct|array|data|params?|methodResponse)|/(?:name|value|param))>"
                            rb"|\?>)\s+")
 _TYPED = re.compile(rb"<(string|boolean|int|i4|i8|double|dateTime\.iso8601)>([^<]*)</\1>|<string/>")
