@@ -1,6 +1,8 @@
-"""One inspection of this host: its SRs → one scan each → join with xapi → classify → estimate.
+"""One inspection of this host: its SRs; the VMs using each VDI; then per SR: scan → that SR's
+VDI records → classify → estimate.
 
-Per-SR and per-image failures are recorded in the result; only an unreachable xapi or
+Memory holds the VDI users of the host, the reports made so far and one SR's scan and VDI
+records at a time, whatever the number of SRs. Per-SR and per-image failures are recorded in the result; only an unreachable xapi or
 `vhd-util` raises. Bitmaps of hidden VHDs are cached across inspections: a hidden VHD changes
 only when a child is merged into it, which also changes its children.
 """
