@@ -2,9 +2,10 @@
 VDI records → classify → estimate.
 
 Memory holds the VDI users of the host, the reports made so far and one SR's scan and VDI
-records at a time, whatever the number of SRs. Per-SR and per-image failures are recorded in the result; only an unreachable xapi or
-`vhd-util` raises. Bitmaps of hidden VHDs are cached across inspections: a hidden VHD changes
-only when a child is merged into it, which also changes its children.
+records at a time, whatever the number of SRs. Per-SR and per-image failures are recorded in the
+result; only an unreachable xapi or `vhd-util` raises. Bitmaps of hidden VHDs are cached across
+inspections: a hidden VHD changes only when a child is merged into it, which also changes its
+children.
 """
 import os
 import time
