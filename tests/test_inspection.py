@@ -1,4 +1,5 @@
 """Inspections of simulated hosts, checked against the truth computed here from the files themselves."""
+import gc
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from tests.dom0sim import lvm, scenarios, sm, vhdfile
 from tests.dom0sim.host import SimHost
 from tests.dom0sim.scenarios import delete_snapshot, disk, pool, snapshot, sr, vm, write
 from xcoalesce_agent import config, inspection, model, vhdutil, xapi
+from xcoalesce_agent.errors import HostUnreachable
 
 BLOCK_COST = 2 * 1024 * 1024 + 4096
 EXTENT = 4 * 1024 * 1024
@@ -341,3 +343,13 @@ def test_lvm_volume_sizes_come_from_the_scan(demo):
     for vdi in iscsi.vdis:
         if vdi.state != model.NOT_VHD:
             assert vdi.physical_bytes == sizes["VHD-" + vdi.uuid]
+
+
+def test_the_cyclic_collector_is_back_on_after_an_inspection_whatever_happened(demo, tmp_path):
+    settings = agent_config(demo)
+    inspection.inspect(settings)
+    assert gc.isenabled()
+    settings.xapi.socket = str(tmp_path / "no-xapi.sock")
+    with pytest.raises(HostUnreachable):
+        inspection.inspect(settings)
+    assert gc.isenabled()

@@ -7,6 +7,8 @@ result; only an unreachable xapi or `vhd-util` raises. Bitmaps of hidden VHDs ar
 inspections: a hidden VHD changes only when a child is merged into it, which also changes its
 children.
 """
+import contextlib
+import gc
 import os
 import time
 
@@ -65,12 +67,26 @@ def inspect(config, tools=None, bitmaps=None):
     host_uuid = inventory.host_uuid(config.xapi.inventory)
     tools = tools or vhdutil.VhdUtil(config)
     bitmaps = BITMAPS if bitmaps is None else bitmaps
-    with xapi.open_session(config) as session:
+    with _without_cyclic_collection(), xapi.open_session(config) as session:
         result = _Inspector(config, session, tools, bitmaps).run(host_uuid)
     bitmaps.prune()
     result.started = started
     result.duration_seconds = time.time() - started
     return result
+
+
+@contextlib.contextmanager
+def _without_cyclic_collection():
+    """An inspection allocates hundreds of thousands of objects and leaves no cycles (forests are
+    unlinked): the cyclic collector would only walk the live reports, the previous inspection's
+    among them, again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def select_srs(host_ref, is_master, srs, pbds):
