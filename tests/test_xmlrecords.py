@@ -74,6 +74,14 @@ def test_a_response_cut_short_is_a_response_error():
     assert "cut short" in str(caught.value)
 
 
-def test_garbage_is_a_response_error():
+@pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b"garbage <", b"", b"\xff\xfe"])
+def test_garbage_is_a_response_error(body):
     with pytest.raises(xmlrecords.ResponseError):
-        list(xmlrecords.parse_records([b"<html>502 Bad Gateway</html>"], FIELDS))
+        list(xmlrecords.parse_records([body], FIELDS))
+
+
+def test_a_garbled_record_names_itself():
+    body = xapi_style({"Status": "Success", "Value": RECORDS}).replace(b"<value>u3</value>", b"<value>u3\xff</value>")
+    with pytest.raises(xmlrecords.ResponseError) as caught:
+        list(xmlrecords.parse_records([body], FIELDS))
+    assert "OpaqueRef:3" in str(caught.value) and "b'" not in str(caught.value)
