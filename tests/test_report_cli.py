@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tests.dom0sim.host import SimHost
 from xcoalesce_agent import model, report
 
 UUID_SR = "5e1ec7ed-0000-4000-8000-00000000000a"
@@ -197,3 +198,15 @@ def test_text_report_of_the_demo(demo_host):
     assert "SR Local storage (ext" in out and "SR iSCSI SAN (lvmoiscsi" in out
     assert out.count("leaf_coalesceable") == 3
     assert out.splitlines()[-1].startswith("Total: ")
+
+
+def test_xapi_failing_a_read_is_one_line_and_exit_3(tmp_path_factory):
+    host = SimHost(str(tmp_path_factory.mktemp("failing-read")), "demo").build().start()
+    try:
+        host.db.faults.fail_method("VDI.get_all_records_where", "HOST_IS_SLAVE", "192.0.2.10")
+        code, out, err = run_agent("--config", host.agent_conf, "--report")
+    finally:
+        host.stop()
+    assert code == 3 and out == ""
+    assert err == "xcoalesce-agent: error: xapi at {} failed VDI.get_all_records_where: HOST_IS_SLAVE 192.0.2.10\n" \
+        .format(host.socket_path)

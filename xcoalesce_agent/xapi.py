@@ -117,7 +117,8 @@ def iter_records(config, session, class_name, fields, where=None):
     (`xmlrecords`: the XML-RPC unmarshaller would build every field of tens of MB of records).
 
     With `where` (xapi's filter language, e.g. `field "SR" = "OpaqueRef:..."`), only the records
-    it selects, through `get_all_records_where`.
+    it selects, through `get_all_records_where`. xapi failing the call (a pool member whose master
+    is gone, a session ended) is `HostUnreachable`, as a dead socket is: nothing can be read.
     """
     params = (session.handle,) if where is None else (session.handle, where)
     method = class_name + (".get_all_records" if where is None else ".get_all_records_where")
@@ -131,6 +132,8 @@ def iter_records(config, session, class_name, fields, where=None):
         yield from xmlrecords.parse_records(iter(lambda: response.read(_CHUNK), b""), fields)
     except TRANSPORT_ERRORS as error:
         raise unreachable(config, error) from None
+    except XenAPI.Failure as error:
+        raise HostUnreachable("xapi at {} failed {}: {}".format(config.xapi.socket, method, describe(error))) from None
     except xmlrecords.ResponseError as error:
         raise HostUnreachable("xapi at {} sent a {} list this agent cannot read: {}".format(
             config.xapi.socket, class_name, error)) from None
