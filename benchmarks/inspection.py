@@ -74,8 +74,8 @@ def child_baseline(conf):
     tools = vhdutil.VhdUtil(settings)
     meter = Meter()
     with xapi.open_session(settings) as session:
-        srs = xapi.fetch_all(settings, session, "SR")
-        vdis = xapi.fetch_all(settings, session, "VDI")
+        srs = session.xenapi.SR.get_all_records()
+        vdis = session.xenapi.VDI.get_all_records()
     paths = []
     for vdi in vdis.values():
         sr = srs[vdi["SR"]]

@@ -2,8 +2,9 @@
 
 The stock `XenAPI.UDSTransport` derives the socket path from the URL's host part (`_` for `/`),
 which cannot name a path holding `_`; this transport connects to the configured path as given.
-Connection failures become `HostUnreachable` with one line; xapi's own failures stay
-`XenAPI.Failure` for the caller to judge.
+Connection failures become `HostUnreachable` with one line; xapi's own failures of a call made
+through the session stay `XenAPI.Failure` for the caller to judge, while a record list that xapi
+fails to give (`iter_records`) is `HostUnreachable`: nothing can be read.
 """
 import contextlib
 import http.client
@@ -99,14 +100,6 @@ def open_session(config):
             session.xenapi.session.logout()
         except (XenAPI.Failure,) + TRANSPORT_ERRORS as error:
             log.debug("logout from xapi failed: %s", describe(error))
-
-
-def fetch_all(config, session, class_name):
-    """`<class>.get_all_records()`: {ref: record}; transport failures become `HostUnreachable`."""
-    try:
-        return getattr(session.xenapi, class_name).get_all_records()
-    except TRANSPORT_ERRORS as error:
-        raise unreachable(config, error) from None
 
 
 _CHUNK = 1 << 18
