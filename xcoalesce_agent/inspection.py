@@ -9,15 +9,19 @@ children.
 """
 import contextlib
 import gc
+import logging
 import os
 import time
 
-from . import estimate, inventory, model, vhdtree, vhdutil, xapi
+from . import estimate, inventory, lvmread, model, vhdmeta, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
+
+LOG = logging.getLogger(__name__)
 
 FILE_SR_TYPES = ("ext", "nfs", "smb")
 LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
+VHD_BLOCKS = "vhd-blocks"   # SM's sm_config key: a hidden LVHD parent's bitmap (vhdmeta.decode_vhd_blocks)
 
 # The fields an inspection reads of each class: only these are decoded from xapi's answers.
 RECORD_FIELDS = {
@@ -245,51 +249,113 @@ class _Inspector(object):
                                 vhdtree.LV_PREFIX + uuid)
         return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
 
-    def read_bitmaps(self, sr, nodes):
-        """{uuid: bitmap or VhdUtilError} of these nodes; hidden ones' from the cache when it has them."""
+    def read_bitmaps(self, sr, nodes, vhd_blocks):
+        """{uuid: bitmap, or the exception that kept it unread} of these nodes.
+
+        A hidden VHD's comes from the cache when it has it; on an LVM SR, a hidden parent's from
+        SM's `sm_config:vhd-blocks` when that holds a well-formed bitmap (`vhd_blocks`: {uuid:
+        value}). The others are read with `vhd-util read -B` where the device exists (the LV is
+        active here), from the PV extents where it does not (lvmread).
+        """
+        lvm = sr["type"] in LVM_SR_TYPES
         bitmaps, keys, wanted = {}, {}, {}
         for node in nodes:
             path = self.image_path(sr, node.uuid)
             if node.record.hidden:
-                try:
-                    keys[node.uuid] = (sr["uuid"], node.uuid, node.record.size, os.stat(path).st_mtime_ns,
-                                       tuple(sorted(child.uuid for child in node.children)))
-                except OSError:
-                    pass
-                cached = self.bitmaps.get(keys[node.uuid]) if node.uuid in keys else None
+                if node.uuid in vhd_blocks:
+                    try:
+                        bitmaps[node.uuid] = vhdmeta.decode_vhd_blocks(vhd_blocks[node.uuid],
+                                                                       node.record.virtual_size)
+                        continue
+                    except vhdmeta.VhdMetadataError as error:
+                        LOG.debug("SR %s: VHD %s: %s; reading the VHD instead", sr["uuid"], node.uuid, error)
+                keys[node.uuid] = self.cache_key(sr, node, path, lvm)
+                cached = self.bitmaps.get(keys[node.uuid]) if keys[node.uuid] is not None else None
                 if cached is not None:
                     bitmaps[node.uuid] = cached
                     continue
             wanted[path] = node
-        read = self.tools.read_bitmaps([(path, node.record.virtual_size) for path, node in sorted(wanted.items())])
+        on_device = sorted(path for path in wanted if not lvm or os.path.exists(path))
+        read = self.tools.read_bitmaps([(path, wanted[path].record.virtual_size) for path in on_device])
+        missed = {node.uuid: read.get(path) for path, node in wanted.items()
+                  if path not in read or isinstance(read[path], Exception)}
+        if lvm and missed:
+            read.update(self.read_through_pv(sr, {uuid: (self.image_path(sr, uuid), error)
+                                                  for uuid, error in missed.items()}, wanted))
         for path, node in wanted.items():
             bitmaps[node.uuid] = read[path]
-            if node.uuid in keys and not isinstance(read[path], vhdutil.VhdUtilError):
+            if keys.get(node.uuid) is not None and not isinstance(read[path], Exception):
                 self.bitmaps.put(keys[node.uuid], read[path])
         return bitmaps
 
+    def cache_key(self, sr, node, path, lvm):
+        """What a hidden VHD's cached bitmap is kept under: it changes when a child merges into it.
+
+        A file's mtime is part of it; an LV's device (when there is one) has no meaningful mtime.
+        """
+        try:
+            stamp = None if lvm else os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        return (sr["uuid"], node.uuid, node.record.size, stamp, tuple(sorted(child.uuid for child in node.children)))
+
+    def read_through_pv(self, sr, missed, wanted):
+        """{path: bitmap or exception} of LVs `read -B` did not read ({uuid: (path, its error or None)}).
+
+        One `lvs` and one `vgs` for the SR; an LV that `lvs` shows active here keeps the error of
+        `read -B` on its device, the others are read from their PV extents.
+        """
+        vg_name = vhdutil.lvm_vg_name(sr["uuid"])
+        try:
+            extent_size, pe_starts = lvmread.parse_vgs(self.tools.run_lvm("vgs", lvmread.vgs_arguments(vg_name)))
+            volumes = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
+                                        extent_size, pe_starts)
+        except (vhdutil.VhdUtilError, lvmread.LvmReportError) as error:
+            self.error("bitmap", sr, "inactive LVs cannot be read: {}".format(error))
+            return {path: error_ or error for path, error_ in missed.values()}
+        results = {}
+        with lvmread.PhysicalVolumes() as physical:
+            for uuid, (path, device_error) in sorted(missed.items()):
+                lv = volumes.get(vhdtree.LV_PREFIX + uuid)
+                if device_error is not None and (lv is None or lv.active):
+                    results[path] = device_error
+                elif lv is None:
+                    results[path] = vhdmeta.VhdMetadataError("{}{}: no such LV in `lvs` {}".format(
+                        vhdtree.LV_PREFIX, uuid, vg_name))
+                else:
+                    try:
+                        results[path] = lvmread.read_bitmap(physical, lv, wanted[path].record.virtual_size)
+                    except vhdmeta.VhdMetadataError as error:
+                        results[path] = error
+        return results
+
     def join_vdis(self, sr_ref, users, report):
-        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of non-VHD VDIs]) of the SR's VDI records.
+        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of non-VHD VDIs], {image: vhd-blocks}) of
+        the SR's VDI records (vhd-blocks: SM's `sm_config:vhd-blocks`, kept on LVM SRs only).
 
         The records stream from xapi and go: only what classification and the report use is kept.
         """
-        facts, names, reports = {}, {}, []
+        facts, names, reports, vhd_blocks = {}, {}, [], {}
+        lvm = report.type in LVM_SR_TYPES
         for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
             vm = users.get(vdi_ref, NO_VM)
-            vdi_type = (vdi.get("sm_config") or {}).get("vdi_type", "vhd")
+            sm_config = vdi.get("sm_config") or {}
+            vdi_type = sm_config.get("vdi_type", "vhd")
             if vdi_type in NOT_VHD_TYPES:
                 report.skipped_vdis += 1
                 reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi_type]))
                 continue
             image_uuid = vdi.get("location") or vdi["uuid"]
             names[image_uuid] = (vdi["name_label"], vm)
+            if lvm and VHD_BLOCKS in sm_config:
+                vhd_blocks[image_uuid] = sm_config[VHD_BLOCKS]
             facts[image_uuid] = vhdtree.VdiFacts(
                 vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")),
                 on_boot=_ON_BOOT.get(vdi.get("on_boot"), vdi.get("on_boot", "persist")),
                 allow_caching=_is_true(vdi.get("allow_caching")),
                 leaf_coalesce=(vdi.get("other_config") or {}).get("leaf-coalesce", ""),
                 vm_uuid=vm.uuid, vm_tags=vm.tags)
-        return facts, names, reports
+        return facts, names, reports, vhd_blocks
 
     def sr_report(self, ref, sr, users, gc_seconds):
         """The SR's report: its scan first, then xapi's VDI records of that SR only, joined."""
@@ -301,7 +367,7 @@ class _Inspector(object):
             reclaimable_bytes=0, gc_pending_bytes=0, merge_free_bytes=0, longest_chain=0,
             gc_running=gc_seconds is not None, gc_running_seconds=gc_seconds or 0.0,
             skipped_vdis=0, errors=[], vdis=[])
-        facts, names, reports = self.join_vdis(ref, users, report)
+        facts, names, reports, vhd_blocks = self.join_vdis(ref, users, report)
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))
             report.vdis = reports
@@ -314,7 +380,7 @@ class _Inspector(object):
         lvm = sr["type"] in LVM_SR_TYPES
         merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
                                                                                model.COALESCEABLE)]
-        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging})
+        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks)
         for uuid, node in nodes.items():
             state, reason = states[uuid]
             name, vm = names.get(uuid, ("", NO_VM))
@@ -343,7 +409,7 @@ class _Inspector(object):
 
     def estimate_leaf(self, sr, node, lvm, bitmaps, vdi_report, report):
         merge = self.merge(sr, node, lvm, bitmaps, report, leaf=True)
-        if isinstance(merge, vhdutil.VhdUtilError):
+        if isinstance(merge, Exception):
             vdi_report.state = model.SCAN_ERROR
             vdi_report.reason = "its block bitmaps could not be read: {}".format(merge)
             return
@@ -354,10 +420,10 @@ class _Inspector(object):
         report.merge_free_bytes = max(report.merge_free_bytes, merge.merge_free_bytes)
 
     def merge(self, sr, node, lvm, bitmaps, report, leaf):
-        """The Estimate of merging `node` into its parent, or the VhdUtilError that prevented it."""
+        """The Estimate of merging `node` into its parent, or the error that prevented it."""
         child_bitmap, parent_bitmap = bitmaps[node.uuid], bitmaps[node.parent.uuid]
         for error in (child_bitmap, parent_bitmap):
-            if isinstance(error, vhdutil.VhdUtilError):
+            if isinstance(error, Exception):
                 report.errors.append(str(error))
                 self.error("bitmap", sr, str(error))
                 return error

@@ -1,4 +1,4 @@
-"""Runs the host's `vhd-util`: one `scan` per SR, `read -B` for block bitmaps.
+"""Runs the host's `vhd-util`: one `scan` per SR, `read -B` for block bitmaps; and `lvs`, `vgs`.
 
 The configured binary runs with the configured PATH (it finds `lvs` and `vgs` through it) and a
 timeout. A missing binary means the host tools are unreachable (`HostUnreachable`); anything
@@ -33,9 +33,15 @@ class VhdUtil(object):
 
     def run(self, args):
         """stdout of `vhd-util ARGS` as bytes; a non-zero exit or a timeout raises VhdUtilError."""
-        output = self._run_command([self.binary] + list(args), " ".join(args))
+        output = self._run_command([self.binary] + list(args), "vhd-util " + " ".join(args))
         self.spawned += 1
         return output
+
+    def run_lvm(self, command, args):
+        """stdout of the LVM reporting command `command` (`lvs`, `vgs`, found through the configured
+        PATH) with `args`, as text; a failure raises VhdUtilError."""
+        output = self._run_command([command] + list(args), "{} {}".format(command, " ".join(args)))
+        return output.decode("utf-8", "replace")
 
     def _run_command(self, command, what, output=None):
         """stdout of `command` (read back from the file `output` when given), or VhdUtilError."""
@@ -52,12 +58,12 @@ class VhdUtil(object):
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-            raise VhdUtilError("`vhd-util {}` timed out after {:g} s".format(what, self.timeout)) from None
+            raise VhdUtilError("`{}` timed out after {:g} s".format(what, self.timeout)) from None
         if output is not None:
             output.seek(0)
             stdout = output.read()
         if process.returncode != 0:
-            raise VhdUtilError("`vhd-util {}` failed (exit {}): {}".format(
+            raise VhdUtilError("`{}` failed (exit {}): {}".format(
                 what, _exit_status(process.returncode), _first_line(stderr, stdout)))
         return stdout
 
@@ -105,8 +111,8 @@ class VhdUtil(object):
                 os.strerror(error.errno) if error.errno else error)) from None
         with spool:
             output = self._run_command(["/bin/sh", "-c", _BATCH_SCRIPT, "sh", boundary, self.binary]
-                                       + [path for path, _ in batch], "read -B (batch of {})".format(len(batch)),
-                                       spool)
+                                       + [path for path, _ in batch],
+                                       "vhd-util read -B (batch of {})".format(len(batch)), spool)
         self.spawned += len(batch)
         parts = output.split(("\n" + boundary + " ").encode("ascii"))
         return {path: _batch_result(path, virtual_size, parts, index)
