@@ -124,10 +124,17 @@ def decode_vhd_blocks(value, virtual_size):
         bitmap = inflater.decompress(compressed, expected + 1)
     except (UnicodeEncodeError, binascii.Error, zlib.error) as error:
         raise VhdMetadataError("sm-config:vhd-blocks is not base64 of zlib data: {}".format(error)) from None
-    if len(bitmap) != expected or not inflater.eof or inflater.unconsumed_tail:
-        raise VhdMetadataError("sm-config:vhd-blocks holds {}{} bytes where a {}-byte bitmap was expected".format(
-            len(bitmap), "" if inflater.eof else " or more", expected))
-    return bitmap
+    if len(bitmap) > expected:
+        problem = "holds more than the {}-byte bitmap expected".format(expected)
+    elif not inflater.eof:
+        problem = "is cut short"
+    elif len(bitmap) < expected:
+        problem = "holds {} bytes where a {}-byte bitmap was expected".format(len(bitmap), expected)
+    elif inflater.unused_data:
+        problem = "has bytes after its zlib data"
+    else:
+        return bitmap
+    raise VhdMetadataError("sm-config:vhd-blocks " + problem)
 
 
 def _need(raw, length, what):
