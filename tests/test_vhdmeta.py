@@ -142,7 +142,7 @@ def test_hostile_bytes_give_one_clear_line_and_bounded_reads(tmp_path):
     for name, data, image_size, reason in hostile_cases(path):
         asked = []
 
-        def read(offset, length, data=data):
+        def read(offset, length, data=data, asked=asked):
             asked.append(length)
             return data[offset:offset + length]
         try:
