@@ -20,7 +20,7 @@ LVS_FIELDS = "lv_name,lv_attr,lv_size,segtype,seg_start_pe,seg_size_pe,devices"
 VGS_FIELDS = "pv_name,vg_extent_size,pe_start"
 SEPARATOR = "|"
 ALIGNMENT = 4096      # O_DIRECT offsets and lengths: a multiple of any disk's logical block size
-FIRST_READ = 4096     # footer copy, header and the BAT of a VHD up to 1.25 GiB in one read
+FIRST_READ = 65536    # footer copy, header and the BAT of a VHD up to 31 GiB in one read
 
 
 def lvs_arguments(vg_name):
