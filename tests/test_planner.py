@@ -56,20 +56,104 @@ def test_small_leaf_goes_to_the_gc():
     assert entry["estimated_bytes"] == 80 * MIB
 
 
-def test_large_leaf_goes_live_then_skipped_over_the_maximum():
+SNAPSHOT_COALESCE_FREEZE = (planner.SNAPSHOT_COALESCE_ROUNDS * planner.SNAPSHOT_ROUND_PAUSE_SECONDS
+                            + planner.SM_LIVE_FREEZE_SECONDS)
+
+
+def test_large_leaf_goes_to_the_gc_with_snapshot_coalesce_pauses():
     entry = plan_one(vdi("a", merge=800 * MIB))
+    assert (entry["strategy"], entry["predicted_freeze_seconds"], entry["fallbacks"]) == (
+        "gc", SNAPSHOT_COALESCE_FREEZE, ["live"])
+    assert SNAPSHOT_COALESCE_FREEZE == 6.0
+    entry = plan_one(vdi("a", merge=800 * MIB), policy=planner.Policy(max_freeze_seconds=5.5))
+    assert entry["result"] == "skipped"
+    assert entry["reason"] == "predicted freeze 6.0 s (gc) over the maximum 5.5 s"
+
+
+def test_large_leaf_goes_live_then_skipped_over_the_maximum():
+    live = planner.Policy(strategies=["live"])
+    entry = plan_one(vdi("a", merge=800 * MIB), policy=live)
     assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("live", 8.0)
-    entry = plan_one(vdi("a", merge=1600 * MIB))
+    entry = plan_one(vdi("a", merge=1600 * MIB), policy=live)
     assert entry["result"] == "skipped"
     assert entry["reason"] == "predicted freeze 16.0 s (live) over the maximum 10 s"
-    entry = plan_one(vdi("a", merge=1600 * MIB), policy=planner.Policy(max_freeze_seconds=20))
+    entry = plan_one(vdi("a", merge=1600 * MIB), policy=planner.Policy(strategies=["live"], max_freeze_seconds=20))
     assert (entry["result"], entry["strategy"]) == ("planned", "live")
+
+
+def test_sm_live_decision_at_the_boundary():
+    speed = 100.0 * MIB
+    assert not planner.sm_merges_live(500 * MIB, speed)          # exactly 5 s is not live
+    assert planner.sm_merges_live(500 * MIB - 1, speed)
+    assert not planner.sm_merges_live(600 * MIB - 1, speed)      # 5.99 s: integer division gives 5
+    assert planner.sm_merges_live(1, 0.2)                         # 1 // 0.2 == 4.0 where 1 / 0.2 == 5.0
+    assert planner.sm_merges_live(20 * MIB - 1, None) and not planner.sm_merges_live(20 * MIB, None)
+    assert not planner.sm_merges_live(20 * MIB, 0.0)              # a zero speed is no speed
+    assert planner.sm_merges_live(10 ** 12, speed, forced=True)
+    at_limit = plan_one(vdi("a", merge=500 * MIB))
+    assert (at_limit["strategy"], at_limit["predicted_freeze_seconds"]) == ("gc", SNAPSHOT_COALESCE_FREEZE)
+    below = plan_one(vdi("a", merge=500 * MIB - 2 * MIB))
+    assert (below["strategy"], below["predicted_freeze_seconds"]) == ("gc", 4.98)
+
+
+def test_forced_leaf_is_merged_live_by_the_gc_without_snapshot_coalesce():
+    report = vdi("a", merge=800 * MIB)
+    host = facts([report])
+    host.vdis["a"]["other_config"]["leaf-coalesce"] = "force"
+    entry = plan_one(report, host=host)
+    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", 8.0)
+    host = facts([report], sm_speed=None)
+    host.vdis["a"]["other_config"]["leaf-coalesce"] = "force"
+    entry = plan_one(report, host=host, policy=planner.Policy(strategies=["gc"]))
+    assert entry["result"] == "skipped" and "forced (leaf-coalesce=force) with no measured" in entry["reason"]
+
+
+def snapshot_facts(reports, vm=None):
+    host = facts(reports, vm=vm)
+    for report in reports:
+        host.vdis[report.uuid]["is_a_snapshot"] = True
+    return host
+
+
+def test_snapshot_leaf_is_merged_by_the_gc_without_freezing_its_vm():
+    report = vdi("s", merge=800 * MIB)
+    entry = plan_one(report, host=snapshot_facts([report]))
+    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
+    assert (entry["vm_uuid"], entry["vm_power_state"]) == (VM, "")
+    orphan = vdi("s", vm="")
+    entry = plan_one(orphan, host=snapshot_facts([orphan]))
+    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
+    entry = plan_one(report, host=snapshot_facts([report], vm=vm_record("Paused", ha_restart_priority="restart")))
+    assert entry["result"] == "planned"  # the state of its VM does not matter: the merge does not touch it
+
+
+def test_snapshot_leaf_follows_the_exclusions_of_its_vm():
+    report = vdi("s")
+    entry = plan_one(report, host=snapshot_facts([report]), policy=planner.Policy(exclude_vms=[VM]))
+    assert (entry["result"], entry["reason"]) == ("skipped", "VM excluded by exclude_vms")
+    entry = plan_one(report, host=snapshot_facts([report], vm=vm_record(tags=["xcoalesce-exclude"])))
+    assert (entry["result"], entry["reason"]) == ("skipped", "VM excluded by tag xcoalesce-exclude")
+
+
+def test_the_plugin_leaves_snapshots_out():
+    disk, snap = vdi("a", merge=100 * MIB), vdi("s", merge=300 * MIB)
+    host = facts([disk, snap])
+    host.vdis["s"].update(is_a_snapshot=True, other_config={"leaf-coalesce": "false"})
+    inspection = Inspection(srs=[sr(SR_LVM, [disk, snap], sr_type="lvm")])
+    entries = planner.plan(inspection, host, planner.Policy(strategies=["plugin"]))
+    by_vdi = {entry["vdi_uuid"]: entry for entry in entries}
+    assert (by_vdi["a"]["strategy"], by_vdi["a"]["predicted_freeze_seconds"]) == (
+        "plugin", 1.0 + planner.SUSPEND_RESUME_SECONDS)
+    host.vdis["s"]["other_config"] = {}
+    entries = planner.plan(inspection, host, planner.Policy(strategies=["plugin"]))
+    by_vdi = {entry["vdi_uuid"]: entry for entry in entries}
+    assert by_vdi["s"]["reason"] == "a snapshot VDI: the coalesce-leaf plugin merges only the disks its VM uses"
 
 
 def test_halted_vm_has_no_freeze():
     host = facts([vdi("a")], vm=vm_record("Halted"))
     entry = plan_one(vdi("a", merge=5000 * MIB), host=host)
-    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "live", 0.0)
+    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
 
 
 def test_plugin_only_on_lvm_with_suspend_overhead():
@@ -97,10 +181,13 @@ def test_own_measured_speed_wins_over_the_speed_log():
     assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("live", 8.0)
 
 
-def test_no_speed_known_leaves_only_small_leaves_to_the_gc():
+def test_no_speed_known():
     host = facts([vdi("a")], sm_speed=None)
-    assert plan_one(vdi("a", merge=10 * MIB), host=host)["strategy"] == "gc"
-    entry = plan_one(vdi("a", merge=100 * MIB), host=host)
+    entry = plan_one(vdi("a", merge=10 * MIB), host=host)
+    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", planner.SM_LIVE_FREEZE_SECONDS)
+    entry = plan_one(vdi("a", merge=100 * MIB), host=host)  # snapshot-coalesced down to under 20 MiB first
+    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", SNAPSHOT_COALESCE_FREEZE)
+    entry = plan_one(vdi("a", merge=100 * MIB), host=host, policy=planner.Policy(strategies=["live"]))
     assert entry["result"] == "skipped"
     assert "no measured merge speed" in entry["reason"]
 
@@ -170,8 +257,17 @@ def test_policy_from_config_and_override():
     assert policy.without("gc").strategies == ("live", "plugin")
 
 
-def test_parse_speed_log():
-    assert planner.parse_speed_log("") is None
+def test_parse_speed_log_reads_as_sm_does():
     assert planner.parse_speed_log("100\n300\n") == 200.0
-    assert planner.parse_speed_log("\n".join(["1"] * 5 + ["10"] * 10)) == 10.0
-    assert planner.parse_speed_log("fast\n") is None
+    assert planner.parse_speed_log("100\n300") == 200.0                  # no final newline
+    assert planner.parse_speed_log("100\r\n300\r\n") == 200.0
+    assert planner.parse_speed_log(" 100 \n\t300\n") == 200.0           # float() strips blanks
+    assert planner.parse_speed_log("\n".join(["1"] * 5 + ["10"] * 10)) == 7.0   # every line, as SM
+    assert planner.parse_speed_log("") is None
+    assert planner.parse_speed_log("\n") is None
+    assert planner.parse_speed_log("100\n\n300\n") is None              # a blank line: no speed at all
+    assert planner.parse_speed_log("100\n300\n\n") is None
+    assert planner.parse_speed_log("100\n \n300\n") is None
+    assert planner.parse_speed_log("100\nfast\n") is None
+    assert planner.parse_speed_log("-5\n5\n") is None                    # a mean not above zero
+    assert planner.parse_speed_log("nan\n") is None and planner.parse_speed_log("inf\n") is None

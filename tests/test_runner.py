@@ -2,9 +2,9 @@
 import os
 import subprocess
 
-from tests.dom0sim import vhdfile
-from tests.runner_support import (agent_command, chain_parent, configure, digests, downtime, files, other_configs,
-                                  power_states, run_now, small_scenario, sr_free, REPOSITORY)
+from tests.dom0sim import scenarios as sc, vhdfile
+from tests.runner_support import (KEEP_SNAPSHOT, agent_command, chain_parent, configure, digests, downtime, files,
+                                  other_configs, power_states, run_now, small_scenario, sr_free, REPOSITORY)
 from xcoalesce_agent import config as config_module, history, runner, scheduled, snapshot_trigger
 
 
@@ -187,3 +187,45 @@ def test_startup_repair_undoes_what_an_interrupted_run_left(demo_host):
     assert demo_host.db.get_field("VDI", vdi_ref, "other_config") == {}
     assert demo_host.db.get_field("VM", vm_ref, "power_state") == "Running"
     assert steps.steps() == []
+
+
+def moved_disk_scenario():
+    """VM `moved` had its disk deleted after a snapshot: the snapshot VDI is alone under its base."""
+    srs = [sc.sr("local", "ext", 512, speed_mib=24)]
+    vms = [sc.vm("app", [sc.disk("app-root", "local", 32, steps=KEEP_SNAPSHOT)]),
+           sc.vm("moved", [sc.disk("moved-root", "local", 32, steps=[sc.write(0, 4), sc.snapshot("s"),
+                                                                     sc.write(0, 2), sc.delete_disk()])])]
+    return sc.pool("moved", srs, vms)
+
+
+def snapshot_vdi(host):
+    (uuid,) = [record["uuid"] for record in host.db.records("VDI").values() if record["is_a_snapshot"]]
+    return uuid
+
+
+def snapshot_report(host):
+    from xcoalesce_agent import inspection
+    uuid = snapshot_vdi(host)
+    reports = {vdi.uuid: vdi for sr in inspection.inspect(config_module.load(host.agent_conf)).srs
+               for vdi in sr.vdis}
+    return reports[uuid]
+
+
+def test_a_snapshot_alone_under_its_base_is_leaf_coalesced_by_the_gc_or_held_back(sim_host):
+    host = sim_host(moved_disk_scenario())
+    report = snapshot_report(host)
+    assert (report.state, report.vm_uuid, report.vm_name, report.chain_length) == (
+        "leaf_coalesceable", host.vms["moved"], "moved", 2)
+    assert report.reclaimable_bytes > 0
+    flags = dict(host.db.get_field("VDI", host.db.ref_of("VDI", snapshot_vdi(host)), "other_config"))
+    code, document, stderr = run_now(host, "--vm", host.vms["app"])
+    assert code == 0, stderr
+    assert [run["vdi_uuid"] for run in document["runs"]] == [host.vdis["app-root"]]
+    assert snapshot_report(host).chain_length == 2  # not asked for: held back from the GC the run kicked
+    assert host.db.get_field("VDI", host.db.ref_of("VDI", snapshot_vdi(host)), "other_config") == flags
+    code, document, stderr = run_now(host)
+    assert code == 0, stderr
+    (run,) = document["runs"]
+    assert (run["vdi_uuid"], run["strategy"], run["result"]) == (snapshot_vdi(host), "gc", "success")
+    assert run["predicted_freeze_seconds"] == 0.0 and run["reclaimed_bytes"] > 0
+    assert snapshot_report(host).chain_length == 1

@@ -209,3 +209,23 @@ def test_leaf_coalesce_force_is_not_an_exclusion():
     _, states = classified([image("old", hidden=True), image("web", "old")],
                            {"web": VdiFacts("web", leaf_coalesce="force")})
     assert states["web"][0] == model.LEAF_COALESCEABLE
+
+
+def test_a_snapshot_alone_under_its_parent_is_leaf_coalesced_as_sm_does():
+    records = [image("base", hidden=True), image("snap", "base")]
+    orphaned = {"snap": VdiFacts("snap", is_snapshot=True)}
+    assert classified(records, orphaned)[1]["snap"] == (model.LEAF_COALESCEABLE, "")
+    of_vm = {"snap": VdiFacts("snap", is_snapshot=True, vm_uuid="vm-web", vm_tags=("keep",))}
+    assert classified(records, of_vm)[1]["snap"] == (model.LEAF_COALESCEABLE, "")
+    state, reason = classified(records, of_vm, Policy(exclude_vms=["vm-web"]))[1]["snap"]
+    assert (state, reason) == (model.EXCLUDED, "its VM is in [coalesce] exclude_vms")
+    assert classified(records, of_vm, Policy(exclude_tag="keep"))[1]["snap"][0] == model.EXCLUDED
+
+
+def test_a_snapshot_sharing_its_parent_or_without_one_stays():
+    records = [image("base", hidden=True), image("snap", "base"), image("dead", "base", hidden=True),
+               image("root-snap")]
+    facts = {"snap": VdiFacts("snap", is_snapshot=True), "root-snap": VdiFacts("root-snap", is_snapshot=True)}
+    _, states = classified(records, facts)
+    assert states["snap"] == (model.SNAPSHOT, "its parent still has 1 garbage child; the GC deletes it first")
+    assert states["root-snap"] == (model.SNAPSHOT, "a snapshot with no parent: nothing to merge")

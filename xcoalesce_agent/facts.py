@@ -13,7 +13,7 @@ SPEEDS_KEPT = 10
 # strategies.py); only these are decoded, whatever else thousands of records hold.
 VM_FIELDS = ("uuid", "power_state", "is_control_domain", "ha_restart_priority", "current_operations",
              "blocked_operations", "tags", "other_config")
-VDI_FIELDS = ("uuid", "other_config", "on_boot", "allow_caching", "current_operations")
+VDI_FIELDS = ("uuid", "other_config", "on_boot", "allow_caching", "current_operations", "is_a_snapshot")
 SR_FIELDS = ("uuid", "type", "other_config")
 
 
@@ -39,8 +39,8 @@ def read_speeds(config, sr_uuids):
         try:
             with open(path, encoding="utf-8") as stream:
                 sm_speed = planner.parse_speed_log(stream.read())
-        except OSError:
-            sm_speed = None
+        except (OSError, UnicodeDecodeError):
+            sm_speed = None  # missing or unreadable: no speed
         speeds[sr_uuid] = {"sm": sm_speed}
         for strategy, figures in own.get(sr_uuid, {}).items():
             if figures:

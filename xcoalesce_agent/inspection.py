@@ -32,7 +32,7 @@ RECORD_FIELDS = {
     "VDI": ("uuid", "name_label", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
             "sm_config", "physical_utilisation", "virtual_size"),
     "VBD": ("VM", "VDI", "type"),
-    "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot"),
+    "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot", "snapshot_of"),
 }
 
 
@@ -157,7 +157,7 @@ def _boot_time(proc_dir):
 class _Vm(object):
     """What an inspection keeps of one VM record: thousands of them, so no dict each."""
 
-    __slots__ = ("uuid", "name", "tags", "is_control_domain", "is_snapshot")
+    __slots__ = ("uuid", "name", "tags", "is_control_domain", "is_snapshot", "snapshot_of")
 
     def __init__(self, record):
         self.uuid = record.get("uuid", "")
@@ -165,13 +165,16 @@ class _Vm(object):
         self.tags = tuple(record.get("tags") or ())
         self.is_control_domain = bool(record.get("is_control_domain"))
         self.is_snapshot = bool(record.get("is_a_snapshot"))
+        self.snapshot_of = record.get("snapshot_of", "") if self.is_snapshot else ""
 
 
 NO_VM = _Vm({})
 
 
 def vdi_users(vbds, vms):
-    """{VDI ref: _Vm} of the VM using each VDI, preferring a real VM over a snapshot.
+    """{VDI ref: _Vm} of the VM each VDI belongs to: the VM using it, preferring a real VM over a
+    snapshot; a snapshot VM's VDIs belong to the VM it is a snapshot of, or to none (NO_VM) once that
+    VM is gone: the exclusions of that VM cover its snapshots, and an orphaned snapshot has no VM.
 
     `vbds` is any iterable of VBD records (xapi's stream of them: none is kept), `vms` {ref: _Vm}.
     """
@@ -183,7 +186,7 @@ def vdi_users(vbds, vms):
         current = users.get(vbd["VDI"])
         if current is None or (current.is_snapshot and not vm.is_snapshot):
             users[vbd["VDI"]] = vm
-    return users
+    return {ref: vms.get(vm.snapshot_of, NO_VM) if vm.is_snapshot else vm for ref, vm in users.items()}
 
 
 # One string object for each value of the enum, rather than one per VDI.

@@ -7,7 +7,8 @@ Nothing here does I/O; `to_dict()` gives the stable JSON shape of `--report --js
 LEAF = "leaf"                            # writable leaf with no parent: nothing to merge
 LEAF_COALESCEABLE = "leaf_coalesceable"  # leaf whose parent has no other child: leaf coalesce frees space
 SNAPSHOT_PRESENT = "snapshot_present"    # leaf whose parent still has other children (snapshots)
-SNAPSHOT = "snapshot"                    # a snapshot VDI itself
+SNAPSHOT = "snapshot"                    # a snapshot VDI sharing its parent, or with none; one alone
+                                         # under its parent is leaf_coalesceable, as for SM
 HIDDEN_PARENT = "hidden_parent"          # hidden VHD with several children: stays
 COALESCEABLE = "coalesceable"            # hidden VHD the GC merges on its own
 GARBAGE = "garbage"                      # hidden VHD with no live descendant: the GC deletes it

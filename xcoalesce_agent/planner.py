@@ -8,8 +8,13 @@ Strategies, least disruptive first (see docs/design.md):
   gc      the SR's normal GC merges the leaf by itself (SM's own short live freeze)
   live    `other-config:leaf-coalesce=force` + GC: the VM runs on, its disk I/O frozen for the merge
   plugin  the `coalesce-leaf` plugin (LVM SRs): the VM is suspended for the merge
-The predicted freeze is the bytes to merge divided by the SR's measured merge speed.
+The predicted freeze is the bytes to merge divided by the SR's measured merge speed; for `gc`, when
+SM will not merge the leaf live at once, the pauses of its snapshot-coalesce rounds plus the final
+live merge that SM bounds itself.
 """
+import io
+import math
+
 from . import model
 
 GC = "gc"
@@ -22,14 +27,22 @@ SUCCESS = "success"
 FAILED = "failed"
 SKIPPED = "skipped"
 
-# SM leaf-coalesces live on its own when the merge fits in half its 10 s timeout, or, with no
-# speed measured yet, when the leaf is under 20 MiB (cleanup.py).
-SM_LIVE_FREEZE_SECONDS = 5.0
+# SM leaf-coalesces live on its own when the leaf's allocated bytes, integer-divided by the speed
+# of its speed log, are under half its 10 s live timeout, or, with no speed logged, when the leaf
+# is under 20 MiB; `leaf-coalesce=force` always does (cleanup.py: VDI.canLiveCoalesce).
+SM_LIVE_LEAF_COALESCE_TIMEOUT = 10
+SM_TIMEOUT_SAFETY_MARGIN = 0.5
+SM_LIVE_FREEZE_SECONDS = SM_TIMEOUT_SAFETY_MARGIN * SM_LIVE_LEAF_COALESCE_TIMEOUT
 SM_UNMEASURED_LEAF_BYTES = 20 * 1024 * 1024
+# Otherwise SM snapshot-coalesces first: each round is an internal VDI.snapshot, which pauses the
+# VDI's tapdisk for the snapshot and unpauses it on the new leaf. The pause of one round (a
+# conservative default: the agent does not measure it apart from the merge), and the rounds
+# expected: one leaves the leaf with only what the VM wrote meanwhile. A VM writing steadily takes
+# more (SM 3.2 gives up after 3 rounds without progress, 4.1.10+ after up to 20 rounds).
+SNAPSHOT_ROUND_PAUSE_SECONDS = 1.0
+SNAPSHOT_COALESCE_ROUNDS = 1
 # Suspend plus resume when the agent has not timed the plugin on this SR yet.
 SUSPEND_RESUME_SECONDS = 2.0
-# The speed log keeps SM's last runs; SM averages them.
-SPEED_LOG_RUNS = 10
 
 LEAF_COALESCE_KEY = "leaf-coalesce"
 RUNNING = "Running"
@@ -94,21 +107,30 @@ class HostFacts(object):
 
 
 def parse_speed_log(text):
-    """SM's `<sr>.speed_log`: one bytes-per-second figure per line; the mean of the last runs, or None."""
-    figures = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            figures.append(float(line))
-        except ValueError:
-            return None
-    figures = figures[-SPEED_LOG_RUNS:]
+    """The speed SM reads from `<sr>.speed_log` (cleanup.py: getStorageSpeed), or None.
+
+    SM takes the mean of every line of the file (it writes only its last ten runs): any line that is
+    not a number, a blank line included, means no speed at all, as does an empty file or a mean that
+    is not above zero. A figure SM never writes (nan, inf) gives no speed either.
+    """
+    try:
+        figures = [float(line) for line in io.StringIO(text, newline=None).readlines()]
+    except ValueError:
+        return None
     if not figures:
         return None
     mean = sum(figures) / len(figures)
-    return mean if mean > 0 else None
+    return mean if mean > 0 and math.isfinite(mean) else None
+
+
+def sm_merges_live(merge_bytes, sm_speed, forced=False):
+    """SM's own choice (VDI.canLiveCoalesce): merge the leaf live now, rather than snapshot-coalesce
+    it first. `merge_bytes` is the leaf's allocated bytes, `sm_speed` what its speed log gives."""
+    if forced:
+        return True
+    if sm_speed:
+        return merge_bytes // sm_speed < SM_LIVE_FREEZE_SECONDS
+    return merge_bytes < SM_UNMEASURED_LEAF_BYTES
 
 
 def is_lvm(sr_type):
@@ -127,7 +149,7 @@ def plan(inspection, facts, policy, vms=(), srs=()):
     """
     candidates = [(sr, vdi) for sr in inspection.srs or () for vdi in sr.vdis or ()
                   if vdi.state in (model.LEAF_COALESCEABLE, model.EXCLUDED)]
-    reasons = {vdi.uuid: preflight(sr, vdi, _vm_of(vdi, facts), facts, policy) for sr, vdi in candidates}
+    reasons = {vdi.uuid: preflight(sr, vdi, facts, policy) for sr, vdi in candidates}
     entries = []
     for sr, vdi in candidates:
         if (srs and sr.uuid not in srs) or (vms and vdi.vm_uuid not in vms):
@@ -138,7 +160,18 @@ def plan(inspection, facts, policy, vms=(), srs=()):
 
 
 def _vm_of(vdi, facts):
+    """The record of the VM the VDI belongs to (for a snapshot VDI, the VM it is a snapshot of)."""
     return facts.vms.get(vdi.vm_uuid) if vdi.vm_uuid else None
+
+
+def _is_snapshot(vdi, facts):
+    return _truthy((facts.vdis.get(vdi.uuid) or {}).get("is_a_snapshot", False))
+
+
+def _attached_vm(vdi, facts):
+    """The record of the VM whose disk the VDI is, whose I/O a merge freezes: none for a snapshot VDI,
+    which no running VM uses."""
+    return None if _is_snapshot(vdi, facts) else _vm_of(vdi, facts)
 
 
 def _entry(sr, vdi, vm):
@@ -164,7 +197,7 @@ def _entry(sr, vdi, vm):
 
 
 def _plan_vdi(sr, vdi, candidates, reasons, facts, policy):
-    vm = _vm_of(vdi, facts)
+    vm = _attached_vm(vdi, facts)
     entry = _entry(sr, vdi, vm)
     if reasons[vdi.uuid]:
         entry["reason"] = reasons[vdi.uuid]
@@ -185,9 +218,14 @@ def _plan_vdi(sr, vdi, candidates, reasons, facts, policy):
     return entry
 
 
-def preflight(sr, vdi, vm, facts, policy):
-    """Why this VDI must not be leaf-coalesced now, or "" when it may."""
-    for check in (_check_state, _check_sr, _check_vdi, _check_exclusions, _check_vm, _check_host, _check_space):
+def preflight(sr, vdi, facts, policy):
+    """Why this VDI must not be leaf-coalesced now, or "" when it may.
+
+    The exclusions look at the VM the VDI belongs to, the VM's state checks at the VM using it.
+    """
+    owner, attached = _vm_of(vdi, facts), _attached_vm(vdi, facts)
+    for check, vm in ((_check_state, owner), (_check_sr, owner), (_check_vdi, owner), (_check_exclusions, owner),
+                      (_check_vm, attached), (_check_host, owner), (_check_space, owner)):
         reason = check(sr, vdi, vm, facts, policy)
         if reason:
             return reason
@@ -247,9 +285,9 @@ def _check_exclusions(sr, vdi, vm, facts, policy):
 
 
 def _check_vm(sr, vdi, vm, facts, policy):
-    if vdi.vm_uuid and vm is None:
-        return "VM {} unknown to xapi".format(vdi.vm_uuid)
     if vm is None:
+        if vdi.vm_uuid and not _is_snapshot(vdi, facts):
+            return "VM {} unknown to xapi".format(vdi.vm_uuid)
         return ""
     if vm.get("is_control_domain"):
         return "VDI is attached to the control domain"
@@ -285,17 +323,18 @@ def _strategies(sr, vdi, vm, candidates, reasons, facts, policy):
     for name in policy.strategies:
         speed = facts.speed(sr.uuid, name)
         if name == GC:
-            if not _sm_merges_alone(merge, facts.speed(sr.uuid, "sm")):
-                refusals.append("too large for the GC's own live leaf coalesce")
+            freeze = gc_freeze(merge, (facts.speeds.get(sr.uuid) or {}).get("sm"), speed,
+                               _forced(vdi, facts)) if running else 0.0
+            if freeze is None:
+                refusals.append("forced (leaf-coalesce=force) with no measured merge speed for the SR yet")
                 continue
-            freeze = merge / speed if running and speed else (SM_LIVE_FREEZE_SECONDS if running else 0.0)
         elif name == LIVE:
             if running and not speed:
                 refusals.append("no measured merge speed for the SR yet")
                 continue
             freeze = merge / speed if running else 0.0
         else:
-            refusal = _plugin_refusal(sr, vdi, vm, candidates, reasons)
+            refusal = _plugin_refusal(sr, vdi, vm, candidates, reasons, facts)
             if not refusal and running and not speed:
                 refusal = "no measured merge speed for the SR yet"
             if refusal:
@@ -303,27 +342,42 @@ def _strategies(sr, vdi, vm, candidates, reasons, facts, policy):
                 continue
             freeze = 0.0
             if running:
-                freeze = _vm_merge_bytes(vdi.vm_uuid, candidates) / speed
+                freeze = _vm_merge_bytes(vdi.vm_uuid, candidates, facts) / speed
                 if not facts.speeds.get(sr.uuid, {}).get(PLUGIN):
                     freeze += SUSPEND_RESUME_SECONDS
         options.append((name, freeze))
     return options, refusals
 
 
-def _sm_merges_alone(merge_bytes, sm_speed):
-    if sm_speed:
-        return merge_bytes / sm_speed <= SM_LIVE_FREEZE_SECONDS
-    return merge_bytes < SM_UNMEASURED_LEAF_BYTES
+def gc_freeze(merge_bytes, sm_speed, speed, forced=False):
+    """The freeze the SR's GC causes a running VM when it leaf-coalesces its leaf on its own, or None
+    when it cannot be bounded (a forced merge with no speed known).
+
+    SM merging live at once: the merge at `speed` (5 s, SM's limit, with no speed known). Otherwise
+    the pauses of its snapshot-coalesce rounds, then the live merge of what is left, which SM starts
+    only once it judges it within its 0.5 x 10 s limit.
+    """
+    if sm_merges_live(merge_bytes, sm_speed, forced):
+        if speed:
+            return merge_bytes / speed
+        return None if forced and merge_bytes >= SM_UNMEASURED_LEAF_BYTES else SM_LIVE_FREEZE_SECONDS
+    return SNAPSHOT_COALESCE_ROUNDS * SNAPSHOT_ROUND_PAUSE_SECONDS + SM_LIVE_FREEZE_SECONDS
 
 
-def _plugin_refusal(sr, vdi, vm, candidates, reasons):
+def _forced(vdi, facts):
+    return (facts.vdis.get(vdi.uuid) or {}).get("other_config", {}).get(LEAF_COALESCE_KEY) == "force"
+
+
+def _plugin_refusal(sr, vdi, vm, candidates, reasons, facts):
     if not is_lvm(sr.type):
         return "the coalesce-leaf plugin only works on LVM SRs"
+    if _is_snapshot(vdi, facts):
+        return "a snapshot VDI: the coalesce-leaf plugin merges only the disks its VM uses"
     if vm is None:
         return "the coalesce-leaf plugin needs a VM"
     if "suspend" in (vm.get("blocked_operations") or {}):
         return "suspend is blocked on the VM"
-    others = sorted(other.uuid for other in _plugin_vdis(vdi.vm_uuid, candidates)
+    others = sorted(other.uuid for other in _plugin_vdis(vdi.vm_uuid, candidates, facts)
                     if other.uuid != vdi.uuid and reasons[other.uuid])
     if others:
         return "the coalesce-leaf plugin would also merge VDI {}, which must be left alone".format(
@@ -331,13 +385,15 @@ def _plugin_refusal(sr, vdi, vm, candidates, reasons):
     return ""
 
 
-def _plugin_vdis(vm_uuid, candidates):
-    """The VDIs the plugin merges while the VM is suspended: all its leaf-coalesceable ones on LVM SRs."""
-    return [vdi for sr, vdi in candidates if vdi.vm_uuid == vm_uuid and is_lvm(sr.type)]
+def _plugin_vdis(vm_uuid, candidates, facts):
+    """The VDIs the plugin merges while the VM is suspended: all the leaf-coalesceable disks it uses on
+    LVM SRs (its snapshots are not among them)."""
+    return [vdi for sr, vdi in candidates
+            if vdi.vm_uuid == vm_uuid and is_lvm(sr.type) and not _is_snapshot(vdi, facts)]
 
 
-def _vm_merge_bytes(vm_uuid, candidates):
-    return sum(vdi.merge_bytes or 0 for vdi in _plugin_vdis(vm_uuid, candidates))
+def _vm_merge_bytes(vm_uuid, candidates, facts):
+    return sum(vdi.merge_bytes or 0 for vdi in _plugin_vdis(vm_uuid, candidates, facts))
 
 
 def apply_caps(entries, vms_left, bytes_left):

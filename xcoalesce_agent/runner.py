@@ -145,19 +145,22 @@ class Runner(object):
         outcomes = {}  # vdi_uuid -> (strategy, frozen seconds, predicted) once something was run for it
         failures = {}  # vdi_uuid -> run record that failed or was skipped before anything ran
         forced_any = False
+        stale = False  # a forced path ran since `current` was inspected: its GC may have merged more
         for entry in planned:
             entry["started"] = time.time()
-            try:
-                if not chains.merged(current, entry) and self._parent_changed(entry):
-                    current = self.inspect()  # the GC worked on this chain while busy with another
-            except (XenAPI.Failure, HostUnreachable) as error:
-                failures[entry["vdi_uuid"]] = self._ended(entry, planner.FAILED, describe(error))
-                continue
+            if stale and not chains.merged(current, entry):
+                try:
+                    current = self.inspect()
+                except HostUnreachable as error:
+                    failures[entry["vdi_uuid"]] = self._ended(entry, planner.FAILED, describe(error))
+                    continue
+                stale = False
             if chains.merged(current, entry):
                 outcomes[entry["vdi_uuid"]] = (planner.GC, frozen_by_gc.get(entry["vdi_uuid"]),
                                                entry["predicted_freeze_seconds"])
                 continue
             outcome = self._force(entry, current, outcomes)
+            stale = True
             if isinstance(outcome, dict):
                 failures[entry["vdi_uuid"]] = outcome
             else:
@@ -206,11 +209,6 @@ class Runner(object):
         except (XenAPI.Failure, GcBusy, HostUnreachable, journal_module.RepairFailed) as error:
             strategy = fresh["strategy"] if fresh is not None and fresh.get("strategy") else entry["strategy"]
             return self._ended(entry, planner.FAILED, describe(error), strategy=strategy)
-
-    def _parent_changed(self, entry):
-        """xapi's `vhd-parent` of the VDI is no longer the parent it was planned with."""
-        ref = self.session.xenapi.VDI.get_by_uuid(entry["vdi_uuid"])
-        return self.session.xenapi.VDI.get_sm_config(ref).get("vhd-parent", "") != entry["parent_uuid"]
 
     def _verify(self, entry, before, after, strategy, frozen, predicted):
         """The run record once its path ran: the chain must be one link shorter; bytes freed measured."""

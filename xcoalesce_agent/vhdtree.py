@@ -2,8 +2,8 @@
 
 Pure: plain text and plain objects in, plain objects out. The rules follow the storage manager's
 own (docs/design.md, storage-manager.md): coalesceable = hidden inner node whose parent has only
-it; leaf-coalesceable = visible leaf whose parent has only it; garbage = hidden with no visible
-descendant.
+it; leaf-coalesceable = visible leaf whose parent has only it, a snapshot VDI included (SM does not
+tell snapshots apart there); garbage = hidden with no visible descendant.
 """
 import re
 
@@ -161,7 +161,11 @@ def _chain_length(node):
 
 
 class VdiFacts(object):
-    """What xapi says about a VDI and the VM using it, as far as classification cares."""
+    """What xapi says about a VDI and its VM, as far as classification cares.
+
+    `vm_uuid`, `vm_tags`: the VM the VDI belongs to: the VM using it, or for a snapshot VM's VDI the
+    VM it is a snapshot of ("" when that VM is gone: an orphaned snapshot).
+    """
 
     __slots__ = ("uuid", "is_snapshot", "on_boot", "allow_caching", "leaf_coalesce", "vm_uuid", "vm_tags")
 
@@ -249,25 +253,31 @@ def _classify_node(node, facts, live, policy, sr_exclusion):
         return _classify_hidden(node, live)
     if node.children:
         return model.HIDDEN_PARENT, "not hidden, yet parent of {} VHDs".format(len(node.children))
-    if facts is not None and facts.is_snapshot:
-        return model.SNAPSHOT, "a snapshot: leaf coalesce never merges snapshots"
+    # SM's leaf-coalesce candidates have no snapshot check: a snapshot VDI that is a leaf whose parent
+    # has only it (its VM's disk deleted or moved) is leaf-coalesced like any leaf.
+    snapshot = facts is not None and facts.is_snapshot
     if node.parent is None:
-        return model.LEAF, "no parent: nothing to merge"
+        return (model.SNAPSHOT, "a snapshot with no parent: nothing to merge") if snapshot else (
+            model.LEAF, "no parent: nothing to merge")
     siblings = len(node.parent.children) - 1
     if siblings:
-        garbage = sum(1 for child in node.parent.children if child is not node and child.uuid not in live
-                      and child.record.hidden)
-        if garbage == siblings:
-            return model.SNAPSHOT_PRESENT, "its parent still has {} garbage {}; the GC deletes {} first".format(
-                siblings, "child" if siblings == 1 else "children", "it" if siblings == 1 else "them")
-        return model.SNAPSHOT_PRESENT, "its parent {} is shared with {} other {} (snapshots)".format(
-            _short(node.parent.uuid), siblings, "VHD" if siblings == 1 else "VHDs")
+        return model.SNAPSHOT if snapshot else model.SNAPSHOT_PRESENT, _siblings_reason(node, live, siblings)
     if facts is None:
         return model.EXCLUDED, "xapi has no VDI for it (deleted during the inspection?)"
     exclusion = sr_exclusion or policy.vdi_exclusion(facts)
     if exclusion:
         return model.EXCLUDED, exclusion
     return model.LEAF_COALESCEABLE, ""
+
+
+def _siblings_reason(node, live, siblings):
+    garbage = sum(1 for child in node.parent.children if child is not node and child.uuid not in live
+                  and child.record.hidden)
+    if garbage == siblings:
+        return "its parent still has {} garbage {}; the GC deletes {} first".format(
+            siblings, "child" if siblings == 1 else "children", "it" if siblings == 1 else "them")
+    return "its parent {} is shared with {} other {} (snapshots)".format(
+        _short(node.parent.uuid), siblings, "VHD" if siblings == 1 else "VHDs")
 
 
 def _in_loop(node):
