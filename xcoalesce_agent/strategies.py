@@ -188,19 +188,20 @@ def _task_status(session, task, deadline, watch=None):
 
 
 def _cancel(session, task, limit):
-    """task.cancel past the limit: (the task's status after it, what happened in words)."""
+    """task.cancel past the limit, then up to CANCEL_GRACE_SECONDS for the task to end (also when
+    xapi refuses the cancel: the plugin may still end by itself, and its `force` flags and the VM
+    must be seen to only after that): (the task's status then, what happened in words)."""
     what = "the plugin did not finish within {:g} s".format(limit)
     LOG.warning("%s: cancelling its task", what)
     try:
         session.xenapi.task.cancel(task)
+        cancel = "its task was cancelled"
     except XenAPI.Failure as error:
-        return session.xenapi.task.get_status(task), "{}, and its task could not be cancelled: {}".format(
-            what, describe(error))
+        cancel = "its task could not be cancelled ({})".format(describe(error))
     status = _task_status(session, task, time.monotonic() + CANCEL_GRACE_SECONDS)
     if status in UNFINISHED:
-        return status, "{}; its task was cancelled but is still {} after {:g} s".format(
-            what, status, CANCEL_GRACE_SECONDS)
-    return status, "{}; its task was cancelled".format(what)
+        return status, "{}; {} and is still {} after {:g} s more".format(what, cancel, status, CANCEL_GRACE_SECONDS)
+    return status, "{}; {}".format(what, cancel)
 
 
 def _task_result(text):
