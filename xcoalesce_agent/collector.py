@@ -134,8 +134,8 @@ class InspectionCollector(object):
 
         info = _gauge("xcoalesce_sr_info", "SRs this host inspects (value 1); join on sr_uuid for names.",
                       SR_LABELS + ("shared",))
-        running = _gauge("xcoalesce_sr_gc_running", "1 when a garbage collector process for the SR existed "
-                         "at the last inspection.", SR_LABELS)
+        running = _gauge("xcoalesce_sr_gc_running", "1 when the SR's garbage collector was running at the last "
+                         "inspection (SM's GC lock held, or a cleanup process).", SR_LABELS)
         skipped = _gauge("xcoalesce_sr_skipped_vdis", "VDIs on the SR that are not VHD (raw, qcow2), left alone.",
                          SR_LABELS)
         scan_errors = _gauge("xcoalesce_sr_scan_errors", "VHDs on the SR that vhd-util could not read at the "

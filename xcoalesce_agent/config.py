@@ -247,6 +247,7 @@ SCHEMA = (
     Key("coalesce", "exclude_vdis", uuid_list, []),
     Key("coalesce", "exclude_tag", text, "xcoalesce-exclude"),
     Key("coalesce", "gc_wait_seconds", number(0, exclusive=True), 3600.0),
+    Key("coalesce", "plugin_timeout_seconds", number(0, exclusive=True), 3600.0),
     Key("coalesce", "trigger_on_snapshot_delete", boolean, False),
 )
 

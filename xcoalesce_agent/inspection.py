@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import estimate, inventory, lvmread, model, vhdmeta, vhdtree, vhdutil, xapi
+from . import estimate, inventory, lvmread, model, smgc, vhdmeta, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -119,41 +119,6 @@ def select_srs(host_ref, is_master, srs, pbds):
     return ours, skipped
 
 
-def running_gcs(proc_dir="/proc", now=None):
-    """{sr_uuid: seconds running} of SM's GC processes (`cleanup ... -u <sr>`, also under SMGC@<sr>)."""
-    now = time.time() if now is None else now
-    boot_time = _boot_time(proc_dir)
-    running = {}
-    for pid in os.listdir(proc_dir):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(os.path.join(proc_dir, pid, "cmdline"), "rb") as stream:
-                cmdline = stream.read().decode("utf-8", "replace").split("\0")
-            if not any(os.path.basename(arg).startswith("cleanup") for arg in cmdline):
-                continue
-            with open(os.path.join(proc_dir, pid, "stat")) as stream:
-                start_ticks = int(stream.read().rsplit(")", 1)[1].split()[19])
-        except (OSError, IndexError, ValueError):
-            continue
-        seconds = max(0.0, now - boot_time - start_ticks / float(os.sysconf("SC_CLK_TCK")))
-        for index, arg in enumerate(cmdline[:-1]):
-            if arg in ("-u", "--uuid"):
-                running[cmdline[index + 1]] = max(running.get(cmdline[index + 1], 0.0), seconds)
-    return running
-
-
-def _boot_time(proc_dir):
-    try:
-        with open(os.path.join(proc_dir, "stat")) as stream:
-            for line in stream:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0.0
-
-
 class _Vm(object):
     """What an inspection keeps of one VM record: thousands of them, so no dict each."""
 
@@ -221,7 +186,7 @@ class _Inspector(object):
         master = next(iter(pools.values()), {}).get("master")
         ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
         users = self.vdi_users()
-        gcs = running_gcs()
+        gcs = smgc.running_gcs(self.config, [sr["uuid"] for _, sr in ours])
         reports = [self.sr_report(ref, sr, users, gcs.get(sr["uuid"])) for ref, sr in ours]
         host = hosts[host_ref]
         return model.Inspection(

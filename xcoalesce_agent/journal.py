@@ -132,11 +132,19 @@ def undo(session, step):
     if step["action"] == LEAF_COALESCE_STEP:
         return _restore(session, step["vdi_uuid"], step["value"], step["previous"])
     if step["action"] == SUSPEND_STEP:
-        done = _bring_back(session, step["vm_uuid"], step["power_state"])
-        for vdi_uuid, previous in step["forced_vdis"]:
-            done.extend(_restore(session, vdi_uuid, FORCE, previous))
-        return done
+        return restore_forced(session, step) + _bring_back(session, step["vm_uuid"], step["power_state"])
     raise ValueError("unknown journal step {!r}".format(step["action"]))
+
+
+def restore_forced(session, step):
+    """The `force` flags the plugin set on the VDIs of a `suspend` step go back to what they were.
+
+    Done before the VM is resumed: a GC still running must not find `force` on a running VM's
+    leaf (it would merge it with no time limit)."""
+    done = []
+    for vdi_uuid, previous in step["forced_vdis"]:
+        done.extend(_restore(session, vdi_uuid, FORCE, previous))
+    return done
 
 
 def _subject(step):

@@ -97,7 +97,7 @@ class SrReport(_Record):
         "gc_pending_bytes",       # what the GC's own pending work (garbage, coalesceable) will free
         "merge_free_bytes",       # free space the largest pending leaf merge needs first
         "longest_chain",
-        "gc_running",             # a GC process for this SR exists now
+        "gc_running",             # SM's GC runs on this SR now (its lock held, or a cleanup process)
         "gc_running_seconds",     # for how long, 0 when not running
         "skipped_vdis",           # non-VHD VDIs, counted and left alone
         "errors",                 # per-image scan errors, one line each

@@ -28,16 +28,32 @@ LOG = logging.getLogger(__name__)
 
 
 def repair(config, session, journal):
-    """Undo what an earlier run left behind, once the GCs it started have settled."""
+    """Undo what an earlier run left behind: the `force` flags at once (a GC still running must not
+    take them), the rest once the GCs of those SRs have settled (bounded by gc_wait_seconds)."""
     steps = journal.steps()
     if not steps:
         return []
+    actions = _release_force(session, steps)
     for sr_uuid in sorted({sr for step in steps for sr in step.get("sr_uuids", ())}):
-        if not wait_gc_idle(session, sr_uuid, config.coalesce.gc_wait_seconds):
+        if not wait_gc_idle(config, session, sr_uuid, config.coalesce.gc_wait_seconds):
             LOG.warning("repairing while the GC of SR %s still runs", sr_uuid)
-    actions = journal_module.repair(session, journal)
+    actions += journal_module.repair(session, journal)
     for line in actions:
         LOG.warning("repaired after an interrupted run: %s", line)
+    return actions
+
+
+def _release_force(session, steps):
+    """Every `force` flag the journal names goes back now; what fails here `journal.repair` retries."""
+    actions = []
+    for step in steps:
+        try:
+            if step["action"] == journal_module.SUSPEND_STEP:
+                actions.extend(journal_module.restore_forced(session, step))
+            elif step.get("value") == journal_module.FORCE:
+                actions.extend(journal_module.undo(session, step))
+        except XenAPI.Failure as error:
+            LOG.warning("could not remove a force flag yet: %s", describe(error))
     return actions
 
 
@@ -157,7 +173,7 @@ class Runner(object):
                 stale = False
             if chains.merged(current, entry):
                 outcomes[entry["vdi_uuid"]] = (planner.GC, frozen_by_gc.get(entry["vdi_uuid"]),
-                                               entry["predicted_freeze_seconds"])
+                                               entry["predicted_freeze_seconds"], None)
                 continue
             outcome = self._force(entry, current, outcomes)
             stale = True
@@ -171,7 +187,7 @@ class Runner(object):
             try:
                 for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
                     self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(sr_uuid))
-                    wait_gc_idle(self.session, sr_uuid, self.config.coalesce.gc_wait_seconds)
+                    wait_gc_idle(self.config, self.session, sr_uuid, self.config.coalesce.gc_wait_seconds)
                 after = self.inspect()
             except (XenAPI.Failure, HostUnreachable) as error:
                 return [self._ended(entry, planner.FAILED, "could not verify: {}".format(describe(error)))
@@ -185,8 +201,8 @@ class Runner(object):
         return runs
 
     def _force(self, entry, current, outcomes):
-        """The forcing path for one VDI: (strategy, frozen seconds, predicted), or the run record of a
-        skip or a failure."""
+        """The forcing path for one VDI: (strategy, frozen seconds, predicted, PluginRun or None), or
+        the run record of a skip or a failure."""
         vm_done = [outcome for uuid, outcome in outcomes.items()
                    if outcome[0] == planner.PLUGIN and uuid in chains.vm_vdis(current, entry["vm_uuid"])]
         if vm_done:
@@ -200,26 +216,35 @@ class Runner(object):
                 reason = fresh["reason"] if fresh else "no longer leaf-coalesceable"
                 return self._ended(entry, planner.SKIPPED, "after the GC pass: " + reason,
                                    strategy=fresh["strategy"] if fresh and fresh["strategy"] else entry["strategy"])
+            plugin_run = None
             with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"]}) as meter:
                 if fresh["strategy"] == planner.LIVE:
                     run_live(self.config, self.session, self.journal, entry)
                 else:
-                    run_plugin(self.config, self.session, self.journal, entry, facts)
-            return fresh["strategy"], meter.seconds(entry["vdi_uuid"]), fresh["predicted_freeze_seconds"]
+                    plugin_run = run_plugin(self.config, self.session, self.journal, entry, facts)
+            if plugin_run is not None and plugin_run.error:
+                return self._ended(entry, planner.FAILED, plugin_run.failure(), strategy=fresh["strategy"])
+            return (fresh["strategy"], meter.seconds(entry["vdi_uuid"]), fresh["predicted_freeze_seconds"],
+                    plugin_run)
         except (XenAPI.Failure, GcBusy, HostUnreachable, journal_module.RepairFailed) as error:
             strategy = fresh["strategy"] if fresh is not None and fresh.get("strategy") else entry["strategy"]
             return self._ended(entry, planner.FAILED, describe(error), strategy=strategy)
 
-    def _verify(self, entry, before, after, strategy, frozen, predicted):
-        """The run record once its path ran: the chain must be one link shorter; bytes freed measured."""
+    def _verify(self, entry, before, after, strategy, frozen, predicted, plugin_run):
+        """The run record once its path ran: the chain must be one link shorter in `after` (a fresh
+        `vhd-util scan`: xapi's `vhd-parent` still names the old parent after a leaf coalesce with a
+        grandparent); bytes freed measured. `plugin_run` (a PluginRun) gives the plugin's part."""
         run = _run_record(entry, entry["started"])
         run.update(strategy=strategy, predicted_freeze_seconds=predicted, finished=time.time(),
                    frozen_seconds=round(frozen, 3) if frozen is not None else None)
         if not chains.shortened(after, entry):
             _, report = chains.find_vdi(after, entry["vdi_uuid"])
-            run.update(result=planner.FAILED, reason="the chain is not shorter after the run ({})".format(
-                "{} links".format(report.chain_length) if report else "VDI gone"))
+            chain = "{} links".format(report.chain_length) if report else "VDI gone"
+            run.update(result=planner.FAILED, reason=plugin_run.not_merged(chain) if plugin_run else
+                       "the chain is not shorter after the run ({})".format(chain))
             return run
+        if plugin_run is not None and plugin_run.merged():
+            run.update(reason=plugin_run.merged())
         sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
         reclaimed = max(0, chains.own_chain_bytes(before, sr_uuid, vdi_uuid)
                         - chains.own_chain_bytes(after, sr_uuid, vdi_uuid))
@@ -301,7 +326,7 @@ def _settled(config, session, runner, inspection, srs):
     if not busy:
         return inspection
     for sr_uuid in busy:
-        wait_gc_idle(session, sr_uuid, config.coalesce.gc_wait_seconds)
+        wait_gc_idle(config, session, sr_uuid, config.coalesce.gc_wait_seconds)
     return runner.inspect()
 
 

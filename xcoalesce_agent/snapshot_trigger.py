@@ -122,7 +122,7 @@ class SnapshotWatcher(object):
 
     def _settle(self, session):
         for sr_uuid, deleted in list(self._deleted.items()):
-            if time.monotonic() - deleted < GC_START_SECONDS or gc_running(session, sr_uuid):
+            if time.monotonic() - deleted < GC_START_SECONDS or gc_running(self.config, session, sr_uuid):
                 continue
             del self._deleted[sr_uuid]
             self.pending.add([sr_uuid])

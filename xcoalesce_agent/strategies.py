@@ -2,10 +2,15 @@
 VDI's `leaf-coalesce` flag (to force a leaf, or hold one back), the forced live path and the
 `coalesce-leaf` plugin path. What a crash leaves open, `journal.repair` undoes."""
 import logging
+import time
+import xmlrpc.client
+from xml.parsers.expat import ExpatError
+
+import XenAPI
 
 from . import inventory, journal as journal_module, planner
-from .smgc import gc_pass
-from .xapi import NULL_REF
+from .smgc import GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
+from .xapi import NULL_REF, describe
 
 LOG = logging.getLogger(__name__)
 
@@ -41,18 +46,75 @@ def _leaf_coalesce_value(session, vdi_uuid):
 
 
 def run_live(config, session, journal, entry):
-    """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case."""
+    """`leaf-coalesce=force` on the VDI, then a GC pass; the flag goes in every case.
+
+    The flag is set only while the SR's GC is idle, and the GC is looked at again just after: a GC
+    already running would take the forced leaf and merge it with no time limit."""
+    sr_uuid = entry["sr_uuid"]
+    require_gc_idle(config, session, sr_uuid)
     previous = _leaf_coalesce_value(session, entry["vdi_uuid"])
-    step = set_leaf_coalesce(session, journal, journal_module.force_step(entry["sr_uuid"], entry["vdi_uuid"],
-                                                                         previous))
+    step = set_leaf_coalesce(session, journal, journal_module.force_step(sr_uuid, entry["vdi_uuid"], previous))
     try:
-        gc_pass(config, session, entry["sr_uuid"])
+        started = gc_activity(config, session, sr_uuid)
+        if started:
+            raise GcBusy("a garbage collector started on the SR as the force flag was set ({}); the flag was "
+                         "taken back".format(started))
+        gc_pass(config, session, sr_uuid)
     finally:
         close_step(session, journal, step)
 
 
+# ---- the coalesce-leaf plugin --------------------------------------------------------------
+
+# How often the plugin's task is looked at, and how long it may take to end once cancelled.
+TASK_POLL_SECONDS = 0.25
+CANCEL_GRACE_SECONDS = 30.0
+UNFINISHED = ("pending", "cancelling")
+
+
+class PluginUnfinished(Exception):
+    """The plugin's call did not finish: past plugin_timeout_seconds, or its task was cancelled."""
+
+
+class PluginRun(object):
+    """What one call of the plugin came to: its answer or why it failed, a GC other than the
+    plugin's own seen on the VM's SRs meanwhile, and what it took to bring the VM back."""
+
+    def __init__(self):
+        self.answer = ""
+        self.error = ""
+        self.gc_seen = ""
+        self.notes = []
+
+    def failure(self):
+        """The reason of a run whose plugin call failed."""
+        return "; ".join([self.error] + self.notes)
+
+    def not_merged(self, chain):
+        """The reason of a run whose plugin returned but whose chain (`chain`: "N links") is as long."""
+        if self.gc_seen:
+            reason = "the plugin merged nothing: the SR's garbage collector was running ({})".format(self.gc_seen)
+        else:
+            reason = "the plugin merged nothing ({}; it answered {!r})".format(chain, self.answer)
+        return "; ".join([reason] + self.notes)
+
+    def merged(self):
+        """The reason of a run whose plugin merged: only what it took to bring the VM back."""
+        return "; ".join(self.notes)
+
+
 def run_plugin(config, session, journal, entry, facts):
-    """The `coalesce-leaf` plugin for the entry's VM (suspends it); the VM comes back in every case."""
+    """The `coalesce-leaf` plugin for the entry's VM (it suspends the VM); returns a `PluginRun`.
+
+    Safe on both SM generations. Before SM 4.1.10 the plugin does not wait for a GC already
+    running: its passes exit at once, it resumes the VM having merged nothing and leaves `force`
+    on the leaves for that GC. So the SRs' GCs must be idle just before the call (`GcBusy` after
+    gc_wait_seconds). The call is bounded (`call_plugin_bounded`). Whatever happens, the `force`
+    flags the plugin set go back at once, and a VM it left suspended is resumed once the SRs' GCs
+    are idle (waited for up to gc_wait_seconds, then resumed all the same; the notes say so).
+    A plugin that merged nothing is not called again in the same run, as that would suspend the
+    VM a second time: the run fails with the reason and a later run tries again.
+    """
     vm_uuid = entry["vm_uuid"]
     vm_ref = session.xenapi.VM.get_by_uuid(vm_uuid)
     power_state = session.xenapi.VM.get_power_state(vm_ref)
@@ -66,10 +128,114 @@ def run_plugin(config, session, journal, entry, facts):
         if planner.is_lvm(sr.get("type", "")):
             sr_uuids.add(sr["uuid"])
             forced.append((record["uuid"], record["other_config"].get(journal_module.LEAF_COALESCE_KEY)))
+    for sr_uuid in sorted(sr_uuids):
+        require_gc_idle(config, session, sr_uuid)
     host_ref = session.xenapi.host.get_by_uuid(inventory.host_uuid(config.xapi.inventory))
+    run = PluginRun()
+
+    def watch():
+        for sr_uuid in sorted(sr_uuids):
+            run.gc_seen = run.gc_seen or foreign_gc(config, sr_uuid)
+
     step = journal.begin(journal_module.suspend_step(sr_uuids, vm_uuid, power_state, forced))
     try:
-        answer = session.xenapi.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
-        LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(str(answer).split()))
+        run.answer = call_plugin_bounded(config, session, host_ref, vm_uuid, watch)
+        LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(run.answer.split()))
+    except XenAPI.Failure as error:
+        run.error = describe(error)
+    except PluginUnfinished as error:
+        run.error = str(error)
     finally:
-        close_step(session, journal, step)
+        _end_plugin_step(config, session, journal, step, sorted(sr_uuids), run)
+    return run
+
+
+def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None):
+    """The plugin through `Async.host.call_plugin`: its answer, `XenAPI.Failure` when it failed,
+    `PluginUnfinished` past plugin_timeout_seconds (its task is cancelled first, then given
+    CANCEL_GRACE_SECONDS to end). The task is polled (`watch()` is called at each look) and
+    destroyed at the end."""
+    limit = config.coalesce.plugin_timeout_seconds
+    task = session.xenapi.Async.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
+    try:
+        status = _task_status(session, task, time.monotonic() + limit, watch)
+        unfinished = ""
+        if status in UNFINISHED:
+            status, unfinished = _cancel(session, task, limit)
+        if status == "success":
+            return _task_result(session.xenapi.task.get_result(task))
+        if status == "failure":
+            raise XenAPI.Failure(session.xenapi.task.get_error_info(task))
+        raise PluginUnfinished(unfinished or "the plugin's task was {} by someone else".format(status))
+    finally:
+        try:
+            session.xenapi.task.destroy(task)
+        except XenAPI.Failure as error:
+            LOG.debug("task.destroy of the plugin's task: %s", describe(error))
+
+
+def _task_status(session, task, deadline, watch=None):
+    """The task's status once it left pending (or cancelling), or as it is at `deadline`."""
+    while True:
+        status = session.xenapi.task.get_status(task)
+        if status not in UNFINISHED:
+            return status
+        if watch is not None:
+            watch()
+        if time.monotonic() >= deadline:
+            return status
+        time.sleep(TASK_POLL_SECONDS)
+
+
+def _cancel(session, task, limit):
+    """task.cancel past the limit, then up to CANCEL_GRACE_SECONDS for the task to end (also when
+    xapi refuses the cancel: the plugin may still end by itself, and its `force` flags and the VM
+    must be seen to only after that): (the task's status then, what happened in words)."""
+    what = "the plugin did not finish within {:g} s".format(limit)
+    LOG.warning("%s: cancelling its task", what)
+    try:
+        session.xenapi.task.cancel(task)
+        cancel = "its task was cancelled"
+    except XenAPI.Failure as error:
+        cancel = "its task could not be cancelled ({})".format(describe(error))
+    status = _task_status(session, task, time.monotonic() + CANCEL_GRACE_SECONDS)
+    if status in UNFINISHED:
+        return status, "{}; {} and is still {} after {:g} s more".format(what, cancel, status, CANCEL_GRACE_SECONDS)
+    return status, "{}; {}".format(what, cancel)
+
+
+def _task_result(text):
+    """A task's result is the XML-RPC value of the call's answer (`<value>Success</value>`)."""
+    if not text:
+        return ""
+    try:
+        (value,), _ = xmlrpc.client.loads(
+            "<methodResponse><params><param>{}</param></params></methodResponse>".format(text))
+    except (ValueError, ExpatError, xmlrpc.client.ResponseError):
+        return text
+    return str(value)
+
+
+def _end_plugin_step(config, session, journal, step_id, sr_uuids, run):
+    """After the call, whatever its outcome: the `force` flags back, then the VM back once the SRs'
+    GCs let go of its chain (bounded), then the journal step closed."""
+    step = next(item for item in journal.steps() if item["id"] == step_id)
+    for line in journal_module.restore_forced(session, step):
+        LOG.info("%s", line)
+    vm_ref = session.xenapi.VM.get_by_uuid(step["vm_uuid"])
+    if step["power_state"] == "Running" and session.xenapi.VM.get_power_state(vm_ref) == "Suspended":
+        waited = []
+        for sr_uuid in sr_uuids:
+            busy = gc_activity(config, session, sr_uuid)
+            if not busy:
+                continue
+            started = time.monotonic()
+            if wait_gc_idle(config, session, sr_uuid, config.coalesce.gc_wait_seconds):
+                waited.append("resumed once the SR's garbage collector ({}) had finished, {:.0f} s later".format(
+                    busy, time.monotonic() - started))
+            else:
+                waited.append("resumed although the SR's garbage collector ({}) still ran after {:g} s".format(
+                    busy, config.coalesce.gc_wait_seconds))
+        run.notes.append("the plugin left the VM suspended; the agent {}".format(
+            "; ".join(waited) if waited else "resumed it"))
+    close_step(session, journal, step_id)
