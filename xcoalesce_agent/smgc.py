@@ -5,7 +5,7 @@ Every merge a run asks for is done by this GC (or by SM's plugin): the agent onl
 import logging
 import time
 
-from . import inspection
+from . import inspection, stopping
 
 LOG = logging.getLogger(__name__)
 
@@ -32,25 +32,28 @@ def gc_running(session, sr_uuid):
 
 
 def wait_gc_idle(session, sr_uuid, timeout):
-    """Wait (bounded) until the SR's GC is not running; True if it is idle."""
+    """Wait (bounded, and no longer once the agent is stopping) until the SR's GC is not running;
+    True if it is idle."""
     deadline = time.monotonic() + timeout
     if gc_running(session, sr_uuid):
         LOG.info("SR %s: waiting up to %g s for the storage manager's GC to finish", sr_uuid, timeout)
         while gc_running(session, sr_uuid):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or stopping.requested():
                 return False
-            time.sleep(POLL_SECONDS)
+            stopping.sleep(POLL_SECONDS)
     return True
 
 
 def gc_pass(config, session, sr_uuid):
     """Kick the SR's GC with SR.scan and wait for it to finish; `GcBusy` when it outlasts gc_wait_seconds."""
     timeout = config.coalesce.gc_wait_seconds
-    if not wait_gc_idle(session, sr_uuid, timeout):
-        raise GcBusy("the SR's garbage collector is still busy after {:g} s".format(timeout))
+    if stopping.requested() or not wait_gc_idle(session, sr_uuid, timeout):
+        raise GcBusy(stopping.REASON if stopping.requested() else
+                     "the SR's garbage collector is still busy after {:g} s".format(timeout))
     session.xenapi.SR.scan(session.xenapi.SR.get_by_uuid(sr_uuid))
     appear_by = time.monotonic() + GC_START_SECONDS
     while not gc_running(session, sr_uuid) and time.monotonic() < appear_by:
         time.sleep(POLL_SECONDS)
     if not wait_gc_idle(session, sr_uuid, timeout):
-        raise GcBusy("the SR's garbage collector did not finish within {:g} s".format(timeout))
+        raise GcBusy(stopping.REASON if stopping.requested() else
+                     "the SR's garbage collector did not finish within {:g} s".format(timeout))
