@@ -132,7 +132,10 @@ class Service(object):
         self._wake_inspection.set()
 
     def _inspect_forever(self):
-        self._act(runner.startup_repair, self.config)
+        try:
+            self._act(runner.startup_repair, self.config)
+        except Exception:  # inspections and metrics go on; the next run repairs first
+            LOG.exception("start-up repair failed")
         while not self._stop.is_set():
             config = self.config
             result = self.inspect_once(config)
