@@ -185,3 +185,14 @@ def test_parts_are_rendered_again_only_when_what_they_show_changed(run_history):
     assert exposition.chunks()[0] is inspection_part and exposition.chunks()[1] is not status_part
     status.succeeded(model_samples.small_inspection(), 1700000200.0)
     assert exposition.chunks()[0] is not inspection_part
+
+
+def test_unreadable_lines_of_the_run_log_are_a_gauge_not_an_error(run_history, tmp_path):
+    run_history.record(a_run(sr_uuid=model_samples.SR_UUID, reclaimed_bytes=5))
+    with open(str(tmp_path / history.RUNS_FILE), "ab") as stream:
+        stream.write(b"\xff\xfe not text\n{\"cut short")
+    (tmp_path / history.TOTALS_FILE).unlink()
+    body = exposition_of(model_samples.small_inspection(), history.RunHistory(str(tmp_path))).body()
+    assert values(body, "xcoalesce_history_corrupt_lines") == [2]
+    assert values(body, "xcoalesce_reclaimed_bytes_total", sr_uuid=model_samples.SR_UUID) == [5]
+    promtool_check(body)

@@ -120,3 +120,98 @@ def test_a_run_lacking_fields_is_refused(tmp_path):
     del run["finished"]
     with pytest.raises(ValueError, match="lacks finished"):
         history.RunHistory(str(tmp_path)).record(run)
+
+
+def log_lines(tmp_path):
+    with open(str(tmp_path / history.RUNS_FILE), "rb") as stream:
+        return stream.read().split(b"\n")
+
+
+def test_bytes_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    with open(str(tmp_path / history.RUNS_FILE), "ab") as stream:
+        stream.write(b'{"vm_uuid": "\xff\xfe\x00 not text"}\n')
+    runs.record(a_run(reclaimed_bytes=1))
+    assert [run["reclaimed_bytes"] for run in runs.runs()] == [4 << 20, 1]
+    assert runs.corrupt_lines() == 1
+    (tmp_path / history.TOTALS_FILE).unlink()
+    rebuilt = history.RunHistory(str(tmp_path))
+    assert rebuilt.totals()["runs"] == 2 and rebuilt.totals()["srs"][SR_A]["reclaimed_bytes"] == (4 << 20) + 1
+    assert rebuilt.corrupt_lines() == 1
+
+
+def test_a_line_cut_short_does_not_swallow_the_next_record(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run())
+    with open(str(tmp_path / history.RUNS_FILE), "a") as stream:
+        stream.write('{"vm_uuid": "cut short by a cra')
+    assert runs.corrupt_lines() == 1
+    runs.record(a_run(reclaimed_bytes=7))
+    assert [run["reclaimed_bytes"] for run in runs.runs()] == [4 << 20, 7]
+    assert log_lines(tmp_path)[1] == b'{"vm_uuid": "cut short by a cra'
+    assert runs.corrupt_lines() == 1
+    (tmp_path / history.TOTALS_FILE).unlink()
+    assert history.RunHistory(str(tmp_path)).totals()["srs"][SR_A]["reclaimed_bytes"] == (4 << 20) + 7
+
+
+def fill_log(tmp_path, count):
+    """`count` valid runs written straight into the log (as many earlier records would have)."""
+    line = (json.dumps(a_run(reclaimed_bytes=1), sort_keys=True) + "\n").encode("utf-8")
+    with open(str(tmp_path / history.RUNS_FILE), "ab") as stream:
+        stream.write(line * count)
+    return len(line)
+
+
+def test_the_log_is_rotated_by_size_and_the_totals_lose_nothing(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    line_bytes = fill_log(tmp_path, history.MAX_LOG_BYTES // 300)
+    count = history.MAX_LOG_BYTES // 300
+    assert count * line_bytes > history.MAX_LOG_BYTES
+    runs.record(a_run(reclaimed_bytes=1))
+    assert not (tmp_path / history.RUNS_FILE).exists()
+    assert os.path.getsize(str(tmp_path / history.ROTATED_RUNS_FILE)) == (count + 1) * line_bytes
+    expected = {"runs": count + 1, "bytes": count + 1}
+    totals = runs.totals()
+    assert {"runs": totals["runs"], "bytes": totals["srs"][SR_A]["reclaimed_bytes"]} == expected
+    runs.record(a_run(reclaimed_bytes=1000))
+    assert len(runs.runs()) == 1
+    (tmp_path / history.TOTALS_FILE).unlink()
+    rebuilt = history.RunHistory(str(tmp_path)).totals()
+    assert rebuilt["runs"] == count + 2 and rebuilt["srs"][SR_A]["reclaimed_bytes"] == count + 1 + 1000
+    fill_log(tmp_path, count)
+    runs.record(a_run(reclaimed_bytes=1))
+    assert os.path.getsize(str(tmp_path / history.ROTATED_RUNS_FILE)) < 2 * history.MAX_LOG_BYTES
+    assert runs.totals()["runs"] == 2 * count + 3
+
+
+def test_a_crash_between_the_rotated_totals_and_the_rename_counts_nothing_twice(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    count = history.MAX_LOG_BYTES // 300
+    fill_log(tmp_path, count)
+    runs.record(a_run(reclaimed_bytes=1))
+    os.rename(str(tmp_path / history.ROTATED_RUNS_FILE), str(tmp_path / history.RUNS_FILE))  # as if not renamed
+    (tmp_path / history.TOTALS_FILE).unlink()
+    assert history.RunHistory(str(tmp_path)).totals()["runs"] == count + 1
+
+
+def test_a_missing_state_directory_or_one_under_a_file_reads_as_empty(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for state_dir in (tmp_path / "missing", tmp_path / "a-file" / "state"):
+        runs = history.RunHistory(str(state_dir))
+        assert runs.totals() == history.empty_totals()
+        assert runs.runs() == [] and runs.corrupt_lines() == 0
+
+
+def test_now_records_its_runs_despite_a_corrupt_log_and_lost_totals(demo_host):
+    from tests.runner_support import run_now
+    state_dir = os.path.join(demo_host.state_dir, "agent-state")
+    with open(os.path.join(state_dir, history.RUNS_FILE), "wb") as stream:
+        stream.write(json.dumps(a_run(sr_uuid=SR_B)).encode("utf-8") + b"\n\xc3\x28 bad\n{\"cut")
+    code, document, stderr = run_now(demo_host, "--vm", demo_host.vms["web-01"])
+    assert code == 0 and "Traceback" not in stderr, stderr
+    (run,) = document["runs"]
+    recorded = history.RunHistory(state_dir)
+    assert recorded.corrupt_lines() == 2
+    assert [item["vdi_uuid"] for item in recorded.runs()] == ["vdi-1", run["vdi_uuid"]]
+    assert recorded.totals()["srs"][run["sr_uuid"]]["reclaimed_bytes"] == run["reclaimed_bytes"]

@@ -133,7 +133,10 @@ def test_package_holds_the_agent_units_config_and_monitoring_files(packages):
         "/var/lib/xcoalesce-agent",
         "/usr/share/xcoalesce-agent",
         "/usr/share/doc/xcoalesce-agent/README.md",
+        "/usr/share/licenses/xcoalesce-agent/LICENSE",
         "/usr/share/licenses/xcoalesce-agent/LICENSE.prometheus_client",
+        "/etc/rsyslog.d/xcoalesce-agent.conf",
+        "/etc/logrotate.d/xcoalesce-agent",
         SITELIB + "/xcoalesce_agent/_vendor/prometheus_client/__init__.py",
         SITELIB + "/xcoalesce_agent/_vendor/prometheus_client/__pycache__/__init__.cpython-36.pyc",
         SITELIB + "/xcoalesce_agent/__pycache__/cli.cpython-36.pyc",
@@ -157,6 +160,37 @@ def test_state_directory_and_config_are_root_only_and_config_is_noreplace(packag
     flags = dict(line.split(" ", 1) for line in
                  query(packages[1], "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
     assert flags["/etc/xcoalesce-agent/agent.conf"] == "cn"
+    assert flags["/etc/rsyslog.d/xcoalesce-agent.conf"] == flags["/etc/logrotate.d/xcoalesce-agent"] == "cn"
+    assert modes["/etc/rsyslog.d/xcoalesce-agent.conf"] == modes["/etc/logrotate.d/xcoalesce-agent"] == "-rw-r--r--"
+
+
+def test_logs_go_to_a_file_of_their_own_rotated_by_logrotate(installed):
+    """Dom0's journal stores nothing: rsyslog writes the units' SyslogIdentifier into its own file,
+    and stops there (not /var/log/messages too); logrotate rotates that file and tells rsyslog."""
+    root, _ = installed
+    with open(os.path.join(root, "etc/rsyslog.d/xcoalesce-agent.conf")) as stream:
+        rules = [line for line in stream.read().splitlines() if line and not line.startswith("#")]
+    assert rules == [':programname, isequal, "xcoalesce-agent" -/var/log/xcoalesce-agent.log', "& stop"]
+    for unit in UNITS[:2]:
+        with open(os.path.join(root, "usr/lib/systemd/system", unit)) as stream:
+            assert "\nSyslogIdentifier=xcoalesce-agent\n" in stream.read()
+    with open(os.path.join(root, "etc/logrotate.d/xcoalesce-agent")) as stream:
+        policy = stream.read()
+    assert re.search(r"(?m)^/var/log/xcoalesce-agent\.log \{$", policy)
+    assert re.search(r"(?m)^\s+(size|maxsize) \d+M$", policy) and re.search(r"(?m)^\s+rotate \d+$", policy)
+    assert "kill -HUP `cat /var/run/syslogd.pid" in policy
+
+
+def test_spec_builds_in_a_clean_el7_build_root(packages):
+    """Every macro the spec uses comes from a BuildRequires; the licence file is marked %license."""
+    build_requires = set(run(["rpmspec", "-q", "--buildrequires", os.path.join(TREE, "packaging/xcoalesce-agent.spec")])
+                         .splitlines())
+    assert {"systemd", "python3-devel", "python3-rpm-macros"} <= build_requires
+    licences = query(packages[1], "-L").splitlines()
+    assert "/usr/share/licenses/xcoalesce-agent/LICENSE" in licences
+    with open(os.path.join(TREE, "LICENSE")) as stream:
+        assert "GNU GENERAL PUBLIC LICENSE\n                       Version 2, June 1991" in stream.read()
+    assert query(packages[1], "--qf", "%{LICENSE}").startswith("GPL-2.0-only")
 
 
 def test_requirements_name_the_host_python_and_xapi(packages):
@@ -186,12 +220,14 @@ def test_scriptlets_are_expanded_systemd_macros(packages):
 
 def test_install_presets_the_units(installed):
     _, calls = installed
-    assert calls["install"] == ["preset xcoalesce-agent.service xcoalesce-agent-now.timer (units present)"]
+    assert calls["install"] == ["preset xcoalesce-agent.service xcoalesce-agent-now.timer (units present)",
+                                "try-restart rsyslog.service (units present)"]
 
 
 def test_upgrade_restarts_a_running_daemon_once_the_new_files_are_in(installed):
     root, calls = installed
-    assert calls["upgrade"] == ["daemon-reload (units present)", "try-restart xcoalesce-agent.service (units present)"]
+    assert calls["upgrade"] == ["try-restart rsyslog.service (units present)", "daemon-reload (units present)",
+                                "try-restart xcoalesce-agent.service (units present)"]
     with open(os.path.join(root, "etc/xcoalesce-agent/agent.conf")) as stream:
         assert stream.read().endswith("# edited by the administrator\n")
 
@@ -246,6 +282,7 @@ def test_erase_stops_and_disables_before_the_files_go(packages, tmp_path):
         "--no-reload disable {} (units present)".format(units),
         "stop {} (units present)".format(units),
         "daemon-reload (units gone)",
+        "try-restart rsyslog.service (units gone)",
     ]
     assert not os.path.exists(os.path.join(root, "usr/bin/xcoalesce-agent"))
     assert not os.path.exists(os.path.join(root, "var/lib/xcoalesce-agent"))

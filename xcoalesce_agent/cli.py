@@ -6,10 +6,11 @@ Every AgentError becomes one line `xcoalesce-agent: error: ...` and its exit cod
 import argparse
 import logging
 import os
+import signal
 import sys
 
-from . import __version__, config as config_module
-from .errors import AgentError, EXIT_OK, EXIT_USAGE
+from . import __version__, config as config_module, stopping
+from .errors import AgentError, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 PROG = "xcoalesce-agent"
 LOG_FORMAT = "%(levelname)s: %(message)s"
@@ -98,7 +99,13 @@ def dispatch(args):
         return report(config, args.json)
     if args.now:
         from . import runner
-        return runner.run_now(config, args)
+        # `systemctl stop` of the timer's unit: end the current step, undo it, begin no other.
+        signal.signal(signal.SIGTERM, lambda number, frame: stopping.request())
+        code = runner.run_now(config, args)
+        if stopping.requested():
+            sys.stderr.write("{}: error: stopped by SIGTERM after undoing the step under way\n".format(PROG))
+            return EXIT_INTERRUPTED
+        return code
     from . import daemon
     return daemon.run(config, args.web_listen_address)
 
@@ -112,7 +119,7 @@ def main(argv=None):
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("{}: error: interrupted\n".format(PROG))
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `--report | head`: the reader has all it wanted
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK

@@ -186,6 +186,10 @@ class StatusCollector(object):
         totals = self._history.totals()
         for family in _history_families(host, inspection, totals):
             yield family
+        corrupt = _gauge("xcoalesce_history_corrupt_lines", "Lines of the run log (runs.jsonl) that could not be "
+                         "read and were skipped.", ("host",))
+        corrupt.add_metric([host], self._history.corrupt_lines())
+        yield corrupt
 
         build = _gauge("xcoalesce_build_info", "The agent's version, its Python and the host's product version "
                        "(value 1).", ("host", "version", "python_version", "host_product_version"))

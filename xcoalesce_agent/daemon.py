@@ -6,8 +6,9 @@ inspection that fails keeps the previous one served and is counted in the metric
 first repairs what an interrupted run left, and after each good inspection hands it to the
 scheduled run (scheduled.py: mode, windows, caps, lock); when that changed the host it inspects again,
 so /metrics shows the result. With `trigger_on_snapshot_delete`, a snapshot watcher wakes it once
-the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly, SIGHUP rereads the
-configuration file and inspects at once.
+the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly: a run under way ends
+its current step, undoes it and begins no other (stopping.py) before the process exits. SIGHUP
+rereads the configuration file and inspects at once.
 """
 import logging
 import signal
@@ -16,11 +17,13 @@ import threading
 import time
 
 from . import collector, config as config_module, history, http, inspection, planner, runner, scheduled, xapi
-from . import snapshot_trigger
+from . import snapshot_trigger, stopping
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)
 
+# How long a stop waits for an inspection under way; a run under way is waited for until it has
+# undone its current step (the units' TimeoutStopSec bounds that).
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 # Stages of a failed inspection: xapi unreachable; host tools (vhd-util) or this host's record
@@ -43,6 +46,7 @@ class Service(object):
         self._wake_inspection = threading.Event()
         self._reload_requested = False
         self._watcher = None
+        self._acting = threading.Event()  # set while a repair or a run may change the host
 
     def run(self):
         self.server.start()
@@ -65,7 +69,9 @@ class Service(object):
             self.server.stop()
             self._stop_watcher()
             self._wake_inspection.set()
-            worker.join(SHUTDOWN_GRACE_SECONDS)
+            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            while worker.is_alive() and (self._acting.is_set() or time.monotonic() < deadline):
+                worker.join(0.1)
         LOG.info("stopped")
         return 0
 
@@ -74,6 +80,7 @@ class Service(object):
             self._reload_requested = True
         else:
             LOG.info("stopping on signal %d", number)
+            stopping.request()
             self._stop.set()
         self._wake_main.set()
 
@@ -125,14 +132,25 @@ class Service(object):
         self._wake_inspection.set()
 
     def _inspect_forever(self):
-        runner.startup_repair(self.config)
+        try:
+            self._act(runner.startup_repair, self.config)
+        except Exception:  # inspections and metrics go on; the next run repairs first
+            LOG.exception("start-up repair failed")
         while not self._stop.is_set():
             config = self.config
             result = self.inspect_once(config)
-            if result is not None and self.scheduled_run(config, result):
+            if result is not None and not self._stop.is_set() and self._act(self.scheduled_run, config, result):
                 self.inspect_once(config)
             self._wake_inspection.wait(config.inspection.interval_seconds)
             self._wake_inspection.clear()
+
+    def _act(self, function, *args):
+        """Call something that may change the host; a stop waits for it to return."""
+        self._acting.set()
+        try:
+            return function(*args)
+        finally:
+            self._acting.clear()
 
     def scheduled_run(self, config, result):
         """Leaf-coalesce on schedule after an inspection; True when a run changed the host."""

@@ -5,6 +5,8 @@ EXIT_RUNS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_LOCK_HELD = 4
+EXIT_STATE_DIR = 5
+EXIT_INTERRUPTED = 130
 
 
 class AgentError(Exception):
@@ -36,3 +38,9 @@ class LockHeld(AgentError):
     """Another run already holds the host lock."""
 
     exit_code = EXIT_LOCK_HELD
+
+
+class StateDirUnusable(AgentError):
+    """The state directory (`[agent] state_dir`) cannot be written: nothing is done on the host."""
+
+    exit_code = EXIT_STATE_DIR

@@ -59,7 +59,7 @@ class Journal(object):
         try:
             with open(self.path, encoding="utf-8") as stream:
                 steps = json.load(stream)["steps"]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no journal, or no state directory yet
             return []
         except (ValueError, KeyError, TypeError, OSError) as error:
             aside = self.path + ".corrupt"

@@ -14,7 +14,7 @@ import time
 import XenAPI
 
 from . import chains, history as history_module, inspection as inspection_module, journal as journal_module
-from . import model, planner, schedule
+from . import model, planner, schedule, statedir, stopping
 from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable
 from .facts import gather_facts, record_speed
 from .freeze import FreezeMeter
@@ -80,12 +80,14 @@ class Runner(object):
     4. one inspection to verify every chain and measure the bytes freed; release the holds.
     """
 
-    def __init__(self, config, session, policy):
+    def __init__(self, config, session, policy, record=None):
         self.config = config
         self.session = session
         self.policy = policy
         self.journal = journal_module.Journal(config.agent.state_dir)
         self.lost = None  # why xapi was lost mid-run, if it was
+        self.record = record  # called with each run record as soon as it is final
+        self.ended = {}  # vdi_uuid -> its final run record
 
     def inspect(self):
         return inspection_module.inspect(self.config)
@@ -95,8 +97,11 @@ class Runner(object):
 
     def execute(self, entries, before):
         """Run the planned entries; returns one run record per entry."""
-        runs = [_run_record(entry, time.time()) for entry in entries if entry["result"] != planner.PLANNED]
+        runs = [self._finish(_run_record(entry, time.time())) for entry in entries
+                if entry["result"] != planner.PLANNED]
         planned = [entry for entry in entries if entry["result"] == planner.PLANNED]
+        if stopping.requested():
+            return runs + [self._ended(entry, planner.SKIPPED, stopping.REASON) for entry in planned]
         if not planned:
             return runs
         held = []
@@ -141,8 +146,18 @@ class Runner(object):
                 LOG.error("could not release a held VDI now (the journal keeps it): %s", describe(error))
 
     def _ended(self, entry, result, reason, **fields):
+        """The entry's final run record: this outcome, unless it already had one."""
+        if entry["vdi_uuid"] in self.ended:
+            return self.ended[entry["vdi_uuid"]]
         run = _run_record(entry, entry.get("started") or time.time())
         run.update(result=result, reason=reason, finished=time.time(), **fields)
+        return self._finish(run)
+
+    def _finish(self, run):
+        """A run's outcome is final: recorded now, so that a kill later in the plan loses nothing."""
+        self.ended[run["vdi_uuid"]] = run
+        if self.record is not None:
+            self.record(run)
         return run
 
     def _execute_held(self, planned, before):
@@ -164,6 +179,9 @@ class Runner(object):
         stale = False  # a forced path ran since `current` was inspected: its GC may have merged more
         for entry in planned:
             entry["started"] = time.time()
+            if stopping.requested():  # the step before ended and was undone: begin no other
+                failures[entry["vdi_uuid"]] = self._ended(entry, planner.SKIPPED, stopping.REASON)
+                continue
             if stale and not chains.merged(current, entry):
                 try:
                     current = self.inspect()
@@ -242,7 +260,7 @@ class Runner(object):
             chain = "{} links".format(report.chain_length) if report else "VDI gone"
             run.update(result=planner.FAILED, reason=plugin_run.not_merged(chain) if plugin_run else
                        "the chain is not shorter after the run ({})".format(chain))
-            return run
+            return self._finish(run)
         if plugin_run is not None and plugin_run.merged():
             run.update(reason=plugin_run.merged())
         sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
@@ -258,16 +276,22 @@ class Runner(object):
             record_speed(self.config, sr_uuid, strategy, entry["merge_bytes"], frozen)
         if frozen is not None:
             LOG.info("VDI %s: frozen %.2f s by %s, %s s predicted", vdi_uuid, frozen, strategy, predicted)
-        return run
+        return self._finish(run)
 
 
 # ---- the entry points ----------------------------------------------------------------------
 
-def _record_history(config, runs, record_skipped):
+def _recorder(config, record_skipped):
+    """What records each run in the history as it ends; a state directory failing now is logged."""
     history = history_module.RunHistory(config.agent.state_dir)
-    for run in runs:
+
+    def record(run):
         if run["strategy"] in history_module.STRATEGIES and (record_skipped or run["result"] != planner.SKIPPED):
-            history.record(run)
+            try:
+                history.record(run)
+            except OSError as error:
+                LOG.error("VDI %s: run not recorded in %s: %s", run["vdi_uuid"], history.state_dir, error)
+    return record
 
 
 def _final_repair(config, journal):
@@ -286,9 +310,11 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
                  record_skipped=True):
     """Lock, repair, inspect, plan, run. Returns (entries or runs, problems: [str], lost xapi: bool).
 
-    Raises `LockHeld` when another run holds the host lock, `HostUnreachable` when xapi or
-    `vhd-util` cannot be reached before anything was done.
+    Raises `StateDirUnusable` when the state directory cannot take the journal and the history,
+    `LockHeld` when another run holds the host lock, `HostUnreachable` when xapi or `vhd-util`
+    cannot be reached before anything was done.
     """
+    statedir.require_writable(config.agent.state_dir)
     journal = journal_module.Journal(config.agent.state_dir)
     problems = []
     with HostLock(config.agent.state_dir):
@@ -301,7 +327,7 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
                 except journal_module.RepairFailed as error:
                     raise AgentError("an interrupted run left changes that cannot be undone yet, so nothing "
                                      "is run: {}".format(error)) from None
-                runner = Runner(config, session, policy)
+                runner = Runner(config, session, policy, record=_recorder(config, record_skipped))
                 before = inspection or runner.inspect()
                 before = _settled(config, session, runner, before, srs)
                 for error in before.errors or ():
@@ -316,7 +342,6 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
             problem = _final_repair(config, journal)
             if problem:
                 problems.append(problem)
-        _record_history(config, runs, record_skipped)
     return runs, problems, lost
 
 

@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import time
 
+from . import stopping
+
 LOG = logging.getLogger(__name__)
 
 GC_TASK_LABEL = "Garbage Collection"
@@ -216,23 +218,25 @@ def gc_running(config, session, sr_uuid):
 
 
 def wait_gc_idle(config, session, sr_uuid, timeout):
-    """Wait (bounded) until the SR's GC is not running; True if it is idle."""
+    """Wait (bounded, and no longer once the agent is stopping) until the SR's GC is not running;
+    True if it is idle."""
     deadline = time.monotonic() + timeout
     busy = gc_activity(config, session, sr_uuid)
     if busy:
         LOG.info("SR %s: waiting up to %g s for the storage manager's GC to finish (%s)", sr_uuid, timeout, busy)
         while gc_running(config, session, sr_uuid):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or stopping.requested():
                 return False
-            time.sleep(POLL_SECONDS)
+            stopping.sleep(POLL_SECONDS)
     return True
 
 
 def require_gc_idle(config, session, sr_uuid):
     """Wait up to gc_wait_seconds for the SR's GC to be idle; `GcBusy` when it is not."""
     timeout = config.coalesce.gc_wait_seconds
-    if not wait_gc_idle(config, session, sr_uuid, timeout):
-        raise GcBusy("the SR's garbage collector is still busy after {:g} s".format(timeout))
+    if stopping.requested() or not wait_gc_idle(config, session, sr_uuid, timeout):
+        raise GcBusy(stopping.REASON if stopping.requested() else
+                     "the SR's garbage collector is still busy after {:g} s".format(timeout))
 
 
 def gc_pass(config, session, sr_uuid):
@@ -244,4 +248,5 @@ def gc_pass(config, session, sr_uuid):
     while not gc_running(config, session, sr_uuid) and time.monotonic() < appear_by:
         time.sleep(POLL_SECONDS)
     if not wait_gc_idle(config, session, sr_uuid, timeout):
-        raise GcBusy("the SR's garbage collector did not finish within {:g} s".format(timeout))
+        raise GcBusy(stopping.REASON if stopping.requested() else
+                     "the SR's garbage collector did not finish within {:g} s".format(timeout))
