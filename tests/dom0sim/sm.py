@@ -24,6 +24,7 @@ Steps tests can hold (`gate = sm.gate(name)`; the next thread to reach the step 
     gc.loop-start          a GC holds gc_active, before its first scan
     gc.before-merge        before any merge of a VHD into its parent (coalesce, snapshot-coalesce, leaf)
     gc.before-snapshot     before a snapshot-coalesce round's internal VDI.snapshot
+    gc.snapshot-paused     inside that snapshot: the leaf paused, the base copy's record made
     plugin.before-suspend  the plugin is about to suspend the VM
     plugin.dry-run-loop    each round of the plugin's final dry run that found a candidate (4.1)
 A busy VDI (SM's pause with failfast fails at once): hold `sm.vdi_lock(vdi_uuid)`.
@@ -1340,6 +1341,7 @@ class StorageManager(object):
             if temp_ref:
                 self.db.update("VDI", temp_ref, is_a_snapshot=True, snapshot_of=self.records.vdi_ref(image.uuid),
                                snapshot_time=wire.now())
+            self.step("gc.snapshot-paused")
         return temp_uuid
 
     def timed_merge(self, sr_uuid, child_path, timeout=None):
