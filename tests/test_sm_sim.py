@@ -195,14 +195,15 @@ def test_forced_leaf_coalesce_skips_snapshot_coalesce_and_freezes_for_the_whole_
     assert "leaf-coalesce" not in host.db.get("VDI", host.vdi_ref("disk"))["other_config"]
 
 
-def cleanup_processes(sr_uuid):
+def cleanup_processes(host, key="sr"):
+    """Command lines of this host's GC processes for the SR (SR UUIDs repeat between tests' hosts)."""
     found = []
     for process in psutil.process_iter():
         try:
             line = process.cmdline()
         except psutil.Error:
             continue
-        if any(os.path.basename(part) == "cleanup" for part in line) and sr_uuid in line:
+        if os.path.join(host.state_dir, "bin", "cleanup") in line and host.srs[key] in line:
             found.append(line)
     return found
 
@@ -232,7 +233,7 @@ def test_one_gc_per_sr_seen_as_the_smgc_unit_running_cleanup_with_locks_and_task
     scan(session, host, wait=False)
     scan(session, host, wait=False)
     assert merge.wait_reached(10)
-    running = cleanup_processes(sr_uuid)  # a script under its interpreter, as python3 runs cleanup.py
+    running = cleanup_processes(host)  # a script under its interpreter, as python3 runs cleanup.py
     assert [line[1:] for line in running] == [[os.path.join(host.state_dir, "bin", "cleanup"), "-g", "-u", sr_uuid]]
     assert systemctl(host, "is-active", unit(sr_uuid)) == (3, "activating\n", "")
     assert systemctl(host, "is-active", unit(sr_uuid) + ".service")[1] == "activating\n"
@@ -247,7 +248,7 @@ def test_one_gc_per_sr_seen_as_the_smgc_unit_running_cleanup_with_locks_and_task
         ("Garbage Collection", {"applies_to": host.sr_ref("sr")})]
     merge.release()
     assert host.sm.wait_idle(30)
-    assert not cleanup_processes(sr_uuid) and not session.xenapi.task.get_all_records()
+    assert not cleanup_processes(host) and not session.xenapi.task.get_all_records()
     assert systemctl(host, "is-active", unit(sr_uuid)) == (3, "inactive\n", "")
     assert os.stat(os.path.join(locks, "gc_active")).st_ino not in held_lock_inodes()
     assert smlog(host).count("=== SR {}: gc ===".format(sr_uuid)) == 1
@@ -567,7 +568,7 @@ def test_plugin_of_sm_3_2_ends_with_a_background_gc_that_keeps_the_quiet_period(
     with host.sm.vdi_lock(vdi_uuid):
         assert plugin(session, host, host.vms["vm"]) == "Success"
         assert wait_until(lambda: "GC active, about to go quiet" in smlog(host), timeout=10)
-    assert host.sm.gc_running(host.srs["sr"]) and not cleanup_processes(host.srs["sr"])
+    assert host.sm.gc_running(host.srs["sr"]) and not cleanup_processes(host)
     assert [t["name_label"] for t in session.xenapi.task.get_all_records().values()] == ["Garbage Collection"]
     host.sm.stop(10)
     assert not host.sm.gc_running(host.srs["sr"])
