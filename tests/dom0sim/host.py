@@ -136,7 +136,8 @@ class SimHost(object):
                  "  inventory     {}".format(self.inventory),
                  "  tools         {}".format(self.bin_dir),
                  "  speed logs    {}".format(self.run_dir),
-                 "  SM log        {}".format(self.sm.log_path)]
+                 "  SM log        {}".format(self.sm.log_path),
+                 "  SM            {}".format(self.sm_generation)]
         for key, sr_uuid in sorted(self.srs.items()):
             lines.append("  SR {:<12} {}".format(key, sr_uuid))
         return "\n".join(lines)
