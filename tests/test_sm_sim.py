@@ -2,6 +2,7 @@
 that keep every disk's content, the speed log, the coalesce-leaf plugin's rules and messages."""
 import hashlib
 import os
+import subprocess
 import time
 
 import psutil
@@ -17,6 +18,12 @@ BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES
 
 # A leaf whose snapshot was deleted: 4 MiB in the base, 4 MiB written after (2 MiB of it new blocks).
 LEAF_STEPS = [sc.write(0, 4), sc.snapshot("s"), sc.write(2, 4), sc.delete_snapshot("s")]
+
+
+@pytest.fixture(params=sorted(sm.GENERATIONS))
+def generation(request):
+    """Each SM generation, for behaviour they share."""
+    return request.param
 
 
 def one_disk_pool(sr_type="ext", steps=LEAF_STEPS, size_mib=16, speed_mib=400.0, power_state="Running",
@@ -41,6 +48,16 @@ def scan(session, host, key="sr", wait=True):
     session.xenapi.SR.scan(host.sr_ref(key))
     if wait:
         assert host.sm.wait_idle(60)
+
+
+def slow_speed_log(host, key="sr", mib_s=1.0):
+    """Ten earlier merges at `mib_s`: SM judges a live merge by floor(allocated / mean speed), so a small
+    leaf goes through snapshot-coalesce rounds only while the logged speed is below its size per second."""
+    path = host.sm.speed_log(host.srs[key])
+    if os.path.exists(path):
+        os.unlink(path)
+    for _ in range(sm.SPEED_LOG_KEEP):
+        sm.record_speed(path, mib_s * MIB)
 
 
 def smlog(host):
@@ -178,50 +195,77 @@ def test_forced_leaf_coalesce_skips_snapshot_coalesce_and_freezes_for_the_whole_
     assert "leaf-coalesce" not in host.db.get("VDI", host.vdi_ref("disk"))["other_config"]
 
 
-def test_one_gc_per_sr_visible_as_a_cleanup_process_with_task_and_speed_log(sim_host, xapi_session):
-    host = sim_host(one_disk_pool(steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 8), sc.delete_snapshot("s")],
-                                  speed_mib=2.0, seed_speed_log=False))  # slow enough to be seen running
+def cleanup_processes(host, key="sr"):
+    """Command lines of this host's GC processes for the SR (SR UUIDs repeat between tests' hosts)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            line = process.cmdline()
+        except psutil.Error:
+            continue
+        if os.path.join(host.state_dir, "bin", "cleanup") in line and host.srs[key] in line:
+            found.append(line)
+    return found
+
+
+def systemctl(host, *args):
+    command = [os.path.join(host.bin_dir, "systemctl")] + list(args)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = process.communicate()
+    return process.returncode, out, err
+
+
+def unit(sr_uuid):
+    return "SMGC@" + sr_uuid.replace("-", "\\x2d")
+
+
+def held_lock_inodes():
+    with open("/proc/locks") as handle:
+        return {int(line.split()[5].split(":")[2]) for line in handle if line.split()[1] == "POSIX"}
+
+
+def test_one_gc_per_sr_seen_as_the_smgc_unit_running_cleanup_with_locks_and_task(sim_host, xapi_session, generation):
+    host = sim_host(one_disk_pool(seed_speed_log=False), sm=generation)
     sr_uuid = host.srs["sr"]
     session = xapi_session(host)
+    assert systemctl(host, "is-active", unit(sr_uuid)) == (3, "unknown\n", "")
+    merge = host.sm.gate("gc.before-merge")
     scan(session, host, wait=False)
     scan(session, host, wait=False)
-
-    def cleanup_processes():
-        found = []
-        for process in psutil.process_iter():
-            try:
-                line = process.cmdline()
-            except psutil.Error:
-                continue
-            if any(os.path.basename(part) == "cleanup" for part in line) and sr_uuid in line:
-                found.append(line)
-        return found
-
-    running = wait_until(cleanup_processes, timeout=5)
-    assert len(running) == 1 and running[0][-2:] == ["-u", sr_uuid]
+    assert merge.wait_reached(10)
+    running = cleanup_processes(host)  # a script under its interpreter, as python3 runs cleanup.py
+    assert [line[1:] for line in running] == [[os.path.join(host.state_dir, "bin", "cleanup"), "-g", "-u", sr_uuid]]
+    assert systemctl(host, "is-active", unit(sr_uuid)) == (3, "activating\n", "")
+    assert systemctl(host, "is-active", unit(sr_uuid) + ".service")[1] == "activating\n"
+    assert systemctl(host, "is-active", "SMGC@" + sr_uuid)[1] == "unknown\n"  # not the unit SM started
+    assert systemctl(host, "--quiet", "is-active", unit(sr_uuid)) == (3, "", "")
+    code, out, err = systemctl(host, "stop", unit(sr_uuid))
+    assert code == 1 and out == "" and err
+    locks = os.path.join(host.state_dir, "lock", "sm", sr_uuid)
+    assert {os.stat(os.path.join(locks, name)).st_ino for name in ("gc_active", "running")} <= held_lock_inodes()
     tasks = session.xenapi.task.get_all_records().values()
-    assert [t["name_label"] for t in tasks] == ["Garbage Collection"]
+    assert [(t["name_label"], t["other_config"]) for t in tasks] == [
+        ("Garbage Collection", {"applies_to": host.sr_ref("sr")})]
+    merge.release()
     assert host.sm.wait_idle(30)
-    assert wait_until(lambda: not cleanup_processes(), timeout=5)
-    assert not session.xenapi.task.get_all_records()
+    assert not cleanup_processes(host) and not session.xenapi.task.get_all_records()
+    assert systemctl(host, "is-active", unit(sr_uuid)) == (3, "inactive\n", "")
+    assert os.stat(os.path.join(locks, "gc_active")).st_ino not in held_lock_inodes()
+    assert smlog(host).count("=== SR {}: gc ===".format(sr_uuid)) == 1
     with open(host.sm.speed_log(sr_uuid)) as handle:
-        speeds = [float(line) for line in handle]
-    assert len(speeds) == 1 and 0 < speeds[0] <= 2.0 * MIB * 1.05
+        assert len([float(line) for line in handle]) == 1
 
 
-def test_a_gc_without_work_makes_no_task_and_later_runs_keep_a_quiet_period(sim_host, xapi_session):
+def test_a_gc_without_work_makes_no_task_and_smgc_runs_keep_no_quiet_period(sim_host, xapi_session):
     scenario = one_disk_pool(vdi_other={"leaf-coalesce": "false"})
-    scenario["gc_quiet_seconds"] = 0.5
+    scenario["gc_quiet_seconds"] = 30.0
     host = sim_host(scenario)
     session = xapi_session(host)
     scan(session, host)
     assert "No work, exiting" in smlog(host) and not session.xenapi.task.get_all()
     session.xenapi.VDI.remove_from_other_config(host.vdi_ref("disk"), "leaf-coalesce")
-    scan(session, host, wait=False)
-    assert wait_until(lambda: "about to go quiet" in smlog(host), timeout=5)
-    assert len(session.xenapi.task.get_all()) == 1 and len(forest(host).images) == 2
-    assert host.sm.wait_idle(30)
-    assert len(forest(host).images) == 1 and "quiet period ended" in smlog(host)
+    scan(session, host)  # `cleanup -g -u` is immediate: the quiet period is only for a daemonised GC
+    assert len(forest(host).images) == 1 and "about to go quiet" not in smlog(host)
 
 
 def test_deleting_a_snapshot_kicks_the_gc_that_merges_its_sibling(sim_host):
@@ -284,6 +328,7 @@ def test_no_space_to_leaf_coalesce_raises_sm_gc_no_space(sim_host, xapi_session)
 def test_a_vm_writing_faster_than_the_merge_is_given_up_on(sim_host, xapi_session):
     host = sim_host(one_disk_pool(steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 2), sc.delete_snapshot("s")],
                                   size_mib=1024, speed_mib=16.0, writes_mib_s=32.0, live_timeout=0.05))
+    slow_speed_log(host)
     session = xapi_session(host)
     scan(session, host)
     log = smlog(host)
@@ -291,11 +336,13 @@ def test_a_vm_writing_faster_than_the_merge_is_given_up_on(sim_host, xapi_sessio
     assert "VDI {} could not be coalesced".format(host.vdis["disk"]) in log
     image = forest(host).get(host.vdis["disk"])
     assert image is not None and image.is_leaf_coalesceable() and image.vhd_size > 4 * MIB
-    assert not intervals(host, kind="io-frozen")
+    frozen = intervals(host, kind="io-frozen")  # only the internal snapshot of each round paused the VM
+    assert len(frozen) == log.count("Single-snapshotting") and all(i.duration < 1.0 for i in frozen)
 
 
 def test_the_busy_scenario_leaf_grows_every_round_until_sm_gives_up(sim_host, xapi_session):
     host = sim_host("busy", speed_mib=16.0, writes_mib_s=32.0, leaf_mib=4, disk_mib=512, live_timeout=0.05)
+    slow_speed_log(host, "ext")
     scan(xapi_session(host), host, "ext", wait=False)
     assert host.sm.wait_idle(60), "the GC is still snapshot-coalescing"
     log = smlog(host)
@@ -304,7 +351,8 @@ def test_the_busy_scenario_leaf_grows_every_round_until_sm_gives_up(sim_host, xa
     assert "Aborted coalesce" in log and "VDI {} could not be coalesced".format(host.vdis["busy-leaf"]) in log
     trees = forest(host, "ext")
     assert trees.get(host.vdis["busy-leaf"]).is_leaf_coalesceable() and len(trees.images) == 2
-    assert not intervals(host, "busy-db", kind="io-frozen")
+    frozen = intervals(host, "busy-db", kind="io-frozen")
+    assert len(frozen) == log.count("Single-snapshotting") and all(i.duration < 1.0 for i in frozen)
 
 
 def test_running_out_of_room_mid_merge_fails_it_and_changes_no_content(sim_host, xapi_session):
@@ -346,6 +394,7 @@ def test_plugin_suspends_forces_and_resumes_a_busy_vm_on_lvm(sim_host, xapi_sess
     host = sim_host(one_disk_pool(sr_type="lvmoiscsi", shared=True, size_mib=128, speed_mib=16.0, sr_size_mib=1024,
                                   writes_mib_s=32.0, live_timeout=0.05,
                                   steps=[sc.write(0, 2), sc.snapshot("s"), sc.write(2, 2), sc.delete_snapshot("s")]))
+    slow_speed_log(host)
     session = xapi_session(host)
     path = host.vdi_path("disk")
     writer = host.writers[0]
@@ -415,3 +464,237 @@ def test_writer_pauses_while_frozen(sim_host):
         time.sleep(0.1)
         assert writer.written == frozen_at
     assert intervals(host, kind="io-frozen")[0].duration >= 0.1
+
+
+# ---- the two SM generations --------------------------------------------------------------------------
+
+def lvm_vm_pool(**options):
+    options.setdefault("sr_type", "lvmoiscsi")
+    options.setdefault("shared", True)
+    return one_disk_pool(**options)
+
+
+def async_plugin(session, host, vm_uuid):
+    host_ref = session.xenapi.host.get_by_uuid(host.host_uuid)
+    return session.xenapi.Async.host.call_plugin(host_ref, "coalesce-leaf", "leaf-coalesce", {"vm_uuid": vm_uuid})
+
+
+def task_done(session, task):
+    return session.xenapi.task.get_status(task) != "pending"
+
+
+def test_plugin_of_sm_3_2_does_not_wait_for_a_running_gc_and_leaves_force_to_it(sim_host, xapi_session):
+    host = sim_host(lvm_vm_pool(), sm="3.2")
+    session = xapi_session(host)
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    start = host.sm.gate("gc.loop-start")
+    scan(session, host, wait=False)
+    assert start.wait_reached(10)
+    assert plugin(session, host, host.vms["vm"]) == "Success"  # returned while the GC still waits
+    log = smlog(host)
+    assert log.count("Another GC instance already active, exiting") >= 2
+    assert forest(host).get(host.vdis["disk"]).is_leaf_coalesceable()  # nothing merged
+    assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
+    suspended = intervals(host, kind="suspended")
+    assert len(suspended) == 1 and suspended[0].end is not None
+    assert host.db.get_field("VDI", host.vdi_ref("disk"), "other_config") == {"leaf-coalesce": "force"}
+    start.release()
+    assert host.sm.wait_idle(30)
+    assert list(forest(host).images) == [host.vdis["disk"]] and vhdfile.chain_digest(path) == before
+    assert "Leaf-coalesce forced, will not use timeout" in smlog(host)
+    frozen = intervals(host, kind="io-frozen")  # the running VM froze for the whole forced merge
+    assert len(frozen) == 1 and frozen[0].start > suspended[0].end
+    assert "leaf-coalesce" not in host.db.get_field("VDI", host.vdi_ref("disk"), "other_config")
+
+
+def test_plugin_of_sm_4_1_waits_for_the_running_gc_before_suspending(sim_host, xapi_session):
+    host = sim_host(lvm_vm_pool(), sm="4.1")
+    session = xapi_session(host)
+    start = host.sm.gate("gc.loop-start")
+    scan(session, host, wait=False)
+    assert start.wait_reached(10)
+    suspend = host.sm.gate("plugin.before-suspend")
+    task = async_plugin(session, host, host.vms["vm"])
+    assert wait_until(lambda: "Another GC instance already active, exiting" in smlog(host), timeout=10)
+    assert not suspend.wait_reached(0.2) and session.xenapi.task.get_status(task) == "pending"
+    start.release()
+    assert suspend.wait_reached(10)
+    assert host.sm.unit_state(host.srs["sr"]) != "activating"  # the plugin waited for the unit to end
+    suspend.release()
+    assert wait_until(lambda: task_done(session, task), timeout=30)
+    assert session.xenapi.task.get_status(task) == "success"
+    assert list(forest(host).images) == [host.vdis["disk"]]
+    assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
+    log = smlog(host)
+    assert log.index("GC process exiting", log.index("[smgc-")) < log.index("Suspending VM")
+    # the running GC merged the leaf; the plugin still set force, and no merge was left to delete it
+    assert host.db.get_field("VDI", host.vdi_ref("disk"), "other_config") == {"leaf-coalesce": "force"}
+
+
+def test_plugin_dry_run_of_sm_4_1_keeps_the_call_going_and_task_cancel_does_not_stop_it(sim_host, xapi_session):
+    host = sim_host(lvm_vm_pool(), sm="4.1")
+    session = xapi_session(host)
+    vdi_uuid = host.vdis["disk"]
+    dry_run = host.sm.gate("plugin.dry-run-loop")
+    with host.sm.vdi_lock(vdi_uuid):  # busy: every pause fails fast, the leaf stays a candidate
+        task = async_plugin(session, host, host.vms["vm"])
+        assert dry_run.wait_reached(10)
+    dry_run.release()
+    assert "Failed to pause VDI {}".format(vdi_uuid) in smlog(host)
+    assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
+    assert "leaf-coalesce" not in host.db.get_field("VDI", host.vdi_ref("disk"), "other_config")
+    assert session.xenapi.task.cancel(task) == ""
+    record = session.xenapi.task.get_record(task)
+    assert record["status"] == "pending" and list(record["current_operations"].values()) == ["cancel"]
+    rounds = smlog(host).count("Leaf-coalescing")
+    assert wait_until(lambda: smlog(host).count("Leaf-coalescing") > rounds + 2, timeout=10)  # still going
+    assert session.xenapi.task.get_status(task) == "pending"
+    session.xenapi.VDI.add_to_other_config(host.vdi_ref("disk"), "leaf-coalesce", "false")  # no candidate left
+    assert wait_until(lambda: task_done(session, task), timeout=10)
+    record = session.xenapi.task.get_record(task)
+    assert record["status"] == "success" and record["result"] == "<value>Success</value>"
+    session.xenapi.task.destroy(task)
+    assert not session.xenapi.task.get_all()
+    assert forest(host).get(vdi_uuid).is_leaf_coalesceable()
+
+
+def test_plugin_of_sm_3_2_ends_with_a_background_gc_that_keeps_the_quiet_period(sim_host, xapi_session):
+    scenario = lvm_vm_pool()
+    scenario["gc_quiet_seconds"] = 30.0
+    host = sim_host(scenario, sm="3.2")
+    session = xapi_session(host)
+    vdi_uuid = host.vdis["disk"]
+    with host.sm.vdi_lock(vdi_uuid):
+        assert plugin(session, host, host.vms["vm"]) == "Success"
+        assert wait_until(lambda: "GC active, about to go quiet" in smlog(host), timeout=10)
+    assert host.sm.gc_running(host.srs["sr"]) and not cleanup_processes(host)
+    assert [t["name_label"] for t in session.xenapi.task.get_all_records().values()] == ["Garbage Collection"]
+    host.sm.stop(10)
+    assert not host.sm.gc_running(host.srs["sr"])
+
+
+def test_async_task_of_a_failing_call_and_destroy_of_a_pending_task(sim_host, xapi_session):
+    host = sim_host(lvm_vm_pool())
+    session = xapi_session(host)
+    task = async_plugin(session, host, "00000000-0000-4000-8000-000000000000")
+    assert wait_until(lambda: task_done(session, task), timeout=10)
+    record = session.xenapi.task.get_record(task)
+    assert record["status"] == "failure" and record["error_info"][:3] == [
+        "XENAPI_PLUGIN_FAILURE", "leaf-coalesce", "Exception"]
+    session.xenapi.task.destroy(task)
+    gate = host.sm.gate("plugin.before-suspend")
+    task = async_plugin(session, host, host.vms["vm"])
+    assert gate.wait_reached(10)
+    session.xenapi.task.destroy(task)
+    assert session.xenapi.task.get_status(task) == "pending"
+    gate.release()
+    assert wait_until(lambda: not session.xenapi.task.get_all(), timeout=30)
+
+
+def test_snapshot_coalesce_rounds_pause_the_leaf(sim_host, xapi_session, generation):
+    host = sim_host(one_disk_pool(live_timeout=0.05), sm=generation, snapshot_seconds=0.05)
+    slow_speed_log(host)
+    session = xapi_session(host)
+    vdi_uuid = host.vdis["disk"]
+    paused = host.sm.gate("gc.snapshot-paused")
+    scan(session, host, wait=False)
+    assert paused.wait_reached(10)
+    assert host.db.get_field("VDI", host.vdi_ref("disk"), "sm_config")["paused"] == "true"
+    base = [r for r in host.db.records("VDI").values() if r["is_a_snapshot"]]
+    assert [(b["snapshot_of"], b["managed"]) for b in base] == [(host.vdi_ref("disk"), False)]
+    assert [i.end for i in intervals(host, kind="io-frozen")] == [None]
+    paused.release()
+    assert host.sm.wait_idle(30)
+    log = smlog(host)
+    assert log.count("Single-snapshotting") == 1 and list(forest(host).images) == [vdi_uuid]
+    frozen = intervals(host, kind="io-frozen")  # the snapshot's pause, then the live merge's
+    assert len(frozen) == 2 and frozen[0].duration >= 0.05
+    assert "paused" not in host.db.get_field("VDI", host.vdi_ref("disk"), "sm_config")
+
+
+def test_give_up_rules_of_each_generation():
+    lines = []
+    growing = [(size, size * 2) for size in (4, 8, 16, 32, 64, 128)]
+    old = sm.CoalesceTracker()
+    assert [old.give_up(*sizes) for sizes in growing[:3]] == [False, False, True]
+    assert old.reason == "Unexpected bump in size, compared to minimum achieved"
+    new = sm.CoalesceTrackerV41(lines.append)
+    assert [new.give_up(*sizes) for sizes in growing[:5]] == [False, False, False, False, True]
+    assert new.reason == "Unexpected bump in size, compared to minimum achieved"
+    assert lines[0] == "Calculated moving average as {}".format(sum(after for _, after in growing[:4]) / 4)
+    below_average = sm.CoalesceTrackerV41()  # grows each round yet ends below the mean: progress
+    assert not any(below_average.give_up(*sizes) for sizes in [(10, 100), (100, 90), (90, 80), (8, 9), (9, 10)])
+    capped = sm.CoalesceTrackerV41()
+    rounds = [capped.give_up(10, 10) for _ in range(25)]
+    assert not any(rounds)  # never bigger: never judged, even past 20 rounds
+    assert sm.GENERATIONS["3.2"].tracker.MAX_ITERATIONS == 10 and sm.CoalesceTrackerV41.MAX_ITERATIONS == 20
+
+
+def test_speed_log_read_and_written_as_sm_does(tmp_path):
+    path = str(tmp_path / "sr.speed_log")
+    with open(path, "w") as handle:
+        handle.write("100.0\n\n300.0\n")
+    assert sm.read_speed(path) is None  # a blank line: SM finds "something bad" and has no speed
+    with open(path, "w") as handle:
+        handle.write("".join("{}\n".format(float(n)) for n in range(12)))
+    sm.record_speed(path, 1000)
+    with open(path) as handle:
+        assert handle.read().splitlines() == [str(float(n)) for n in range(1, 12)] + ["1000.0"]
+
+
+@pytest.mark.parametrize("speed, allocated, live", [(MIB, 5 * MIB - 1, True), (MIB, 5 * MIB, False),
+                                                   (2 * MIB, 11 * MIB - 1, False), (None, 20 * MIB - 1, True),
+                                                   (None, 20 * MIB, False)])
+def test_live_decision_floors_as_sm_does(sim_host, speed, allocated, live):
+    host = sim_host(one_disk_pool())
+    path = host.sm.speed_log(host.srs["sr"])
+    os.unlink(path)
+    if speed:
+        sm.record_speed(path, speed)
+    leaf = type("Leaf", (), {"allocated_size": allocated, "uuid": host.vdis["disk"]})()
+    assert sm.GcPass(host.sm, host.srs["sr"]).can_live_coalesce(leaf) is live
+
+
+def test_vhd_parent_after_a_leaf_coalesce_under_a_grandparent(sim_host, xapi_session, generation):
+    steps = [sc.write(0, 2), sc.snapshot("a"), sc.write(2, 2), sc.snapshot("b"), sc.write(4, 2),
+             sc.delete_snapshot("b")]
+    host = sim_host(one_disk_pool(steps=steps), sm=generation)
+    session = xapi_session(host)
+    trees = forest(host)
+    leaf = trees.get(host.vdis["disk"])
+    old_parent, grandparent = leaf.parent.uuid, leaf.parent.parent.uuid
+    scan(session, host)
+    after = forest(host)
+    assert after.get(host.vdis["disk"]).parent.uuid == grandparent and after.get(old_parent) is None
+    config = host.db.get_field("VDI", host.vdi_ref("disk"), "sm_config")
+    if generation == "4.1":
+        assert config["vhd-parent"] == old_parent  # stale until the next SR.scan
+    else:
+        assert "vhd-parent" not in config  # SM 3.2 deletes it under a grandparent too
+    scan(session, host)
+    assert host.db.get_field("VDI", host.vdi_ref("disk"), "sm_config")["vhd-parent"] == grandparent
+
+
+def test_a_snapshot_vdi_leaf_is_leaf_coalesced_like_any_leaf(sim_host, xapi_session, generation):
+    host = sim_host(one_disk_pool(steps=[sc.write(0, 4), sc.snapshot("s"), sc.write(2, 4), sc.delete_disk()]),
+                    sm=generation)
+    snapshots = [ref for ref, r in host.db.records("VDI").items() if r["is_a_snapshot"]]
+    assert len(snapshots) == 1
+    snap_uuid = host.db.get_field("VDI", snapshots[0], "uuid")
+    assert forest(host).get(snap_uuid).is_leaf_coalesceable()
+    scan(xapi_session(host), host)
+    assert list(forest(host).images) == [snap_uuid] and host.db.exists("VDI", snapshots[0])
+
+
+def test_pause_fails_fast_on_a_busy_vdi_and_the_merge_is_skipped(sim_host, xapi_session, generation):
+    host = sim_host(one_disk_pool(), sm=generation)
+    path = host.vdi_path("disk")
+    before = vhdfile.chain_digest(path)
+    with host.sm.vdi_lock(host.vdis["disk"]):
+        scan(xapi_session(host), host)
+    log = smlog(host)
+    assert "Failed to pause VDI {}".format(host.vdis["disk"]) in log
+    assert "Leaf-coalesce failed on {}, skipping".format(host.vdis["disk"]) in log
+    assert len(forest(host).images) == 2 and vhdfile.chain_digest(path) == before
+    assert not intervals(host, kind="io-frozen")

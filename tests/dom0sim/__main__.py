@@ -1,7 +1,7 @@
 """The simulated Dom0 from the command line.
 
-    python -m tests.dom0sim serve --state DIR --scenario NAME [--param KEY=VALUE ...]
-    python -m tests.dom0sim demo
+    python -m tests.dom0sim serve --state DIR --scenario NAME [--param KEY=VALUE ...] [--sm 3.2|4.1]
+    python -m tests.dom0sim demo [--sm 3.2|4.1]
     python -m tests.dom0sim list
 """
 import argparse
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 
-from tests.dom0sim import scenarios
+from tests.dom0sim import scenarios, sm
 from tests.dom0sim.host import SimHost
 
 MIB = 1024 * 1024
@@ -36,11 +36,11 @@ def parse_param(text):
     return key, value
 
 
-def build_host(state_dir, name, params):
+def build_host(state_dir, name, params, generation=sm.DEFAULT_GENERATION):
     if os.path.isdir(state_dir) and os.listdir(state_dir):
         raise UsageError("state directory {} is not empty".format(state_dir))
     try:
-        return SimHost(state_dir, name, **params).build()
+        return SimHost(state_dir, name, sm=generation, **params).build()
     except KeyError as exc:
         raise UsageError(exc.args[0]) from None
     except TypeError as exc:
@@ -49,7 +49,7 @@ def build_host(state_dir, name, params):
 
 def serve(args):
     """Build the scenario under --state and serve it until SIGTERM or SIGINT."""
-    host = build_host(os.path.abspath(args.state), args.scenario, dict(parse_param(p) for p in args.param))
+    host = build_host(os.path.abspath(args.state), args.scenario, dict(parse_param(p) for p in args.param), args.sm)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -97,7 +97,7 @@ def demo(args):
     """Build the demo host in a temporary directory, let the agent report, reclaim and report again."""
     state_dir = tempfile.mkdtemp(prefix="xcoalesce-demo-")
     try:
-        host = build_host(state_dir, "demo", {})
+        host = build_host(state_dir, "demo", {}, args.sm)
         host.start()
         try:
             print(host.describe())
@@ -130,6 +130,11 @@ def list_scenarios(args):
     return 0
 
 
+def add_sm_option(command):
+    command.add_argument("--sm", choices=sorted(sm.GENERATIONS), default=sm.DEFAULT_GENERATION,
+                         help="the storage manager's generation: 3.2 as XCP-ng 8.3 (default), 4.1 as XenServer 8")
+
+
 def parser():
     top = argparse.ArgumentParser(prog=PROG, description="A simulated XenServer / XCP-ng Dom0.")
     commands = top.add_subparsers(dest="command")
@@ -138,9 +143,11 @@ def parser():
     serve_cmd.add_argument("--scenario", default="demo", help="one of: " + ", ".join(scenarios.names()))
     serve_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                            help="a scenario parameter, e.g. count=2000 for large")
+    add_sm_option(serve_cmd)
     serve_cmd.set_defaults(run=serve)
     demo_cmd = commands.add_parser("demo", help="the agent against the demo host, before and after")
     demo_cmd.add_argument("--keep", action="store_true", help="keep the state directory")
+    add_sm_option(demo_cmd)
     demo_cmd.set_defaults(run=demo)
     list_cmd = commands.add_parser("list", help="the scenarios")
     list_cmd.set_defaults(run=list_scenarios)

@@ -11,6 +11,7 @@ import time
 import uuid as uuidlib
 
 from tests.dom0sim import lvm, scenarios, sm, tools, vhdfile
+from tests.dom0sim.sm import DEFAULT_GENERATION, DEFAULT_SNAPSHOT_SECONDS, get_generation
 from tests.dom0sim.xapi import wire
 from tests.dom0sim.xapi.db import Database
 from tests.dom0sim.xapi.schema import NULL_REF
@@ -56,10 +57,16 @@ def pattern(label, mib):
 
 
 class SimHost(object):
-    """One simulated host: `build()` once, then `start()` / `stop()` (also a context manager)."""
+    """One simulated host: `build()` once, then `start()` / `stop()` (also a context manager).
 
-    def __init__(self, state_dir, scenario, **params):
+    `sm` is the storage manager's generation ("3.2" as XCP-ng 8.3, "4.1" as XenServer 8), and
+    `snapshot_seconds` how long each internal snapshot of a snapshot-coalesce round pauses the leaf;
+    the other keyword parameters are the scenario's."""
+
+    def __init__(self, state_dir, scenario, sm=DEFAULT_GENERATION, snapshot_seconds=DEFAULT_SNAPSHOT_SECONDS, **params):
         self.state_dir = os.path.abspath(state_dir)
+        self.sm_generation = get_generation(sm).name
+        self.snapshot_seconds = snapshot_seconds
         self.scenario = scenarios.get(scenario, **params) if isinstance(scenario, str) else scenario
         self.db = Database()
         self.server = None
@@ -129,7 +136,8 @@ class SimHost(object):
                  "  inventory     {}".format(self.inventory),
                  "  tools         {}".format(self.bin_dir),
                  "  speed logs    {}".format(self.run_dir),
-                 "  SM log        {}".format(self.sm.log_path)]
+                 "  SM log        {}".format(self.sm.log_path),
+                 "  SM            {}".format(self.sm_generation)]
         for key, sr_uuid in sorted(self.srs.items()):
             lines.append("  SR {:<12} {}".format(key, sr_uuid))
         return "\n".join(lines)
@@ -187,7 +195,9 @@ class _Builder(object):
         self.host.host_uuid = self.uuid("host", self.scenario["this_host"])
         self.host.sm = sm.StorageManager(self.host.state_dir, db, self.host.host_uuid,
                                          live_timeout=self.scenario["live_timeout"],
-                                         gc_quiet_seconds=self.scenario["gc_quiet_seconds"])
+                                         gc_quiet_seconds=self.scenario["gc_quiet_seconds"],
+                                         generation=self.host.sm_generation,
+                                         snapshot_seconds=self.host.snapshot_seconds)
         for name, ref in self.host_refs.items():
             db.create("VM", name_label="Control domain on host: " + name, is_control_domain=True,
                       power_state="Running", resident_on=ref, domid=0)

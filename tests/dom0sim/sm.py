@@ -1,12 +1,33 @@
-"""The storage manager of the simulated host: SR.scan, one garbage collector per SR, the
-`coalesce-leaf` plugin and the speed log.
+"""The storage manager of the simulated host: SR.scan, the garbage collector (GC) of each SR, the
+`coalesce-leaf` plugin and the speed log, as either SM generation a host may run.
 
-It behaves as SM's `cleanup.py` does (see shared/reference/storage-manager.md): the GC deletes
-garbage, coalesces hidden single-child parents, leaf-coalesces live (I/O frozen) or through
-snapshot-coalesce, gives up on leaves written faster than they merge, checks free space first,
-renames the parent to the leaf's UUID after a leaf coalesce, and keeps xapi's records in step.
-Every merge really copies data (vhdfile.coalesce) and lasts bytes / SR speed; on a file SR it stops
-with ENOSPC where the SR's free space ends, and the failure is reported as SM reports it.
+It behaves as SM's `cleanup.py` does (see shared/reference/sm-real-behaviour.md, which corrects
+storage-manager.md): the GC deletes garbage, coalesces hidden single-child parents, leaf-coalesces live
+(I/O frozen) or through snapshot-coalesce (each round's internal snapshot pauses the leaf too), gives
+up on leaves written faster than they merge, checks free space first, renames the parent to the
+leaf's UUID after a leaf coalesce, and keeps xapi's records in step. Every merge really copies data
+(vhdfile.coalesce) and lasts bytes / SR speed; on a file SR it stops with ENOSPC where the SR's free
+space ends, and the failure is reported as SM reports it.
+
+Generations (`StorageManager(generation=...)`, `SimHost(..., sm="3.2"|"4.1")`; GENERATIONS says what
+differs): "3.2" is what XCP-ng 8.3 ships (the default), "4.1" is XenServer 8's SM from 4.1.10.
+
+How a GC is seen, as on a real host: SR.scan ends by starting the systemd unit `SMGC@<sr>` (the
+`systemctl` stand-in of tests/dom0sim/systemd.py answers `is-active` for it), which runs the process
+`<state>/bin/cleanup -g -u <sr>`; the GC holds the POSIX lock `<state>/lock/sm/<sr>/gc_active` for its
+whole loop and `running` for each iteration (both in /proc/locks), and a "Garbage Collection" task
+exists while it has work. A second GC of the same SR finds `gc_active` taken and exits at once. The
+coalesce-leaf plugin runs its GC passes inside the plugin call: no process, no unit.
+
+Steps tests can hold (`gate = sm.gate(name)`; the next thread to reach the step waits there until
+`gate.release()`; `gate.wait_reached(timeout)` tells whether one got there; stopping SM releases all):
+    gc.loop-start          a GC holds gc_active, before its first scan
+    gc.before-merge        before any merge of a VHD into its parent (coalesce, snapshot-coalesce, leaf)
+    gc.before-snapshot     before a snapshot-coalesce round's internal VDI.snapshot
+    gc.snapshot-paused     inside that snapshot: the leaf paused, the base copy's record made
+    plugin.before-suspend  the plugin is about to suspend the VM
+    plugin.dry-run-loop    each round of the plugin's final dry run that found a candidate (4.1)
+A busy VDI (SM's pause with failfast fails at once): hold `sm.vdi_lock(vdi_uuid)`.
 """
 import collections
 import contextlib
@@ -16,10 +37,11 @@ import os
 import subprocess
 import threading
 import time
+import traceback
 import uuid as uuidlib
 
 from tests.dom0sim import lvm, vhdfile
-from tests.dom0sim.xapi import tasks, vm
+from tests.dom0sim.xapi import tasks, vm, wire
 from tests.dom0sim.xapi.errors import XapiError
 
 MIB = 1024 * 1024
@@ -57,10 +79,17 @@ RET_MSG = {
 }
 
 CLEANUP_SCRIPT = """#!/bin/sh
-# Stands for SM's `cleanup.py -g -b -u <sr>` while the simulated GC works on that SR:
-# it lives until the storage manager closes its stdin.
-while read -r _line; do :; done
+# Stands for SM's `cleanup.py -g -u <sr>` run by the unit SMGC@<sr> while the simulated GC works on
+# that SR: it lives until the storage manager closes its stdin, and exits with the last line it read.
+code=0
+while read -r line; do code=$line; done
+exit "$code"
 """
+SMGC_UNIT = "SMGC@{}.service"
+GC_LOCKS = ("gc_active", "running")
+DRY_RUN_PERIOD = 0.02            # seconds between the rounds of a dry run that finds work
+UNIT_POLL_PERIOD = 0.02          # wait_for_completion polls the unit every 5 s on a real host
+DEFAULT_SNAPSHOT_SECONDS = 0.03  # how long an internal VDI.snapshot keeps the leaf paused
 
 
 class SmError(Exception):
@@ -145,28 +174,32 @@ def speed_log_path(run_dir, sr_uuid):
 
 
 def read_speed(path):
-    """Mean of the logged merge speeds (bytes/s), or None without a usable figure."""
+    """Mean of the logged merge speeds (bytes/s) as SR.getStorageSpeed reads them, or None: no file, no
+    line, a line that is not a number (a blank one included) or a mean that is not positive."""
     try:
         with open(path) as handle:
-            values = [float(line) for line in handle if line.strip()]
+            values = [float(line) for line in handle.readlines()]
     except (IOError, OSError, ValueError):
         return None
     if not values:
         return None
-    speed = sum(values) / len(values)
+    speed = sum(values) / float(len(values))
     return speed if speed > 0 else None
 
 
 def record_speed(path, speed):
-    """Append one figure, keeping the last SPEED_LOG_KEEP, replaced atomically."""
+    """SR.writeSpeedToFile: append `str(speed)`, dropping the first line once there are more than
+    SPEED_LOG_KEEP (one line only: a longer log stays longer), replaced atomically."""
     lines = []
     if os.path.isfile(path):
         with open(path) as handle:
-            lines = [line for line in handle if line.strip()]
-    lines.append("{}\n".format(float(speed)))
+            lines = handle.readlines()
+    lines.append(str(float(speed)) + "\n")
+    if len(lines) > SPEED_LOG_KEEP:
+        del lines[0]
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
-        handle.write("".join(lines[-SPEED_LOG_KEEP:]))
+        handle.write("".join(lines))
     os.rename(tmp, path)
 
 
@@ -557,18 +590,20 @@ class Records(object):
 # ---- one GC pass over one SR ---------------------------------------------------------------
 
 class CoalesceTracker(object):
-    """When to give up snapshot-coalescing a leaf that does not shrink (cleanup.py's rules): a round
-    whose leaf ends no bigger than it started counts as progress; one that ends bigger counts against
-    it, and the leaf is given up after too many such rounds, too many rounds in all, or a second bump
-    past 1.2 x the smallest size seen. `log` gets the lines SM writes to SMlog."""
+    """When SM 3.2 gives up snapshot-coalescing a leaf that does not shrink: a round whose leaf ends no
+    bigger than it started counts as progress; one that ends bigger counts against it, and the leaf is
+    given up after too many such rounds, too many rounds in all (judged only after a round without
+    progress), or a second bump past 1.2 x the smallest size seen. `log` gets the lines SM writes to
+    SMlog."""
 
     GRACE_ITERATIONS = 2
     MAX_ITERATIONS_NO_PROGRESS = 3
     MAX_ITERATIONS = 10
     MAX_INCREASE_FROM_MINIMUM = 1.2
 
-    def __init__(self, log=None):
+    def __init__(self, log=None, sm_log=None):
         self.log = log or (lambda text: None)
+        self.sm_log = sm_log or self.log
         self.iterations = 0
         self.no_progress = 0
         self.minimum = float("inf")
@@ -586,10 +621,16 @@ class CoalesceTracker(object):
         if self.start_size is None:
             self.start_size = before
         self.minimum = min(self.minimum, before, after)
-        if self.iterations == 1 or before >= after:
+        if self.made_progress(before, after):
             return False
         self.no_progress += 1
         self.log("No progress, attempt: {}".format(self.no_progress))
+        return self.exhausted(after)
+
+    def made_progress(self, before, after):
+        return self.iterations == 1 or before >= after
+
+    def exhausted(self, after):
         if self.iterations > self.MAX_ITERATIONS:
             self.reason = "Max iterations ({}) exceeded".format(self.MAX_ITERATIONS)
             return True
@@ -623,12 +664,77 @@ class CoalesceTracker(object):
             self.log_sizes()
 
 
-class GcPass(object):
-    """cleanup.py's loop for one SR: garbage, then one coalesce or one leaf coalesce, rescan, repeat."""
+class CoalesceTrackerV41(CoalesceTracker):
+    """SM 4.1.10+: up to 20 rounds, no judgement before the fourth, and a round also counts as progress
+    when the leaf ends below the mean of every round's final size (logged by SM as "Calculated moving
+    average", under the SM ident)."""
 
-    def __init__(self, sm, sr_uuid, quiet_seconds=0.0):
+    MAX_ITERATIONS = 20
+    FIRST_JUDGED_ITERATION = 4
+
+    def __init__(self, log=None, sm_log=None):
+        CoalesceTracker.__init__(self, log, sm_log)
+        self.final_sizes = []
+
+    def give_up(self, before, after):
+        self.final_sizes.append(after)
+        return CoalesceTracker.give_up(self, before, after)
+
+    def made_progress(self, before, after):
+        if self.iterations < self.FIRST_JUDGED_ITERATION or before >= after:
+            return True
+        average = sum(self.final_sizes) / len(self.final_sizes)
+        self.sm_log("Calculated moving average as {}".format(average))
+        return after < average
+
+
+class Generation(object):
+    """What differs between the SM generations the simulated host can run."""
+
+    def __init__(self, name, tracker, plugin_waits_for_gc, plugin_final_dry_run, keeps_vhd_parent,
+                 logs_fatal_errors):
+        self.name = name
+        self.tracker = tracker                            # the CoalesceTracker class
+        self.plugin_waits_for_gc = plugin_waits_for_gc    # wait_for_completion after the first pass
+        self.plugin_final_dry_run = plugin_final_dry_run  # else a background GC with the quiet period
+        self.keeps_vhd_parent = keeps_vhd_parent          # sm_config:vhd-parent left on the old parent
+        self.logs_fatal_errors = logs_fatal_errors        # run_gc logs them; 3.2 raises (the journal)
+
+
+GENERATIONS = {
+    # XCP-ng 8.3: v3.2.12 (xcp-ng/sm 3.2.12-8.3)
+    "3.2": Generation("3.2", CoalesceTracker, plugin_waits_for_gc=False, plugin_final_dry_run=False,
+                      keeps_vhd_parent=False, logs_fatal_errors=False),
+    # XenServer 8: v4.1.10 and later
+    "4.1": Generation("4.1", CoalesceTrackerV41, plugin_waits_for_gc=True, plugin_final_dry_run=True,
+                      keeps_vhd_parent=True, logs_fatal_errors=True),
+}
+DEFAULT_GENERATION = "3.2"
+
+
+def get_generation(name):
+    """The Generation called `name` ("3.2" or "4.1"); ValueError for any other."""
+    try:
+        return GENERATIONS[str(name)]
+    except KeyError:
+        raise ValueError("unknown SM generation {!r}: one of {}".format(
+            name, ", ".join(sorted(GENERATIONS)))) from None
+
+
+class Aborted(SmError):
+    """The GC was told to stop (SM stopping): cleanup.py's AbortException."""
+
+
+class GcPass(object):
+    """cleanup.py's _gcLoop for one SR: garbage, then one coalesce or one leaf coalesce, rescan, repeat.
+
+    A dry run (`dry_run`) logs what it would do and changes nothing, so it keeps going round while
+    there is work, as SM's does."""
+
+    def __init__(self, sm, sr_uuid, quiet_seconds=0.0, dry_run=False):
         self.sm = sm
         self.quiet_seconds = quiet_seconds
+        self.dry_run = dry_run
         self.task = None
         self.done = 0
         self.records = sm.records
@@ -642,55 +748,88 @@ class GcPass(object):
     # -- the loop --
 
     def run(self):
-        """One GC run: nothing (no task) without work; else a "Garbage Collection" task for the loop."""
+        """One GC run: gc_active for the whole run (or exit at once), a "Garbage Collection" task only
+        while there is work."""
         if not self.enabled():
             return
+        gc_active = self.sm.sm_lock(self.sr_uuid, "gc_active")
+        with self.sm.sr_lock(self.sr_uuid):      # LockActive: not while another holds the SR lock
+            acquired = gc_active.acquire_noblock()
+        if not acquired:
+            self.log("Another GC instance already active, exiting")
+            return
         try:
-            if not self.has_work(self.scan()):
-                self.log("No work, exiting")
-                return
-            self.task = tasks.create(self.sm.db, GC_TASK_LABEL, "Garbage collection for SR " + self.sr_uuid,
-                                     other_config={"applies_to": self.sr_ref})
+            self.sm.step("gc.loop-start")
             try:
-                self.pause()
-                self.loop()
+                self.run_locked()
             finally:
-                self.sm.db.destroy("task", self.task)
+                self.log("GC process exiting, no work left")
         finally:
+            gc_active.release()
             self.report_no_space()
+
+    def run_locked(self):
+        if not self.has_work(self.scan()):
+            self.log("No work, exiting")
+            return
+        self.task = tasks.create(self.sm.db, GC_TASK_LABEL, "Garbage collection for SR " + self.sr_uuid,
+                                 other_config={"applies_to": self.sr_ref})
+        try:
+            self.pause()
+            self.loop()
+        finally:
+            self.sm.db.destroy("task", self.task)
 
     def has_work(self, forest):
         return bool(forest.garbage() or self.find_coalesceable(forest) or self.find_leaf_coalesceable(forest))
 
     def pause(self):
-        """The quiet period a background GC keeps before working, after its first run since boot."""
+        """The quiet period a background GC (not immediate) keeps before working once the SR had a GC."""
         if self.quiet_seconds > 0:
             self.log("GC active, about to go quiet")
             self.sm.stopping.wait(self.quiet_seconds)
             self.log("GC active, quiet period ended")
 
     def loop(self):
-        while not self.sm.stopping.is_set():
-            forest = self.scan()
-            self.report_progress(forest)
-            garbage = forest.garbage()
-            if garbage:
-                self.log("Found {} VDIs for deletion:".format(len(garbage)))
+        while True:
+            if self.sm.stopping.is_set():
+                self.log("Term requested")
+                return
+            if not self.has_work(self.scan()):
+                self.log("No work, exiting")
+                return
+            with self.sm.held(self.sm.sm_lock(self.sr_uuid, "running")):
+                self.iteration()
+            if self.dry_run:
+                self.sm.step("plugin.dry-run-loop")
+                self.sm.stopping.wait(self.sm.dry_run_period)
+
+    def iteration(self):
+        forest = self.scan()
+        self.report_progress(forest)
+        garbage = forest.garbage()
+        if garbage:
+            self.log("Found {} VDIs for deletion:".format(len(garbage)))
+            for image in garbage:
+                self.log("  {}".format(image.uuid))
+            if not self.dry_run:
                 for image in garbage:
                     self.log("Deleting unlinked VDI {}".format(image.uuid))
                     self.delete(image)
-                forest = self.scan()
-            candidate = self.find_coalesceable(forest)
-            if candidate is not None:
+            forest = self.scan()
+        candidate = self.find_coalesceable(forest)
+        if candidate is not None:
+            self.log("Coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            if not self.dry_run:
                 self.coalesce(candidate)
-                self.done += 1
-                continue
-            candidate = self.find_leaf_coalesceable(forest)
-            if candidate is not None:
+            self.done += 1
+            return
+        candidate = self.find_leaf_coalesceable(forest)
+        if candidate is not None:
+            self.log("Leaf-coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            if not self.dry_run:
                 self.coalesce_leaf(candidate)
-                self.done += 1
-                continue
-            break
+            self.done += 1
 
     def report_progress(self, forest):
         """The task's progress counts pairs, as SM's does: done / (done + coalesceable now)."""
@@ -788,10 +927,12 @@ class GcPass(object):
         return self.vdi_setting(image, "other_config", LEAF_COALESCE_KEY) == "force"
 
     def can_live_coalesce(self, image):
+        """VDI.canLiveCoalesce: floor(allocated / speed) strictly under half the timeout, or without a
+        speed figure under 20 MiB allocated; a forced leaf always."""
         speed = read_speed(self.sm.speed_log(self.sr_uuid))
         allowed = TIMEOUT_SAFETY_MARGIN * self.sm.live_timeout
         if speed:
-            feasible = image.allocated_size / speed < allowed
+            feasible = image.allocated_size // speed < allowed
         else:
             feasible = image.allocated_size < LIVE_LEAF_COALESCE_MAX_SIZE
         return feasible or self.forced(image)
@@ -805,7 +946,7 @@ class GcPass(object):
 
     def coalesce(self, image):
         """Merge a hidden single-child VHD into its parent, relink its children, delete it."""
-        self.log("Coalescing {} -> {}".format(image.uuid, image.parent.uuid))
+        self.sm.step("gc.before-merge")
         parent = image.parent
         try:
             if self.store.lvm:
@@ -824,6 +965,8 @@ class GcPass(object):
                     self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
                 self.delete(image)
                 self.sm.update_vdi(self.sr_uuid, parent.uuid)
+        except Aborted:
+            raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(image.uuid)
             self.log("Coalesce failed, skipping: {}".format(exc))
@@ -837,12 +980,11 @@ class GcPass(object):
 
     def coalesce_leaf(self, image):
         vdi_uuid = image.uuid
-        self.log("Leaf-coalescing {} -> {}".format(vdi_uuid, image.parent.uuid))
         try:
-            tracker = CoalesceTracker(self.log)
+            tracker = self.sm.generation.tracker(self.log, self.sm.sm_log)
             while not self.can_live_coalesce(image):
                 if self.sm.stopping.is_set():
-                    raise SmError("Aborting due to signal")
+                    raise Aborted("Aborting due to signal")
                 before = image.vhd_size
                 image = self.snapshot_coalesce(image)
                 if image is None:
@@ -852,6 +994,8 @@ class GcPass(object):
                     raise SmError("VDI {} could not be coalesced".format(vdi_uuid))
             tracker.log_summary()
             self.live_leaf_coalesce(vdi_uuid)
+        except Aborted:
+            raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(vdi_uuid)
             self.log("Leaf-coalesce failed on {}, skipping: {}".format(vdi_uuid, exc))
@@ -861,14 +1005,9 @@ class GcPass(object):
     def snapshot_coalesce(self, image):
         """Single-snapshot the leaf, coalesce the temporary snapshot away; the leaf as it is now, or None."""
         self.log("Single-snapshotting {}".format(image.uuid))
-        temp_uuid = str(uuidlib.uuid4())
-        with self.sm.sr_lock(self.sr_uuid), self.sm.io_lock(image.uuid):
-            self.store.rename(image.uuid, temp_uuid)
-            self.set_hidden(temp_uuid, True)
-            self.store.deflate(temp_uuid)
-            self.store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
-            self.sm.update_vdi(self.sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
-            self.sm.update_vdi(self.sr_uuid, image.uuid, parent_uuid=temp_uuid)
+        self.sm.step("gc.before-snapshot")
+        temp_uuid = self.sm.internal_snapshot(self.sr_uuid, image)
+        self.log("Single-snapshot returned: {}".format(self.records.vdi_ref(temp_uuid)))
         forest = self.scan()
         temp = forest.get(temp_uuid)
         if temp is None or not temp.is_coalesceable():
@@ -883,7 +1022,10 @@ class GcPass(object):
         return leaf
 
     def live_leaf_coalesce(self, vdi_uuid):
-        """Freeze the VDI's I/O, merge the leaf into its parent, give the parent the leaf's name."""
+        """Pause the VDI (failing at once if it is busy), merge the leaf into its parent, give the parent
+        the leaf's name. The leaf's vhd-parent goes when there is no grandparent; otherwise SM 4.1 leaves
+        it naming the old parent (until the next SR.scan) and SM 3.2 deletes it all the same."""
+        self.sm.step("gc.before-merge")
         image = self.scan().get(vdi_uuid)
         if image is None or not image.is_leaf_coalesceable():
             self.log("The VDI is no longer leaf-coalesceable")
@@ -893,7 +1035,7 @@ class GcPass(object):
         if timeout is None:
             self.log("Leaf-coalesce forced, will not use timeout")
         old_uuid = TMP_RENAME_PREFIX + vdi_uuid
-        with self.sm.sr_lock(self.sr_uuid), self.sm.frozen(vdi_uuid):
+        with self.sm.sr_lock(self.sr_uuid), self.sm.frozen(vdi_uuid, failfast=True):
             if self.store.lvm:
                 self.store.deflate(vdi_uuid)
                 self.store.inflate(parent.uuid, full_lv_size(parent.virtual_size))
@@ -908,8 +1050,8 @@ class GcPass(object):
             self.store.rename(parent.uuid, vdi_uuid)
             self.set_hidden(old_uuid, True)
             self.sm.forget_vdi(parent.uuid)
-            self.sm.update_vdi(self.sr_uuid, vdi_uuid,
-                               parent_uuid=parent.parent.uuid if parent.parent is not None else "")
+            keep = parent.parent is not None and self.sm.generation.keeps_vhd_parent
+            self.sm.update_vdi(self.sr_uuid, vdi_uuid, parent_uuid=None if keep else "")
         with self.sm.sr_lock(self.sr_uuid):
             self.store.remove(old_uuid)
             self.sm.update_vdi(self.sr_uuid, vdi_uuid)
@@ -982,31 +1124,99 @@ class VmWriter(threading.Thread):
         self.written += self.CHUNK
 
 
+class SmLock(object):
+    """One of SM's lock files (lock.py): a POSIX fcntl lock on the file while held, seen in /proc/locks.
+    POSIX locks do not exclude threads of one process, so a thread lock goes with it; only the holder
+    opens the file (closing any descriptor of it would drop the process's lock)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._thread_lock = threading.Lock()
+        self._handle = None
+
+    def acquire_noblock(self):
+        if not self._thread_lock.acquire(False):
+            return False
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory)
+        handle = open(self.path, "a")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            handle.close()
+            self._thread_lock.release()
+            return False
+        self._handle = handle
+        return True
+
+    def held(self):
+        return self._handle is not None
+
+    def release(self):
+        handle, self._handle = self._handle, None
+        fcntl.lockf(handle, fcntl.LOCK_UN)
+        handle.close()
+        self._thread_lock.release()
+
+
+class Gate(object):
+    """A step of the simulated SM a test holds: the next thread to reach it waits until release()."""
+
+    def __init__(self, name, stopping):
+        self.name = name
+        self._stopping = stopping
+        self._reached = threading.Event()
+        self._released = threading.Event()
+
+    def wait_reached(self, timeout=10.0):
+        """True once a thread waits at (or went through) the step."""
+        return self._reached.wait(timeout)
+
+    def release(self):
+        self._released.set()
+
+    def pass_through(self):
+        self._reached.set()
+        while not (self._released.wait(0.05) or self._stopping.is_set()):
+            pass
+
+
 class StorageManager(object):
-    """SM on the simulated host: SR.scan, one GC thread per SR, the coalesce-leaf plugin, writing VMs."""
+    """SM on the simulated host: SR.scan, the SMGC unit and GC of each SR, the coalesce-leaf plugin,
+    writing VMs. `generation` is "3.2" or "4.1" (GENERATIONS); `snapshot_seconds` is how long each
+    internal VDI.snapshot of a snapshot-coalesce round keeps the leaf paused."""
 
     def __init__(self, state_dir, db, host_uuid, speeds=None, live_timeout=LIVE_LEAF_COALESCE_TIMEOUT,
-                 gc_quiet_seconds=0.0):
+                 gc_quiet_seconds=0.0, generation=DEFAULT_GENERATION, snapshot_seconds=DEFAULT_SNAPSHOT_SECONDS):
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.records = Records(db, host_uuid)
+        self.generation = get_generation(generation)
         self.speeds = dict(speeds or {})
         self.live_timeout = float(live_timeout)
         self.gc_quiet_seconds = float(gc_quiet_seconds)
+        self.snapshot_seconds = float(snapshot_seconds)
+        self.dry_run_period = DRY_RUN_PERIOD
+        self.unit_poll_period = UNIT_POLL_PERIOD
         self._gc_ran = set()
         self.run_dir = os.path.join(self.state_dir, "run")
         self.lock_dir = os.path.join(self.state_dir, "lock", "sm")
+        self.unit_dir = os.path.join(self.run_dir, "systemd", "units")
         self.cleanup_path = os.path.join(self.state_dir, "bin", "cleanup")
         self.log_path = os.path.join(self.state_dir, "SMlog")
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
-        self._gcs = {}
+        self._gcs = {}              # sr_uuid -> the thread of its SMGC unit or background GC
         self._io_locks = {}
+        self._vdi_locks = {}
         self._sr_locks = {}
+        self._sm_locks = {}
+        self._gates = {}
         self._writers = []
         self._room_faults = {}      # sr_uuid -> bytes the next merge may still append (fail_merge_after)
-        for directory in (self.run_dir, self.lock_dir, os.path.dirname(self.cleanup_path)):
+        for directory in (self.run_dir, self.lock_dir, self.unit_dir, os.path.dirname(self.cleanup_path)):
             if not os.path.isdir(directory):
                 os.makedirs(directory)
         with open(self.cleanup_path, "w") as handle:
@@ -1015,12 +1225,31 @@ class StorageManager(object):
 
     # -- small services --
 
-    def log(self, text):
-        line = "{}.{:03d} SMGC: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), int(time.time() * 1000) % 1000,
-                                               threading.current_thread().name, text)
+    def log(self, text, ident="SMGC"):
+        line = "{}.{:03d} {}: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), int(time.time() * 1000) % 1000,
+                                             ident, threading.current_thread().name, text)
         with self._log_lock:
             with open(self.log_path, "a") as handle:
                 handle.write(line)
+
+    def sm_log(self, text):
+        """A line SM's util.SMlog writes (ident SM)."""
+        self.log(text, ident="SM")
+
+    # -- steps tests hold --
+
+    def gate(self, name):
+        """Hold the step `name` (see the module docstring) for the next thread that reaches it."""
+        gate = Gate(name, self.stopping)
+        with self._lock:
+            self._gates[name] = gate
+        return gate
+
+    def step(self, name):
+        with self._lock:
+            gate = self._gates.pop(name, None)
+        if gate is not None:
+            gate.pass_through()
 
     def speed_log(self, sr_uuid):
         return speed_log_path(self.run_dir, sr_uuid)
@@ -1044,11 +1273,41 @@ class StorageManager(object):
         with self._lock:
             return self._io_locks.setdefault(vdi_uuid, threading.Lock())
 
+    def vdi_lock(self, vdi_uuid):
+        """SM's lock of one VDI, held by SM operations on it (attach, activate, ...): while a test holds
+        it the VDI is busy, and a pause with failfast fails at once."""
+        with self._lock:
+            return self._vdi_locks.setdefault(vdi_uuid, threading.Lock())
+
+    def sm_lock(self, sr_uuid, name):
+        """The SmLock <lock dir>/<sr>/<name> (gc_active, running)."""
+        with self._lock:
+            key = (sr_uuid, name)
+            if key not in self._sm_locks:
+                self._sm_locks[key] = SmLock(os.path.join(self.lock_dir, sr_uuid, name))
+            return self._sm_locks[key]
+
     @contextlib.contextmanager
-    def frozen(self, vdi_uuid):
-        """tap-pause: the VDI's I/O stops (recorded as downtime of its running VM) until the block ends."""
+    def held(self, sm_lock):
+        """cleanup.py's lockGCRunning around one iteration (it is free unless SM is aborting)."""
+        if not sm_lock.acquire_noblock():
+            raise SmError("Unable to acquire GC running lock.")
+        try:
+            yield
+        finally:
+            sm_lock.release()
+
+    @contextlib.contextmanager
+    def frozen(self, vdi_uuid, failfast=False):
+        """tap-pause: the VDI's I/O stops (recorded as downtime of its running VM) until the block ends.
+        With `failfast` a busy VDI (vdi_lock held) fails at once, as vdi.pause(failfast=True)."""
         vm_uuid = self.records.running_vm_of_vdi(vdi_uuid)
         ref = self.records.vdi_ref(vdi_uuid)
+        busy = self.vdi_lock(vdi_uuid)
+        if not busy.acquire(not failfast):
+            self.log("Failed to pause VDI {}".format(vdi_uuid))
+            raise SmError("Failed to pause VDI {}".format(vdi_uuid))
+        busy.release()
         with self.io_lock(vdi_uuid):
             if vm_uuid:
                 self.db.freeze_io(vm_uuid)
@@ -1062,6 +1321,28 @@ class StorageManager(object):
                     self.records.set_map_key("VDI", ref, "sm_config", "paused", None)
                 if vm_uuid:
                     self.db.thaw_io(vm_uuid)
+
+    def internal_snapshot(self, sr_uuid, image):
+        """VDI.snapshot(leaf, {"type": "internal"}): the leaf is paused (sm_config:paused, its VM's I/O
+        frozen) for `snapshot_seconds` while it becomes a hidden base copy under a new empty leaf of the
+        same UUID; xapi marks the base copy's record is_a_snapshot. Returns the base copy's UUID."""
+        temp_uuid = str(uuidlib.uuid4())
+        store = self.store(sr_uuid)
+        with self.sr_lock(sr_uuid), self.frozen(image.uuid):
+            self.stopping.wait(self.snapshot_seconds)
+            store.rename(image.uuid, temp_uuid)
+            with vhdfile.Vhd.open(store.path(temp_uuid), writable=True) as vhd:
+                vhd.set_hidden(True)
+            store.deflate(temp_uuid)
+            store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
+            self.update_vdi(sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
+            self.update_vdi(sr_uuid, image.uuid, parent_uuid=temp_uuid)
+            temp_ref = self.records.vdi_ref(temp_uuid)
+            if temp_ref:
+                self.db.update("VDI", temp_ref, is_a_snapshot=True, snapshot_of=self.records.vdi_ref(image.uuid),
+                               snapshot_time=wire.now())
+            self.step("gc.snapshot-paused")
+        return temp_uuid
 
     def timed_merge(self, sr_uuid, child_path, timeout=None):
         """`vhd-util coalesce` of child_path at the SR's speed; logs the speed; bytes merged.
@@ -1257,13 +1538,11 @@ class StorageManager(object):
         self.refresh_sr(sr_uuid)
         self.kick(sr_uuid)
 
-    def kick(self, sr_uuid, host_ref=None, immediate=False):
-        """Start the SR's GC (as this host, or `host_ref`) unless one runs; False when it may not run there.
-
-        A background kick after the SR's first GC run keeps the quiet period first; `immediate` does not.
-        """
+    def kick(self, sr_uuid):
+        """_kickGC: `systemctl --no-block start SMGC@<sr>` unless the SR is not attached here or this host
+        is not its master; a unit that is already activating is left as it is. False when it may not run."""
         sr_ref = self.records.sr_ref(sr_uuid)
-        host_ref = host_ref or self.records.host_ref()
+        host_ref = self.records.host_ref()
         if self.store(sr_uuid) is None:
             return False
         if not self.records.is_plugged_on(sr_ref, host_ref):
@@ -1272,67 +1551,108 @@ class StorageManager(object):
         if not self.records.is_master(sr_ref, host_ref):
             self.log("This host is NOT master, will not run")
             return False
+        self.log("Kicking SMGC@{}...".format(sr_uuid), ident="SM")
         with self._lock:
-            current = self._gcs.get(sr_uuid)
-            if current is not None and current.is_alive():
+            if self.unit_state(sr_uuid) == "activating":
                 return True
-            quiet = self.gc_quiet_seconds if (sr_uuid in self._gc_ran and not immediate) else 0.0
-            thread = threading.Thread(target=self._gc_main, args=(sr_uuid, quiet), name="gc-" + sr_uuid[:8])
-            thread.daemon = True
-            self._gcs[sr_uuid] = thread
-            thread.start()
+            self._set_unit_state(sr_uuid, "activating")
+        self.start_gc_thread(sr_uuid, self._unit_main, "smgc-")
         return True
 
+    def start_gc_thread(self, sr_uuid, target, prefix, *args):
+        thread = threading.Thread(target=target, args=(sr_uuid,) + args, name=prefix + sr_uuid[:8])
+        thread.daemon = True
+        with self._lock:
+            self._gcs.setdefault(sr_uuid, []).append(thread)
+        thread.start()
+
+    def unit_path(self, sr_uuid):
+        """The state file the systemctl stand-in reads for the unit SMGC@<sr> (its escaped name)."""
+        return os.path.join(self.unit_dir, SMGC_UNIT.format(sr_uuid.replace("-", "\\x2d")))
+
+    def _set_unit_state(self, sr_uuid, state):
+        tmp = self.unit_path(sr_uuid) + ".tmp"
+        with open(tmp, "w") as handle:
+            handle.write(state + "\n")
+        os.rename(tmp, self.unit_path(sr_uuid))
+
+    def unit_state(self, sr_uuid):
+        """What `systemctl is-active SMGC@<sr>` says: activating, inactive, failed or unknown."""
+        try:
+            with open(self.unit_path(sr_uuid)) as handle:
+                return handle.read().strip()
+        except (IOError, OSError):
+            return "unknown"
+
+    def _unit_main(self, sr_uuid):
+        """The unit's oneshot service: `cleanup -g -u <sr>` running the GC in the foreground."""
+        process = subprocess.Popen([self.cleanup_path, "-g", "-u", sr_uuid], stdin=subprocess.PIPE, close_fds=True)
+        code = 1
+        try:
+            code = self.gc(sr_uuid)
+        finally:
+            process.stdin.write("{}\n".format(code).encode("ascii"))
+            process.stdin.close()
+            process.wait()
+            with self._lock:
+                self._set_unit_state(sr_uuid, "inactive" if code == 0 else "failed")
+
+    def _background_main(self, sr_uuid, quiet_seconds):
+        """gc(inBackground=True): a daemonised GC, not immediate (the quiet period once the SR had a GC)."""
+        self.gc(sr_uuid, quiet_seconds=quiet_seconds)
+
+    def gc(self, sr_uuid, dry_run=False, quiet_seconds=0.0, raise_errors=False):
+        """cleanup.gc / run_gc in this thread: one GC run; its exit status 0, 1 (error) or 2 (aborted).
+
+        A fatal error is logged by SM 4.1; SM 3.2 lets it go to stderr (the journal) or, with
+        `raise_errors`, to its caller."""
+        self.log("=== SR {}: gc ===".format(sr_uuid))
+        try:
+            GcPass(self, sr_uuid, quiet_seconds, dry_run).run()
+            return 0
+        except Aborted:
+            self.log("Aborted")
+            return 2 if self.generation.logs_fatal_errors else 1
+        except Exception as exc:  # SM's logException: the GC reports what stopped it
+            if not self.generation.logs_fatal_errors:
+                if raise_errors:
+                    raise
+                traceback.print_exc()   # the unit's stderr: the journal, not SMlog
+                return 1
+            self.log("gc: EXCEPTION {}, {}".format(type(exc).__name__, exc))
+            self.log("* * * * * SR {}: ERROR".format(sr_uuid))
+            return 1
+        finally:
+            self._gc_ran.add(sr_uuid)
+            self.update_sr_usage(sr_uuid)
+
     def gc_running(self, sr_uuid):
-        thread = self._gcs.get(sr_uuid)
-        return thread is not None and thread.is_alive()
+        """Some GC of the SR holds gc_active."""
+        return self.sm_lock(sr_uuid, "gc_active").held()
 
     def wait_gc(self, sr_uuid, timeout=None):
-        thread = self._gcs.get(sr_uuid)
-        if thread is not None:
-            thread.join(timeout)
-        return not self.gc_running(sr_uuid)
+        """Wait for the SR's SMGC units and background GCs; False if one still runs after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._gcs.get(sr_uuid, []))
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def wait_idle(self, timeout=60.0):
-        """Wait for every GC to finish; False if one still runs after `timeout` seconds."""
+        """Wait for every SMGC unit and background GC to finish; False if one still runs after `timeout`
+        seconds."""
         deadline = time.monotonic() + timeout
         for sr_uuid in list(self._gcs):
             if not self.wait_gc(sr_uuid, max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
-    def run_gc(self, sr_uuid, host_ref=None):
-        """cleanup.run_gc(immediate=True): wait for a running GC, then one full pass, waited for."""
-        self.wait_gc(sr_uuid)
-        if self.kick(sr_uuid, host_ref, immediate=True):
-            self.wait_gc(sr_uuid)
-
-    def _gc_main(self, sr_uuid, quiet_seconds):
-        process = subprocess.Popen([self.cleanup_path, "-g", "-b", "-u", sr_uuid], stdin=subprocess.PIPE,
-                                   close_fds=True)
-        try:
-            with self._sr_lock_file(sr_uuid, "running"):
-                GcPass(self, sr_uuid, quiet_seconds).run()
-            self.log("GC process exiting, no work left")
-        except Exception as exc:  # the GC logs what stopped it, as cleanup.py's logException
-            self.log("GC process exiting: {}: {}".format(type(exc).__name__, exc))
-        finally:
-            self._gc_ran.add(sr_uuid)
-            self.update_sr_usage(sr_uuid)
-            process.stdin.close()
-            process.wait()
-
-    @contextlib.contextmanager
-    def _sr_lock_file(self, sr_uuid, name):
-        directory = os.path.join(self.lock_dir, sr_uuid)
-        if not os.path.isdir(directory):
-            os.makedirs(directory)
-        with open(os.path.join(directory, name), "a") as handle:
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(handle, fcntl.LOCK_UN)
+    def wait_for_completion(self, sr_uuid):
+        """cleanup.wait_for_completion (SM 4.1.10+): poll `systemctl is-active SMGC@<sr>` while it says
+        activating."""
+        while self.unit_state(sr_uuid) == "activating" and not self.stopping.is_set():
+            time.sleep(self.unit_poll_period)
 
     # -- VMs that keep writing --
 
@@ -1417,7 +1737,11 @@ class StorageManager(object):
             self.log("The VM has no VDIs that could be leaf-coalesced")
             return RET_NOTHING_TODO, messages
         for sr_uuid in coalesceable:
-            self.run_gc(sr_uuid, host_ref)
+            self.plugin_gc(sr_uuid)
+        if self.generation.plugin_waits_for_gc:
+            for sr_uuid in coalesceable:
+                self.wait_for_completion(sr_uuid)
+        self.step("plugin.before-suspend")
         suspended = False
         if self.db.get_field("VM", vm_ref, "power_state") == "Running":
             self.log("Suspending VM {}".format(vm_uuid))
@@ -1434,8 +1758,22 @@ class StorageManager(object):
                 self.log("Resuming VM {}".format(vm_uuid))
                 vm.run(self.db, vm_ref, "resume")
             for sr_uuid in coalesceable:
-                self.run_gc(sr_uuid, host_ref)
+                self.plugin_final_pass(sr_uuid)
         return status, messages
+
+    def plugin_gc(self, sr_uuid, dry_run=False):
+        """A GC pass inside the plugin (SM 3.2's gc(inBackground=False), 4.1's run_gc(immediate=True)):
+        it exits at once while another GC holds gc_active."""
+        self.gc(sr_uuid, dry_run=dry_run, raise_errors=True)
+
+    def plugin_final_pass(self, sr_uuid):
+        """SM 4.1: a dry run in the plugin, going round while it finds work. SM 3.2: gc(inBackground=True),
+        a daemonised GC that keeps the quiet period once the SR had a GC, and the plugin returns."""
+        if self.generation.plugin_final_dry_run:
+            self.plugin_gc(sr_uuid, dry_run=True)
+        else:
+            quiet = self.gc_quiet_seconds if sr_uuid in self._gc_ran else 0.0
+            self.start_gc_thread(sr_uuid, self._background_main, "gc-", quiet)
 
     def coalesceable_leaves(self, sr_uuid, vdi_uuids):
         forest = GcPass(self, sr_uuid).scan()
@@ -1450,4 +1788,4 @@ class StorageManager(object):
                     continue
                 self.records.set_map_key("VDI", ref, "other_config", LEAF_COALESCE_KEY, "force")
             self.log("Coalescing all in SR {}...".format(sr_uuid))
-            self.run_gc(sr_uuid, host_ref)
+            self.plugin_gc(sr_uuid)

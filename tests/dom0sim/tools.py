@@ -1,4 +1,4 @@
-"""Install the stand-in host tools (`vhd-util`, `lvs`, `vgs`) as shell wrappers in a bin directory."""
+"""Install the stand-in host tools (`vhd-util`, `lvs`, `vgs`, `systemctl`) as shell wrappers in a bin directory."""
 import os
 import sys
 
@@ -8,6 +8,7 @@ TOOLS = {
     "vhd-util": ("tests.dom0sim.vhdutil_cli", "sys.argv[1:]"),
     "lvs": ("tests.dom0sim.lvm", "['lvs'] + sys.argv[1:]"),
     "vgs": ("tests.dom0sim.lvm", "['vgs'] + sys.argv[1:]"),
+    "systemctl": ("tests.dom0sim.systemd", "sys.argv[1:]"),
 }
 
 WRAPPER = """#!/bin/sh

@@ -80,6 +80,7 @@ class Api(object):
                 tasks.fail(self.db, task, error.details)
             else:
                 tasks.succeed(self.db, task, result)
+            tasks.destroy_if_asked(self.db, task)
 
         threading.Thread(target=work, name="xapi-" + name, daemon=True).start()
         return task
@@ -142,7 +143,8 @@ class Api(object):
         self._add("message.destroy", lambda c, ref: db.destroy("message", ref), 1)
         self._add("message.get_since", self._messages_since, 1)
         self._add("task.create", lambda c, label, description: tasks.create(db, label, description), 2)
-        self._add("task.destroy", lambda c, ref: db.destroy("task", ref), 1)
+        self._add("task.destroy", lambda c, ref: tasks.destroy(db, ref), 1)
+        self._add("task.cancel", lambda c, ref: tasks.cancel(db, ref, vm.new_ref()), 1)
         self._add("event.from", lambda c, classes, token, timeout: events.event_from(db, classes, token, timeout), 3)
         self._add("event.inject", lambda c, cls, ref: events.inject(db, cls, ref), 2)
 
