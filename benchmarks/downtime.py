@@ -1,102 +1,98 @@
-"""Guest downtime per GiB merged, per leaf-coalesce strategy, against suspending every VM.
+"""Guest freeze per VM, per leaf-coalesce strategy and SM generation, against suspending the VM.
 
-Each strategy runs `xcoalesce-agent --now` on a fresh simulated host (an LVM SR, since the plugin
-only works there) where every VM has a leaf left over from a deleted snapshot. The downtime is what
-the simulation records per VM (I/O frozen, suspended or paused). The baseline is the old manual
-workaround: the `coalesce-leaf` plugin called for every VM, each suspended for its merge.
+Each case is one VM on an iSCSI LVM SR (the plugin only works there) with a 1 GiB leaf left by a
+deleted snapshot: a quiet VM, and a VM writing steadily while its leaf is merged. Each strategy runs
+`xcoalesce-agent --now` on a fresh simulated host of the given SM generation; the freeze is what the
+simulation records for the VM (I/O frozen, suspended or paused), every snapshot-coalesce pause
+included. The baseline is the old manual workaround: the VM suspended for its whole merge.
 """
 import sys
 import tempfile
 
 from tests.dom0sim import scenarios as sc
 from tests.dom0sim.host import SimHost
+from tests.dom0sim.xapi import client
 from tests.runner_support import configure, downtime, run_now
 
-GIB = 1024 ** 3
-VMS = 4
-LEAF_MIB = 48
-SPEED_MIB = 160
+MIB = 1024 * 1024
+LEAF_MIB = 1024
+DISK_MIB = 2048
+SPEED_MIB = 128          # a 1 GiB leaf takes 8 s: more than SM's 5 s live limit
+WRITES_MIB_S = 8.0
 # Suspending writes the VM's memory out, resuming reads it back; scaled down with the disks.
 SUSPEND_SECONDS = 0.5
 RESUME_SECONDS = 0.5
+GENERATIONS = ("3.2", "4.1")
 STRATEGIES = ("gc", "live", "plugin")
+CASES = (("quiet VM", 0.0), ("VM writing {:g} MiB/s".format(WRITES_MIB_S), WRITES_MIB_S))
+VM_NAME = "vm"
 
 
-def scenario():
-    srs = [sc.sr("san", "lvmoiscsi", 4096, shared=True, speed_mib=SPEED_MIB)]
+def scenario(writes_mib_s):
+    srs = [sc.sr("san", "lvmoiscsi", 3 * DISK_MIB + 1024, shared=True, speed_mib=SPEED_MIB)]
     steps = [sc.write(0, 8), sc.snapshot("backup"), sc.write(8, LEAF_MIB), sc.delete_snapshot("backup")]
-    vms = [sc.vm("vm-{}".format(index), [sc.disk("disk-{}".format(index), "san", 128, steps=steps)])
-           for index in range(VMS)]
+    vms = [sc.vm(VM_NAME, [sc.disk("disk", "san", DISK_MIB, steps=steps)], writes_mib_s=writes_mib_s)]
     return sc.pool("downtime", srs, vms)
 
 
-def _host(directory):
-    host = SimHost(directory, scenario()).build().start()
+def _host(directory, generation, writes_mib_s):
+    host = SimHost(directory, scenario(writes_mib_s), sm=generation).build().start()
     host.db.faults.set_duration("VM.suspend", SUSPEND_SECONDS)
     host.db.faults.set_duration("VM.resume", RESUME_SECONDS)
     return host
 
 
-def _total_downtime(host):
-    return sum(downtime(host, name) for name in host.vms)
-
-
-def measure_strategy(directory, strategy):
-    """(seconds of downtime over all VMs, bytes merged) for one strategy through the agent."""
-    host = _host(directory)
+def measure_strategy(directory, generation, writes_mib_s, strategy):
+    """(seconds the VM was frozen, result of its run) for one strategy through the agent."""
+    host = _host(directory, generation, writes_mib_s)
     try:
         configure(host, strategies=strategy, max_freeze_seconds=600)
-        code, document, stderr = run_now(host, timeout=600)
-        if code != 0 or document is None:
+        code, document, stderr = run_now(host, timeout=900)
+        if document is None:
             raise RuntimeError("--now with {} failed ({}): {}".format(strategy, code, stderr.strip()[-500:]))
-        merged = sum(run["merge_bytes"] for run in document["runs"] if run["result"] == "success")
-        return _total_downtime(host), merged
+        results = sorted({run["result"] for run in document["runs"]}) or ["nothing to do"]
+        host.sm.wait_idle(600)
+        return downtime(host, VM_NAME), ", ".join(results)
     finally:
         host.stop()
 
 
-def measure_baseline(directory):
-    """(seconds of downtime, bytes merged) calling the plugin for every VM, as administrators did."""
-    from tests.dom0sim.xapi import client
-    host = _host(directory)
+def measure_baseline(directory, generation, writes_mib_s):
+    """Seconds the VM was frozen when it is suspended for its whole merge, as administrators did:
+    suspend, SR.scan (the GC merges the leaf of a VM that no longer runs), wait, resume."""
+    host = _host(directory, generation, writes_mib_s)
     try:
-        merged = sum(_leaf_bytes(host, key) for key in host.vdis)
         session = client.connect(host.socket_path)
         try:
-            host_ref = session.xenapi.host.get_by_uuid(host.host_uuid)
-            for vm_uuid in host.vms.values():
-                session.xenapi.host.call_plugin(host_ref, "coalesce-leaf", "leaf-coalesce", {"vm_uuid": vm_uuid})
+            vm_ref = session.xenapi.VM.get_by_uuid(host.vms[VM_NAME])
+            session.xenapi.VM.suspend(vm_ref)
+            session.xenapi.SR.scan(session.xenapi.SR.get_by_uuid(host.srs["san"]))
+            host.sm.wait_idle(600)
+            session.xenapi.VM.resume(vm_ref, False, False)
         finally:
             session.xenapi.session.logout()
-        host.sm.wait_idle(600)
-        return _total_downtime(host), merged
+        return downtime(host, VM_NAME)
     finally:
         host.stop()
-
-
-def _leaf_bytes(host, key):
-    from tests.dom0sim import vhdfile
-    return len(vhdfile.allocated_blocks(host.vdi_path(key))) * vhdfile.BLOCK_SIZE
-
-
-def per_gib(seconds, merged):
-    return seconds / (merged / float(GIB)) if merged else float("nan")
 
 
 def run():
     figures = []
     with tempfile.TemporaryDirectory(prefix="xcoalesce-bench-") as directory:
-        sys.stderr.write("downtime: baseline (plugin for every VM)\n")
-        base_seconds, base_merged = measure_baseline(directory + "/baseline")
-        baseline = per_gib(base_seconds, base_merged)
-        figures.append(("suspend-everything baseline: downtime s per GiB", "{:.2f}".format(baseline)))
-        for strategy in STRATEGIES:
-            sys.stderr.write("downtime: strategy {}\n".format(strategy))
-            seconds, merged = measure_strategy(directory + "/" + strategy, strategy)
-            value = per_gib(seconds, merged)
-            figures.append(("{}: downtime s per GiB merged ({:.0f} MiB)".format(strategy, merged / 1048576.0),
-                            "{:.2f}".format(value)))
-            figures.append(("{}: ratio to the baseline".format(strategy), "{:.2f}".format(value / baseline)))
+        for generation in GENERATIONS:
+            for index, (case, writes_mib_s) in enumerate(CASES):
+                where = "{}/{}-{}".format(directory, generation, index)
+                label = "SM {}, {} MiB leaf, {}".format(generation, LEAF_MIB, case)
+                sys.stderr.write("downtime: {}: baseline\n".format(label))
+                baseline = measure_baseline(where + "-baseline", generation, writes_mib_s)
+                figures.append(("{}: suspend-everything baseline, freeze s".format(label),
+                                "{:.2f}".format(baseline)))
+                for strategy in STRATEGIES:
+                    sys.stderr.write("downtime: {}: {}\n".format(label, strategy))
+                    seconds, results = measure_strategy("{}-{}".format(where, strategy), generation,
+                                                        writes_mib_s, strategy)
+                    figures.append(("{}: {}, freeze s (ratio to baseline; run {})".format(label, strategy, results),
+                                    "{:.2f} ({:.2f}x)".format(seconds, seconds / baseline if baseline else 0.0)))
     return figures
 
 
