@@ -10,6 +10,7 @@ import sys
 
 from . import __version__, config as config_module
 from .errors import AgentError, EXIT_OK, EXIT_USAGE
+from .printable import OneLineFormatter, one_line
 
 PROG = "xcoalesce-agent"
 LOG_FORMAT = "%(levelname)s: %(message)s"
@@ -72,12 +73,13 @@ def parse_args(argv):
 
 
 def setup_logging(level):
-    """Log to stderr (the journal, under systemd), which adds its own timestamps."""
+    """Log to stderr (the journal, under systemd), which adds its own timestamps; one line a record,
+    whatever names from xapi or files it holds."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
 
@@ -108,7 +110,7 @@ def main(argv=None):
     try:
         return dispatch(args)
     except AgentError as error:
-        sys.stderr.write("{}: error: {}\n".format(PROG, error.message))
+        sys.stderr.write("{}: error: {}\n".format(PROG, one_line(error.message)))
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("{}: error: interrupted\n".format(PROG))
