@@ -42,7 +42,7 @@ def build_parser():
                         help="with --now: only this VM (repeatable)")
     parser.add_argument("--sr", dest="srs", action="append", default=[], metavar="UUID",
                         help="with --now: only this SR (repeatable)")
-    parser.add_argument("--max-freeze-seconds", type=float, metavar="S",
+    parser.add_argument("--max-freeze-seconds", metavar="S",
                         help="with --now: longest I/O freeze allowed (default from the configuration)")
     parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR:PORT",
                         help="service mode: where /metrics listens (default from the configuration)")
@@ -67,8 +67,12 @@ def parse_args(argv):
             config_module.listen_address(args.web_listen_address)
         except ValueError as error:
             parser.error("--web.listen-address: {}".format(error))
-    if args.max_freeze_seconds is not None and not args.max_freeze_seconds > 0:
-        parser.error("--max-freeze-seconds must be greater than 0")
+    if args.max_freeze_seconds is not None:
+        try:
+            args.max_freeze_seconds = config_module.parse_value("coalesce", "max_freeze_seconds",
+                                                                args.max_freeze_seconds)
+        except ValueError as error:
+            parser.error("--max-freeze-seconds: {}".format(error))
     return args
 
 
