@@ -1,4 +1,6 @@
 """The configuration file: every key typed, every mistake named by file, line and key."""
+import os
+
 import pytest
 
 from xcoalesce_agent import config
@@ -91,7 +93,7 @@ def test_sizes_are_iec(text, size):
     ("[agent]\nlog_level = info\ncolour = blue\n", "FILE:3: [agent] colour: unknown key"),
     ("[agent]\n[gui]\nx = 1\n", "FILE:2: [gui]: unknown section"),
     ("[xapi]\ntimeout_seconds = soon\n", "FILE:2: [xapi] timeout_seconds: expected a number, got 'soon'"),
-    ("[xapi]\ntimeout_seconds = 0\n", "FILE:2: [xapi] timeout_seconds: must be greater than 0"),
+    ("[xapi]\ntimeout_seconds = 0\n", "FILE:2: [xapi] timeout_seconds: must be at least 1 and at most 3600"),
     ("[xapi]\nsocket = var/xapi\n", "FILE:2: [xapi] socket: expected an absolute path"),
     ("[coalesce]\nmax_vms_per_window = 1.5\n", "FILE:2: [coalesce] max_vms_per_window: expected an integer"),
     ("[coalesce]\nallow_ha_protected = maybe\n", "FILE:2: [coalesce] allow_ha_protected: expected true or false"),
@@ -113,6 +115,66 @@ def test_sizes_are_iec(text, size):
 ])
 def test_mistakes_are_named_by_file_line_and_key(tmp_path, text, expected):
     assert load_error(tmp_path, text).startswith(expected)
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("xapi", "timeout_seconds", "1e308", "must be at least 1 and at most 3600, got '1e308'"),
+    ("xapi", "timeout_seconds", "3601", "must be at least 1 and at most 3600"),
+    ("tools", "timeout_seconds", "1e308", "must be at least 1 and at most 3600"),
+    ("tools", "timeout_seconds", "inf", "expected a finite number, got 'inf'"),
+    ("inspection", "interval_seconds", "1e308", "must be at least 1 and at most 86400"),
+    ("inspection", "interval_seconds", "nan", "expected a finite number, got 'nan'"),
+    ("inspection", "interval_seconds", "0.5", "must be at least 1 and at most 86400"),
+    ("coalesce", "max_freeze_seconds", "601", "must be greater than 0 and at most 600"),
+    ("coalesce", "max_freeze_seconds", "-inf", "expected a finite number"),
+    ("coalesce", "gc_wait_seconds", "1e308", "must be at least 1 and at most 86400"),
+    ("coalesce", "max_load_per_cpu", "1e308", "must be at least 0 and at most 100"),
+    ("coalesce", "max_load_per_cpu", "-1", "must be at least 0 and at most 100"),
+    ("coalesce", "max_vms_per_window", "10001", "must be at least 0 and at most 10000, got '10001'"),
+    ("coalesce", "max_vms_per_window", "-1", "must be at least 0 and at most 10000"),
+    ("coalesce", "max_bytes_per_window", "1025T", "must be at least 0 and at most 1024T, got '1025T'"),
+    ("coalesce", "max_bytes_per_window", "9" * 400, "not a size"),
+    ("web", "basic_auth_username", "prom:etheus", "cannot hold ':' or control characters (RFC 7617: "),
+    ("web", "listen_address", "my_host:10530", "neither an IP address nor a host name: 'my_host'"),
+    ("web", "listen_address", "{}.example:10530".format("a" * 64), "neither an IP address nor a host name"),
+    ("web", "listen_address", "{}example:10530".format("abc." * 62), "neither an IP address nor a host name"),
+    ("web", "listen_address", "192.0.2.300:10530", "neither an IP address nor a host name"),
+    ("web", "listen_address", "host name:10530", "neither an IP address nor a host name"),
+    ("web", "listen_address", "[192.0.2.1]:10530", "not an IPv6 address in brackets: '[192.0.2.1]'"),
+])
+def test_numbers_and_names_out_of_range_are_refused(tmp_path, section, key, value, expected):
+    text = "[{}]\n\n{} = {}\n".format(section, key, value)
+    if key == "basic_auth_username":
+        text += "basic_auth_password_sha256 = {}\n".format("0" * 64)
+    assert load_error(tmp_path, text).startswith("FILE:3: [{}] {}: {}".format(section, key, expected))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", ":10530", "[::1]:10530", "[fe80::1%eth0]:10530",
+                                     "localhost:10530", "metrics-01.example.com.:10530"])
+def test_listen_addresses_that_load(tmp_path, address):
+    assert config.load(write(tmp_path, "[web]\nlisten_address = {}\n".format(address))).web.listen_address == address
+
+
+def test_every_number_has_a_range_that_holds_its_default():
+    for key in config.SCHEMA:
+        if isinstance(key.default, (int, float)) and not isinstance(key.default, bool):
+            minimum, maximum = key.parse.bounds
+            assert minimum <= key.default <= maximum < 1e6 or key.name.endswith("_bytes_per_window"), key.name
+            assert key.parse(repr(key.default)) == key.default
+
+
+def test_the_readme_gives_every_range():
+    """The configuration table of README.md says `range MIN to MAX` for every number."""
+    rows, section = {}, None
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as stream:
+        for line in stream:
+            cells = [cell.strip(" `[]") for cell in line.split("|")]
+            if line.startswith("| ") and len(cells) == 6:
+                section = cells[1] or section
+                rows[(section, cells[2])] = cells[4]
+    for key in config.SCHEMA:
+        if hasattr(key.parse, "bounds"):
+            assert "range " in rows[(key.section, key.name)], (key.section, key.name)
 
 
 def test_missing_file_given_explicitly_is_an_error(tmp_path):

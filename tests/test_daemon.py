@@ -1,4 +1,6 @@
 """The service as a real process watching the simulated host: signals, reload, failed inspections."""
+import json
+import os
 import signal
 import subprocess
 
@@ -96,3 +98,29 @@ def test_a_failed_inspection_keeps_serving_the_last_good_one(demo_host, tmp_path
         assert value(metrics, "xcoalesce_last_inspection_success_timestamp_seconds") == \
             value(good, "xcoalesce_last_inspection_success_timestamp_seconds")
         assert "serving the last good inspection" in agent.stderr()
+
+
+def test_the_inspection_thread_survives_what_it_did_not_expect(demo_host, tmp_path):
+    """A journal and run totals the agent cannot make sense of (written by hand, or by another version):
+    each failure is one log line and counted, and the thread inspects again once they are gone."""
+    config = write_config(demo_host, tmp_path / "agent.conf")
+    state_dir = os.path.join(demo_host.state_dir, "agent-state")
+    if not os.path.isdir(state_dir):
+        os.makedirs(state_dir)
+    totals = os.path.join(state_dir, "totals.json")
+    for path, content in ((os.path.join(state_dir, "journal.json"), {"steps": [1]}),
+                          (totals, {"format": 1, "runs": 1, "srs": [1], "frozen_seconds": 1})):
+        with open(path, "w") as stream:
+            json.dump(content, stream)
+    with Agent(config) as agent:
+        wait_for(lambda: "serving the last good inspection" in agent.stderr(), what="the failed inspection")
+        os.remove(totals)
+        agent.signal(signal.SIGHUP)
+        metrics = agent.wait_for_metric("xcoalesce_sr_reclaimable_bytes")
+        assert value(metrics, "xcoalesce_inspection_errors_total", stage="internal") >= 1
+        assert value(metrics, "xcoalesce_inspections_total", result="failure") >= 1
+        lines = agent.stderr().splitlines()
+        assert "Traceback" not in agent.stderr()
+        assert all(line.split(":")[0] in ("INFO", "WARNING", "ERROR") for line in lines), lines
+        assert any(line.startswith("ERROR: repairing what an interrupted run left failed: ") for line in lines)
+        assert any(line.startswith("ERROR: inspection failed: ") for line in lines)

@@ -3,9 +3,11 @@ import base64
 import gzip
 import hashlib
 import http.client
+import selectors
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -13,7 +15,7 @@ from tests import model_samples
 from tests.helpers import require_tool
 from xcoalesce_agent import collector, history
 from xcoalesce_agent.errors import ConfigError
-from xcoalesce_agent.http import MetricsServer, parse_listen_address
+from xcoalesce_agent.http import HANDLER_THREADS, MetricsServer, parse_listen_address
 
 PASSWORD = "s3cret: with colon ✓"
 PASSWORD_SHA256 = hashlib.sha256(PASSWORD.encode("utf-8")).hexdigest()
@@ -144,6 +146,85 @@ def test_a_silent_tls_client_does_not_hold_up_others(with_tls, certificate):
         assert request(with_tls, headers=basic("prometheus", PASSWORD), cafile=certificate[0])[0] == 200
     finally:
         silent.close()
+
+
+class Scraper(object):
+    """One connection opened without waiting, that sends one GET /metrics and reads the whole answer."""
+
+    REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Prometheus/2\r\n\r\n"
+
+    def __init__(self, port):
+        self.socket = socket.socket()
+        self.socket.setblocking(False)
+        self.started = time.monotonic()
+        self.socket.connect_ex(("127.0.0.1", port))
+        self.received = b""
+        self.status = self.seconds = None
+
+    def send(self):
+        self.socket.sendall(self.REQUEST)
+
+    def receive(self):
+        """True once the whole answer is in."""
+        chunk = self.socket.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed after {!r}".format(self.received[:100]))
+        self.received += chunk
+        head, separator, body = self.received.partition(b"\r\n\r\n")
+        if not separator:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        length = int(next(line.split(":")[1] for line in lines if line.lower().startswith("content-length:")))
+        if len(body) < length:
+            return False
+        self.status, self.seconds = int(lines[0].split()[1]), time.monotonic() - self.started
+        return True
+
+
+def test_two_hundred_scrapers_at_once_are_each_answered_within_a_second(plain):
+    """Each scraper's clock starts when it connects: a connection the backlog dropped waits a SYN
+    retransmission (1 s) before its request is even read."""
+    selector = selectors.DefaultSelector()
+    scrapers = [Scraper(plain.port) for _ in range(200)]
+    try:
+        for scraper in scrapers:
+            selector.register(scraper.socket, selectors.EVENT_WRITE, scraper)
+        done, deadline = 0, time.monotonic() + 10
+        while done < len(scrapers) and time.monotonic() < deadline:
+            for key, events in selector.select(1.0):
+                scraper = key.data
+                if events & selectors.EVENT_WRITE:
+                    scraper.send()
+                    selector.modify(scraper.socket, selectors.EVENT_READ, scraper)
+                elif scraper.receive():
+                    selector.unregister(scraper.socket)
+                    done += 1
+        assert [scraper.status for scraper in scrapers] == [200] * len(scrapers)
+        slowest = max(scraper.seconds for scraper in scrapers)
+        assert slowest < 1.0, "slowest answer after {:.2f} s".format(slowest)
+    finally:
+        selector.close()
+        for scraper in scrapers:
+            scraper.socket.close()
+
+
+def test_idle_and_kept_alive_connections_hold_no_handler(plain):
+    """More silent connections and idle kept-alive ones than there are handler threads: a scraper
+    is still answered, and a kept-alive connection serves its next request."""
+    silent = [socket.create_connection(("127.0.0.1", plain.port)) for _ in range(2 * HANDLER_THREADS)]
+    kept = [http.client.HTTPConnection("127.0.0.1", plain.port, timeout=10) for _ in range(2 * HANDLER_THREADS)]
+    try:
+        for connection in kept:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            assert response.status == 200 and response.getheader("Connection") != "close"
+            response.read()
+        assert request(plain)[0] == 200
+        kept[0].request("GET", "/metrics")
+        assert kept[0].getresponse().status == 200
+    finally:
+        for connection in silent + kept:
+            connection.close()
 
 
 def test_unloadable_certificate_is_a_one_line_config_error(exposition, tmp_path):

@@ -93,7 +93,10 @@ def test_version():
     (["--report", "--now"], "not allowed with argument"),
     (["--web.listen-address", "nowhere"], "--web.listen-address: expected ADDRESS:PORT"),
     (["--report", "--web.listen-address", ":9100"], "--web.listen-address is for the service mode"),
-    (["--now", "--max-freeze-seconds", "0"], "--max-freeze-seconds must be greater than 0"),
+    (["--now", "--max-freeze-seconds", "0"], "--max-freeze-seconds: must be greater than 0 and at most 600"),
+    (["--now", "--max-freeze-seconds", "1e999"], "--max-freeze-seconds: expected a finite number"),
+    (["--now", "--max-freeze-seconds", "nan"], "--max-freeze-seconds: expected a finite number"),
+    (["--web.listen-address", "a_b:9100"], "--web.listen-address: neither an IP address nor a host name"),
 ])
 def test_usage_errors_exit_2(args, message):
     code, out, err = run_agent(*args)

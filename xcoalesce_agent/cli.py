@@ -11,6 +11,7 @@ import sys
 
 from . import __version__, config as config_module, stopping
 from .errors import AgentError, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from .printable import OneLineFormatter, one_line
 
 PROG = "xcoalesce-agent"
 LOG_FORMAT = "%(levelname)s: %(message)s"
@@ -42,7 +43,7 @@ def build_parser():
                         help="with --now: only this VM (repeatable)")
     parser.add_argument("--sr", dest="srs", action="append", default=[], metavar="UUID",
                         help="with --now: only this SR (repeatable)")
-    parser.add_argument("--max-freeze-seconds", type=float, metavar="S",
+    parser.add_argument("--max-freeze-seconds", metavar="S",
                         help="with --now: longest I/O freeze allowed (default from the configuration)")
     parser.add_argument("--web.listen-address", dest="web_listen_address", metavar="ADDR:PORT",
                         help="service mode: where /metrics listens (default from the configuration)")
@@ -67,18 +68,23 @@ def parse_args(argv):
             config_module.listen_address(args.web_listen_address)
         except ValueError as error:
             parser.error("--web.listen-address: {}".format(error))
-    if args.max_freeze_seconds is not None and not args.max_freeze_seconds > 0:
-        parser.error("--max-freeze-seconds must be greater than 0")
+    if args.max_freeze_seconds is not None:
+        try:
+            args.max_freeze_seconds = config_module.parse_value("coalesce", "max_freeze_seconds",
+                                                                args.max_freeze_seconds)
+        except ValueError as error:
+            parser.error("--max-freeze-seconds: {}".format(error))
     return args
 
 
 def setup_logging(level):
-    """Log to stderr (the journal, under systemd), which adds its own timestamps."""
+    """Log to stderr (the journal, under systemd), which adds its own timestamps; one line a record,
+    whatever names from xapi or files it holds."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
 
@@ -115,7 +121,7 @@ def main(argv=None):
     try:
         return dispatch(args)
     except AgentError as error:
-        sys.stderr.write("{}: error: {}\n".format(PROG, error.message))
+        sys.stderr.write("{}: error: {}\n".format(PROG, one_line(error.message)))
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("{}: error: interrupted\n".format(PROG))

@@ -5,6 +5,7 @@ Every path the agent touches on a host is a key here, which is how the simulated
 """
 import collections
 import configparser
+import ipaddress
 import math
 import os
 import re
@@ -29,6 +30,8 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 _TIME = re.compile(r"^(\d{1,2}):(\d{2})$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _IEC = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -57,19 +60,34 @@ def search_path(value):
     return value
 
 
-def integer(minimum):
+def _ranged(minimum, maximum, exclusive, shown):
+    """Decorates a parser of numbers: its result must lie in [minimum, maximum] ((minimum, maximum] when
+    `exclusive`); `shown` writes a bound in errors. The bounds stay on the parser as `bounds`."""
+    def decorate(parse_text):
+        def parse(value):
+            result = parse_text(value)
+            if result < minimum or (exclusive and result == minimum) or result > maximum:
+                raise ValueError("must be {} {} and at most {}, got {!r}".format(
+                    "greater than" if exclusive else "at least", shown(minimum), shown(maximum), value))
+            return result
+        parse.bounds = (minimum, maximum)
+        return parse
+    return decorate
+
+
+def integer(minimum, maximum):
+    @_ranged(minimum, maximum, False, str)
     def parse(value):
         try:
-            number = int(value)
+            return int(value)
         except ValueError:
             raise ValueError("expected an integer, got {!r}".format(value)) from None
-        if number < minimum:
-            raise ValueError("must be at least {}, got {}".format(minimum, number))
-        return number
     return parse
 
 
-def number(minimum, exclusive=False):
+def number(minimum, maximum, exclusive=False):
+    """A finite decimal number from `minimum` (excluded when `exclusive`) to `maximum`."""
+    @_ranged(minimum, maximum, exclusive, "{:g}".format)
     def parse(value):
         try:
             result = float(value)
@@ -77,9 +95,6 @@ def number(minimum, exclusive=False):
             raise ValueError("expected a number, got {!r}".format(value)) from None
         if math.isnan(result) or math.isinf(result):
             raise ValueError("expected a finite number, got {!r}".format(value))
-        if result < minimum or (exclusive and result == minimum):
-            raise ValueError("must be {} {:g}, got {!r}".format(
-                "greater than" if exclusive else "at least", minimum, value))
         return result
     return parse
 
@@ -132,16 +147,69 @@ def byte_size(value):
     match = _SIZE.match(value.strip())
     if not match:
         raise ValueError("expected a size in bytes with an optional K, M, G or T suffix, got {!r}".format(value))
-    return int(float(match.group(1)) * _IEC[match.group(2).lower()])
+    amount = float(match.group(1)) * _IEC[match.group(2).lower()]
+    if math.isinf(amount):
+        raise ValueError("not a size: {!r}".format(value))
+    return int(amount)
+
+
+def _iec(amount):
+    """A byte count with the largest suffix that writes it exactly: `1024T`, `512M`, `0`."""
+    for suffix in "TGMK":
+        if amount and amount % _IEC[suffix.lower()] == 0:
+            return "{}{}".format(amount // _IEC[suffix.lower()], suffix)
+    return str(amount)
+
+
+def byte_size_range(minimum, maximum):
+    return _ranged(minimum, maximum, False, _iec)(byte_size)
 
 
 def listen_address(value):
-    """`host:port`, `:port` (all addresses) or `[v6 address]:port`."""
+    """`host:port`, `:port` (all addresses) or `[v6 address]:port`; a host that is no IP address
+    must be a host name (RFC 1123), the only text ever given to the resolver when binding."""
     host, separator, port = value.rpartition(":")
     if not separator or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("expected ADDRESS:PORT with a port from 1 to 65535, got {!r}".format(value))
     if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
         raise ValueError("write an IPv6 address in brackets, as [::]:PORT, got {!r}".format(value))
+    if host.startswith("["):
+        if not _ipv6_address(host[1:-1]):
+            raise ValueError("not an IPv6 address in brackets: {!r}".format(host))
+    elif host and not _ipv4_address(host) and not plausible_host_name(host):
+        raise ValueError("neither an IP address nor a host name: {!r}".format(host))
+    return value
+
+
+def _ipv4_address(text):
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def _ipv6_address(text):
+    """An IPv6 address, with a zone (`fe80::1%eth0`) allowed."""
+    address, separator, zone = text.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return not separator or bool(_ZONE.fullmatch(zone))
+
+
+def plausible_host_name(text):
+    """RFC 1123: dot-separated labels of letters, digits and inner hyphens, at most 63 characters each,
+    253 in all; a last label of digits only would be a malformed IPv4 address."""
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return (len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def basic_auth_username(value):
+    """RFC 7617: a user-id holds no colon (the password starts after the first) and no control character."""
+    if ":" in value or any(ord(character) < 32 or ord(character) == 127 for character in value):
+        raise ValueError("cannot hold ':' or control characters (RFC 7617: the password starts after the first ':')")
     return value
 
 
@@ -216,38 +284,52 @@ class Key(object):
         self.default = default
 
 
+HOUR = 3600
+DAY = 86400
+
+# Every number has a range, checked at load: timeouts and waits stay far below what threading,
+# select and time_t accept, so no value that loads can crash a wait later.
 SCHEMA = (
     Key("agent", "state_dir", absolute_path, "/var/lib/xcoalesce-agent"),
     Key("agent", "log_level", choice(LOG_LEVELS), "info"),
     Key("xapi", "socket", absolute_path, "/var/lib/xcp/xapi"),
     Key("xapi", "inventory", absolute_path, "/etc/xensource-inventory"),
-    Key("xapi", "timeout_seconds", number(0, exclusive=True), 60.0),
+    # The local xapi answers in seconds; after an hour it is hung.
+    Key("xapi", "timeout_seconds", number(1, HOUR), 60.0),
     Key("tools", "vhd_util", absolute_path, "/usr/bin/vhd-util"),
     Key("tools", "path", search_path, "/usr/sbin:/usr/bin:/sbin:/bin"),
-    Key("tools", "timeout_seconds", number(0, exclusive=True), 300.0),
+    # A vhd-util scan of the largest LVM SR takes minutes; after an hour it is hung.
+    Key("tools", "timeout_seconds", number(1, HOUR), 300.0),
     Key("storage", "sr_mount_dir", absolute_path, "/run/sr-mount"),
     Key("storage", "speed_log_dir", absolute_path, "/run"),
     Key("storage", "sm_lock_dir", absolute_path, "/var/lock/sm"),
     Key("storage", "lvm_device_dir", absolute_path, "/dev"),
-    Key("inspection", "interval_seconds", number(0, exclusive=True), 300.0),
+    # From a second (tests, demos) to a day: /metrics must not go stale for longer.
+    Key("inspection", "interval_seconds", number(1, DAY), 300.0),
     Key("web", "listen_address", listen_address, DEFAULT_LISTEN_ADDRESS),
     Key("web", "tls_cert_file", optional_path, ""),
     Key("web", "tls_key_file", optional_path, ""),
-    Key("web", "basic_auth_username", text, ""),
+    Key("web", "basic_auth_username", basic_auth_username, ""),
     Key("web", "basic_auth_password_sha256", sha256_hex, ""),
     Key("coalesce", "mode", choice(MODES), "report"),
     Key("coalesce", "strategies", choice_list(STRATEGIES), list(STRATEGIES)),
-    Key("coalesce", "max_freeze_seconds", number(0, exclusive=True), 10.0),
+    # Guests time out I/O stalled for minutes (Linux reports hung tasks after 120 s): ten minutes at most.
+    Key("coalesce", "max_freeze_seconds", number(0, 600, exclusive=True), 10.0),
     Key("coalesce", "windows", windows, []),
-    Key("coalesce", "max_vms_per_window", integer(0), 0),
-    Key("coalesce", "max_bytes_per_window", byte_size, 0),
+    # 0: no cap; 10000 VMs is more than a pool runs.
+    Key("coalesce", "max_vms_per_window", integer(0, 10000), 0),
+    # 0: no cap; 1 PiB is more than a pool's SRs hold.
+    Key("coalesce", "max_bytes_per_window", byte_size_range(0, 1 << 50), 0),
     Key("coalesce", "allow_ha_protected", boolean, False),
-    Key("coalesce", "max_load_per_cpu", number(0), 0.0),
+    # 0: no check; a Dom0 with a load of 100 per CPU is not working anyway.
+    Key("coalesce", "max_load_per_cpu", number(0, 100), 0.0),
     Key("coalesce", "exclude_vms", uuid_list, []),
     Key("coalesce", "exclude_vdis", uuid_list, []),
     Key("coalesce", "exclude_tag", text, "xcoalesce-exclude"),
-    Key("coalesce", "gc_wait_seconds", number(0, exclusive=True), 3600.0),
-    Key("coalesce", "plugin_timeout_seconds", number(0, exclusive=True), 3600.0),
+    # The GC of a large SR can run for hours; a day at most.
+    Key("coalesce", "gc_wait_seconds", number(1, DAY), 3600.0),
+    # The plugin's merge lasts as long as the leaf takes to merge; a day at most.
+    Key("coalesce", "plugin_timeout_seconds", number(1, DAY), 3600.0),
     Key("coalesce", "trigger_on_snapshot_delete", boolean, False),
 )
 
@@ -342,6 +424,11 @@ def parse(content, path):
             present, missing = (first, second) if given[first] else (second, first)
             fail((section, present), "[{}] {}: needs {} as well".format(section, present, missing))
     return values
+
+
+def parse_value(section, name, value):
+    """The typed value of one key's text, as the file would give it: for command-line overrides."""
+    return _KEYS[(section, name)].parse(value.strip())
 
 
 def _parser_error(error, path):

@@ -132,15 +132,20 @@ class Service(object):
         self._wake_inspection.set()
 
     def _inspect_forever(self):
+        """The inspection thread: whatever fails in one round is logged and the next round comes."""
         try:
             self._act(runner.startup_repair, self.config)
-        except Exception:  # inspections and metrics go on; the next run repairs first
-            LOG.exception("start-up repair failed")
+        except Exception as error:
+            log_unexpected("repairing what an interrupted run left", error)
         while not self._stop.is_set():
             config = self.config
-            result = self.inspect_once(config)
-            if result is not None and not self._stop.is_set() and self._act(self.scheduled_run, config, result):
-                self.inspect_once(config)
+            try:
+                result = self.inspect_once(config)
+                if result is not None and not self._stop.is_set() and self._act(self.scheduled_run, config, result):
+                    self.inspect_once(config)
+            except Exception as error:
+                log_unexpected("inspection round", error)
+                self.status.failed("internal")
             self._wake_inspection.wait(config.inspection.interval_seconds)
             self._wake_inspection.clear()
 
@@ -156,8 +161,8 @@ class Service(object):
         """Leaf-coalesce on schedule after an inspection; True when a run changed the host."""
         try:
             runs = scheduled.scheduled_run(config, result)
-        except Exception:
-            LOG.exception("scheduled leaf coalesce failed")
+        except Exception as error:
+            log_unexpected("scheduled leaf coalesce", error)
             return False
         return any(run["result"] != planner.SKIPPED for run in runs)
 
@@ -166,6 +171,8 @@ class Service(object):
         Returns the inspection, or None when it failed."""
         try:
             result = inspection.inspect(config)
+            self.status.succeeded(result, time.time())
+            self.exposition.prepare()
         except HostUnreachable as error:
             reachable = xapi_reachable(config)
             LOG.error("inspection failed: %s; serving the last good inspection", error)
@@ -173,18 +180,22 @@ class Service(object):
         except AgentError as error:
             LOG.error("inspection failed: %s; serving the last good inspection", error)
             self.status.failed("inspection")
-        except Exception:
-            LOG.exception("inspection failed; serving the last good inspection")
+        except Exception as error:
+            log_unexpected("inspection", error, "serving the last good inspection")
             self.status.failed("internal")
         else:
-            self.status.succeeded(result, time.time())
-            self.exposition.prepare()
             LOG.info("inspected %d SRs in %.1f s: %d bytes reclaimable by leaf coalesce",
                      len(result.srs or ()), result.duration_seconds or 0, result.reclaimable_bytes)
             for error in result.errors or ():
                 LOG.warning("inspection: %s: %s", error["stage"], error["message"])
             return result
         return None
+
+
+def log_unexpected(what, error, then="trying again at the next inspection"):
+    """A failure the agent has no words for: one line, and its traceback at debug level."""
+    LOG.error("%s failed: %s: %s; %s", what, type(error).__name__, error, then)
+    LOG.debug("%s failed", what, exc_info=True)
 
 
 def watcher_settings(config):

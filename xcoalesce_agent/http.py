@@ -1,21 +1,29 @@
 """The /metrics endpoint: read-only HTTP, optionally TLS and basic auth, as Prometheus exporters serve it.
 
-GET and HEAD only (anything else is 405); `/` is a small page linking `/metrics`. Each connection is
-served by its own thread, and a TLS handshake happens in that thread, so a slow client holds up
-nobody. Basic auth compares the username and the sha256 hex digest of the password in constant
-time. The body comes from `collector.Exposition`, which never calls xapi or runs a tool.
+GET and HEAD only (anything else is 405); `/` is a small page linking `/metrics`. Basic auth compares
+the username and the sha256 hex digest of the password in constant time. The body comes from
+`collector.Exposition`, which never calls xapi or runs a tool.
+
+Many scrapers at once cost bounded memory on Dom0: the listen backlog takes a burst of new
+connections; a connection waiting for its (next) request waits in one selector (`_Connections`),
+not in a thread; a fixed set of HANDLER_THREADS threads serves requests that have begun to arrive,
+each within REQUEST_SECONDS (a client sending a byte at a time is cut off), the TLS handshake
+included; beyond MAX_CONNECTIONS new connections are closed at once.
 """
 import base64
 import binascii
 import hashlib
 import hmac
 import http.server
+import io
 import logging
+import queue
+import selectors
 import socket
-import socketserver
 import ssl
 import sys
 import threading
+import time
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -23,7 +31,12 @@ from .errors import ConfigError
 
 LOG = logging.getLogger(__name__)
 
-CONNECTION_TIMEOUT_SECONDS = 30
+LISTEN_BACKLOG = 1024         # new connections the kernel queues (it caps this at net.core.somaxconn)
+HANDLER_THREADS = 8           # requests served at once; rendering is cached, so each takes milliseconds
+MAX_CONNECTIONS = 512         # connections held at once, idle ones included; well below a 1024 fd limit
+IDLE_SECONDS = 30             # a connection with no request coming is closed after this
+REQUEST_SECONDS = 10          # a request's line and headers (and TLS handshake) must arrive within this
+RESPONSE_SECONDS = 30         # sending one response to a slow reader
 REALM = "xcoalesce-agent"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ALLOWED_METHODS = "GET, HEAD"
@@ -86,15 +99,55 @@ class BasicAuth(object):
         return bool(separator) and name_matches and password_matches
 
 
+class _RequestReader(io.RawIOBase):
+    """The request side of a connection, read from the socket with no buffer (which would keep the
+    next request of a kept-alive connection from the selector), until a deadline: a client sending
+    its request a byte at a time holds a handler thread REQUEST_SECONDS at most."""
+
+    def __init__(self, connection):
+        super(_RequestReader, self).__init__()
+        self._connection = connection
+        self._deadline = time.monotonic() + REQUEST_SECONDS
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._before_waiting()
+        return self._connection.recv_into(buffer)
+
+    def peek(self, size=1):
+        """What arrived, left unread, so that `readline` takes a line in one read; TLS cannot peek
+        (its lines are read a byte at a time)."""
+        if isinstance(self._connection, ssl.SSLSocket):
+            return b""
+        self._before_waiting()
+        return self._connection.recv(max(size, 4096), socket.MSG_PEEK)
+
+    def _before_waiting(self):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no complete request within {} s".format(REQUEST_SECONDS))
+        self._connection.settimeout(remaining)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves one request; a kept-alive connection then goes back to `_Connections` to wait."""
     server_version = "xcoalesce-agent/" + __version__
     protocol_version = "HTTP/1.1"
-    timeout = CONNECTION_TIMEOUT_SECONDS
+    timeout = REQUEST_SECONDS
 
     def setup(self):
         super(_Handler, self).setup()
-        if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.do_handshake()
+        self.rfile.close()
+        self.rfile = _RequestReader(self.connection)
+
+    def handle(self):
+        self.handle_one_request()
+
+    def send_response(self, code, message=None):
+        self.connection.settimeout(RESPONSE_SECONDS)  # whatever time the request took
+        super(_Handler, self).send_response(code, message)
 
     def do_GET(self):
         self._respond(send_body=True)
@@ -162,16 +215,129 @@ def _accepts_gzip(header):
     return False
 
 
-class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
+class _Connections(object):
+    """The connections of one server between being accepted and being closed.
+
+    A connection waits in one selector until its request begins to arrive (or IDLE_SECONDS pass),
+    then one of HANDLER_THREADS threads calls `serve(connection, address, first)`, which returns
+    whether to keep the connection open; if so it waits again. An idle kept-alive connection thus
+    holds no thread, and a burst of scrapers is served as fast as the handlers go.
+    """
+
+    def __init__(self, serve, close):
+        self._serve = serve
+        self._close_connection = close
+        self._lock = threading.Lock()
+        self._arrived = []
+        self._held = 0
+        self._closed = False
+        self._ready = queue.Queue()
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._threads = [threading.Thread(target=self._watch, name="metrics-http-idle")]
+        self._threads += [threading.Thread(target=self._work, name="metrics-http-{}".format(number))
+                          for number in range(HANDLER_THREADS)]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def add(self, connection, address):
+        """Take a new connection; False (the caller closes it) when MAX_CONNECTIONS are held."""
+        with self._lock:
+            if self._closed or self._held >= MAX_CONNECTIONS:
+                return False
+            self._held += 1
+        self._wait(connection, address, True)
+        return True
+
+    def close(self):
+        """Close every waiting connection and end the threads; requests being served finish."""
+        with self._lock:
+            self._closed = True
+        self._wake()
+        for _ in range(HANDLER_THREADS):
+            self._ready.put(None)
+
+    def _wait(self, connection, address, first):
+        with self._lock:
+            self._arrived.append((connection, address, first))
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):  # a full pipe wakes the selector all the same
+            pass
+
+    def _watch(self):
+        while True:
+            with self._lock:
+                arrived, self._arrived, closed = self._arrived, [], self._closed
+            now = time.monotonic()
+            for connection, address, first in arrived:
+                if isinstance(connection, ssl.SSLSocket) and connection.pending():
+                    self._ready.put((connection, address, first))  # decrypted bytes wait already
+                else:
+                    self._selector.register(connection, selectors.EVENT_READ, (address, first, now + IDLE_SECONDS))
+            if closed:
+                break
+            for key, _ in self._selector.select(1.0):
+                if key.fileobj is self._wake_reader:
+                    self._drain_wake()
+                    continue
+                self._selector.unregister(key.fileobj)
+                self._ready.put((key.fileobj, key.data[0], key.data[1]))
+            now = time.monotonic()
+            for key in list(self._selector.get_map().values()):
+                if key.data is not None and key.data[2] <= now:
+                    self._selector.unregister(key.fileobj)
+                    self._release(key.fileobj)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                self._release(key.fileobj)
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _drain_wake(self):
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _work(self):
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            connection, address, first = item
+            if self._serve(connection, address, first) and not self._closed:
+                self._wait(connection, address, False)
+            else:
+                self._release(connection)
+
+    def _release(self, connection):
+        with self._lock:
+            self._held -= 1
+        self._close_connection(connection)
+
+
+class _Server(http.server.HTTPServer):
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, family, exposition, auth, context):
         self.address_family = family
         self.exposition = exposition
         self.auth = auth
         self._context = context
+        self._connections = None
         http.server.HTTPServer.__init__(self, address, _Handler)
+        self._connections = _Connections(self._serve_connection, self.shutdown_request)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -185,6 +351,27 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         if self._context is not None:
             connection = self._context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
         return connection, address
+
+    def process_request(self, request, client_address):
+        if not self._connections.add(request, client_address):
+            LOG.debug("%d connections held already: closing the one from %s", MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+
+    def _serve_connection(self, connection, address, first):
+        """Serve the request that began to arrive; True when the connection stays open for another."""
+        try:
+            if first and isinstance(connection, ssl.SSLSocket):
+                connection.settimeout(REQUEST_SECONDS)
+                connection.do_handshake()
+            return not self.RequestHandlerClass(connection, address, self).close_connection
+        except Exception:
+            self.handle_error(connection, address)
+            return False
+
+    def server_close(self):
+        http.server.HTTPServer.server_close(self)
+        if self._connections is not None:
+            self._connections.close()
 
     def handle_error(self, request, client_address):
         LOG.debug("connection from %s failed", client_address[0], exc_info=True)

@@ -2,9 +2,9 @@
 import json
 
 from . import model
+from .printable import MESSAGE_WIDTH, cell, one_line, table
 
 COLUMNS = ("VM", "VDI", "CHAIN", "STATE", "RECLAIMABLE", "REASON")
-NAME_WIDTH = 28
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -18,44 +18,36 @@ def human_bytes(value):
     return ""
 
 
-def _clip(text, width=NAME_WIDTH):
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def _vdi_label(vdi):
-    return "{} ({})".format(_clip(vdi.name), vdi.uuid[:8]) if vdi.name else vdi.uuid
-
-
-def _table(rows):
-    widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(widths[index]) for index, cell in enumerate(row)).rstrip() for row in rows]
+    return "{} ({})".format(cell(vdi.name), one_line(vdi.uuid[:8])) if vdi.name else one_line(vdi.uuid)
 
 
 def _sr_heading(sr):
     gc = "running for {:.0f} s".format(sr.gc_running_seconds) if sr.gc_running else "not running"
     return ("SR {} ({}, {})\n  size {}, free {}, reclaimable by leaf coalesce {}, GC pending {}, "
             "free space the largest merge needs {}, longest chain {}, GC {}").format(
-        sr.name, sr.type, sr.uuid, human_bytes(sr.size_bytes), human_bytes(sr.free_bytes),
+        cell(sr.name), cell(sr.type), one_line(sr.uuid), human_bytes(sr.size_bytes), human_bytes(sr.free_bytes),
         human_bytes(sr.reclaimable_bytes), human_bytes(sr.gc_pending_bytes), human_bytes(sr.merge_free_bytes),
         sr.longest_chain, gc)
 
 
 def render_text(inspection):
     host = inspection.host or {}
-    lines = ["Host {} ({})".format(host.get("name", ""), host.get("uuid", "")), ""]
+    lines = ["Host {} ({})".format(cell(host.get("name", "")), one_line(host.get("uuid", ""))), ""]
     for sr in inspection.srs or ():
         lines.append(_sr_heading(sr))
-        rows = [COLUMNS] + [(_clip(vdi.vm_name) or "-", _vdi_label(vdi), str(vdi.chain_length), vdi.state,
+        rows = [COLUMNS] + [(cell(vdi.vm_name) or "-", _vdi_label(vdi), str(vdi.chain_length), vdi.state,
                              human_bytes(vdi.reclaimable_bytes) if vdi.state == model.LEAF_COALESCEABLE else "-",
-                             vdi.reason) for vdi in sr.vdis or ()]
-        lines.extend(_table(rows) if len(rows) > 1 else ["  no VHDs"])
+                             cell(vdi.reason, MESSAGE_WIDTH)) for vdi in sr.vdis or ()]
+        lines.extend(table(rows, "  ") if len(rows) > 1 else ["  no VHDs"])
         if sr.skipped_vdis:
             lines.append("  {} non-VHD {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))
-        lines.extend("  error: {}".format(error) for error in sr.errors or ())
+        lines.extend("  error: {}".format(cell(error, MESSAGE_WIDTH)) for error in sr.errors or ())
         lines.append("")
     for skipped in inspection.skipped_srs or ():
-        lines.append("Skipped SR {} ({}, {}): {}".format(skipped["name"], skipped["type"], skipped["uuid"],
-                                                       skipped["reason"]))
+        lines.append("Skipped SR {} ({}, {}): {}".format(
+            cell(skipped["name"]), cell(skipped["type"]), one_line(skipped["uuid"]),
+            cell(skipped["reason"], MESSAGE_WIDTH)))
     if inspection.skipped_srs:
         lines.append("")
     srs = inspection.srs or ()

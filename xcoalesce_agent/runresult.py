@@ -2,6 +2,7 @@
 import json
 
 from . import planner
+from .printable import MESSAGE_WIDTH, cell, one_line, table
 from .report import human_bytes
 
 JSON_FIELDS = ("vm_uuid", "vm_name", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
@@ -26,6 +27,10 @@ def _seconds(value):
     return "-" if value is None else "{:.2f} s".format(value)
 
 
+def _vm_label(run):
+    return cell(run["vm_name"]) if run["vm_name"] else one_line(run["vm_uuid"] or "-")
+
+
 def render_text(runs, dry_run=False):
     if not runs:
         return "Nothing to leaf-coalesce.\n"
@@ -33,16 +38,12 @@ def render_text(runs, dry_run=False):
         ("PLAN", "REASON") if dry_run else ("FROZEN", "RECLAIMED", "RESULT", "REASON"))
     rows = [header]
     for run in runs:
-        row = (run["vdi_uuid"], run["vm_name"] or run["vm_uuid"] or "-", run["strategy"] or "-",
+        row = (one_line(run["vdi_uuid"]), _vm_label(run), run["strategy"] or "-",
                _seconds(run["predicted_freeze_seconds"]), _size(run["estimated_bytes"]))
-        if dry_run:
-            row += (run["result"], run["reason"] or "")
-        else:
-            row += (_seconds(run["frozen_seconds"]), _size(run["reclaimed_bytes"]), run["result"], run["reason"] or "")
-        rows.append(row)
-    widths = [max(len(str(row[column])) for row in rows) for column in range(len(header) - 1)]
-    lines = ["  ".join(str(row[column]).ljust(width) for column, width in enumerate(widths)) + "  " + str(row[-1])
-             for row in rows]
+        if not dry_run:
+            row += (_seconds(run["frozen_seconds"]), _size(run["reclaimed_bytes"]))
+        rows.append(row + (run["result"], cell(run["reason"] or "", MESSAGE_WIDTH)))
+    lines = table(rows)
     planned = [run for run in runs if run["result"] != planner.SKIPPED]
     if dry_run:
         lines.append("Would leaf-coalesce {} VDI(s), expected to free {}.".format(
@@ -53,4 +54,4 @@ def render_text(runs, dry_run=False):
             sum(1 for run in runs if run["result"] == planner.SUCCESS),
             sum(1 for run in runs if run["result"] == planner.FAILED),
             sum(1 for run in runs if run["result"] == planner.SKIPPED)))
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    return "\n".join(lines) + "\n"
