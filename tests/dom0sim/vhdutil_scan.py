@@ -22,11 +22,12 @@ SCAN_USAGE = ("usage: [OPTIONS] FILES\noptions: [-m match filter] [-f fast] [-c 
 class Target(object):
     """One thing to scan; a zeroed Target is the slot a failed init leaves behind."""
 
-    def __init__(self, name="", size=0, kind=0, path=None):
+    def __init__(self, name="", size=0, kind=0, path=None, window=None):
         self.name = name
         self.size = size
         self.kind = kind
         self.path = path
+        self.window = window
 
     @property
     def volume(self):
@@ -144,8 +145,14 @@ class Scanner(object):
     def volume_target(self, lv, kind):
         if not lv.linear:
             raise VhdError(errno.ENOSYS, "not linear")
-        path = lvm.VolumeGroup(lvm.root_from_env(), self.vg_name).lv_path(lv.name)
-        return Target(lv.name, lv.size, kind, path)
+        try:
+            path, window = self.volume_group().locate(lv.name)
+        except lvm.LvmError:
+            raise VhdError(errno.ENOENT, "no such LV") from None
+        return Target(lv.name, lv.size, kind, path, window)
+
+    def volume_group(self):
+        return lvm.VolumeGroup(lvm.root_from_env(), self.vg_name)
 
     # -- scanning
 
@@ -212,7 +219,7 @@ class Scanner(object):
     @staticmethod
     def open_volume(image):
         try:
-            return open_volume(image.target.path, image.target.size)
+            return open_volume(image.target.path, image.target.size, image.target.window)
         except VhdError as exc:
             image.message = exc.message
             raise
@@ -332,7 +339,10 @@ def cmd_scan(args, out):
         flags &= ~SCAN_FAST
     scanner = Scanner(flags, out, vg_name)
     if flags & SCAN_VOLUME:
-        err, targets = scanner.volume_targets(filter_pattern, operands)
+        with scanner.volume_group().reading():      # nothing (de)activates while the PV is read
+            err, targets = scanner.volume_targets(filter_pattern, operands)
+            if not err:
+                return scanner.run(targets)
     else:
         err, targets = scanner.file_targets(filter_pattern, operands)
     if err:
