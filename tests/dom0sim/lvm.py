@@ -39,6 +39,8 @@ ROOT_ENV = "DOM0SIM_ROOT"
 HOLDER_ATTACH = "attach"        # the chain of a VDI attached on this host
 HOLDER_GC = "gc"                # SM working on the LV (GC, snapshot, inflate, deflate)
 HOLDER_CREATE = "lvcreate"      # lvcreate leaves a new LV active until someone deactivates it
+HOLDER_SR = "sr"                # the SR's management volume, active while the SR is plugged
+HOLDER_BUILD = "build"          # a scenario being built: everything it touches, released at the end
 COPY_CHUNK = 4 * 1024 * 1024
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 

@@ -1,5 +1,6 @@
 """`vhd-util scan`: targets from a file glob or a volume group's LVs, one line per VHD (or a tree
 with -p), parents followed with -a, and the error lines of targets that cannot be read."""
+import contextlib
 import errno
 import os
 import re
@@ -64,6 +65,11 @@ def extract_volume_name(name):
     if "/" not in converted:
         raise Abort()
     return converted[converted.rfind("/") + 1:]
+
+
+@contextlib.contextmanager
+def _nothing_held():
+    yield
 
 
 class Scanner(object):
@@ -153,6 +159,12 @@ class Scanner(object):
 
     def volume_group(self):
         return lvm.VolumeGroup(lvm.root_from_env(), self.vg_name)
+
+    def volumes_held(self):
+        """The VG held still while its LVs are read (nothing to hold without a simulated host)."""
+        if not os.environ.get(lvm.ROOT_ENV):
+            return _nothing_held()
+        return self.volume_group().reading()
 
     # -- scanning
 
@@ -339,7 +351,7 @@ def cmd_scan(args, out):
         flags &= ~SCAN_FAST
     scanner = Scanner(flags, out, vg_name)
     if flags & SCAN_VOLUME:
-        with scanner.volume_group().reading():      # nothing (de)activates while the PV is read
+        with scanner.volumes_held():
             err, targets = scanner.volume_targets(filter_pattern, operands)
             if not err:
                 return scanner.run(targets)
