@@ -1086,10 +1086,11 @@ class VmWriter(threading.Thread):
             self.write_chunk()
 
     def write_chunk(self):
-        """One write while the VM runs (checked under the I/O lock: a VM that stopped writes no more)."""
+        """One write while the VM runs and its disk is attached (checked under the I/O lock: a VM that
+        stopped writes no more; an LV is not written before its device node is there)."""
         path = self.sm.store(self.sr_uuid).path(self.vdi_uuid)
         with self.sm.io_lock(self.vdi_uuid):
-            if self.sm.vm_power_state(self.vm_uuid) != "Running":
+            if self.sm.vm_power_state(self.vm_uuid) != "Running" or not os.path.exists(path):
                 return
             with vhdfile.Vhd.open(path, writable=True) as vhd:
                 number = self.written // self.CHUNK
@@ -1175,19 +1176,22 @@ class StorageManager(object):
         store.vg.set_held(names, lvm.HOLDER_ATTACH)
 
     def vm_power_changed(self, vm_ref):
-        """A VM started, stopped, suspended or resumed: its disks' LVs follow (writes in flight end first)."""
-        sr_uuids = set()
+        """A VM started, stopped, suspended or resumed: its disks' LVs follow, their I/O held meanwhile
+        (a write in flight ends first; none lands in a device node being filled or emptied)."""
+        sr_uuids, vdi_uuids = set(), set()
         for vbd_ref in self.db.get_field("VM", vm_ref, "VBDs"):
             vdi_ref = self.db.get_field("VBD", vbd_ref, "VDI")
             if not self.db.exists("VDI", vdi_ref):
                 continue
-            with self.io_lock(self.db.get_field("VDI", vdi_ref, "uuid")):
-                pass
+            vdi_uuids.add(self.db.get_field("VDI", vdi_ref, "uuid"))
             sr_ref = self.db.get_field("VDI", vdi_ref, "SR")
             if is_lvm_type(self.db.get_field("SR", sr_ref, "type")):
                 sr_uuids.add(self.db.get_field("SR", sr_ref, "uuid"))
-        for sr_uuid in sorted(sr_uuids):
-            self.sync_activation(sr_uuid)
+        with contextlib.ExitStack() as held:
+            for vdi_uuid in sorted(vdi_uuids):
+                held.enter_context(self.io_lock(vdi_uuid))
+            for sr_uuid in sorted(sr_uuids):
+                self.sync_activation(sr_uuid)
 
     def record_block_info(self, image):
         """VDI.updateBlockInfo: sm-config:vhd-blocks = base64 of the zlib-compressed `read -B` bitmap."""
