@@ -4,10 +4,10 @@ Layout (docs/design.md):
   DIR/lvm/<VG>/metadata.json  the VG and its LVs (sizes, extents, data length, holders, read-only flag)
   DIR/lvm/pv/<VG>             the VG's physical volume: a sparse file; an LV's bytes live at
                               pe_start + start_extent * extent_size (what `lvs -o devices` says)
-  DIR/lvm/<VG>/<LV>           the LV's device node (/dev/<VG>/<LV>), present only while it is active
-  DIR/lvm/<VG>/<dm name>      the same node under its device-mapper name, beside it: a VHD snapshotted
-  DIR/lvm/mapper/<dm name>    through these records `VG_XenStorage--<sr>-VHD--<uuid>` as its parent, as
-                              LVHD does, and finds that parent from either directory
+  DIR/lvm/mapper/<dm name>    the LV's device node, present only while it is active: a VHD snapshotted
+                              through these records `VG_XenStorage--<sr>-VHD--<uuid>` as its parent,
+                              as LVHD does
+  DIR/lvm/<VG>/<LV>           /dev/<VG>/<LV>: a symbolic link to that node while the LV is active
 An LV is active while any holder holds it (`activate(names, holder)` / `deactivate(names, holder)`,
 counted per holder and kept in the metadata, since the stand-ins run as other processes). Activation
 copies the LV's bytes out of the PV into its device node; deactivation copies them back to the LV's
@@ -45,7 +45,7 @@ COPY_CHUNK = 4 * 1024 * 1024
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 _BATCHES = {}           # VG directory -> metadata kept in memory by VolumeGroup.batch()
-_CACHE = {}             # metadata path -> ((inode, mtime, size), text, parsed)
+_CACHE = {}             # metadata path -> [text, parsed, {LV name: LV} or None]
 
 
 class LvmError(Exception):
@@ -312,25 +312,30 @@ class VolumeGroup(object):
         """The LV's metadata entry (not to be changed)."""
         if self.path in _BATCHES:
             return _BATCHES[self.path].find(self.name, name)
-        return _find(self.metadata(), self.name, name)
+        cached = self._read()
+        if cached[2] is None:
+            cached[2] = dict((lv["name"], lv) for lv in cached[1]["lvs"])
+        lv = cached[2].get(name)
+        if lv is None:
+            raise LvmError('Failed to find logical volume "{}/{}"'.format(self.name, name), errno.ENOENT)
+        return lv
 
     def _read(self):
+        """[text, parsed, index by LV name] of metadata.json: parsed again only when the text changed."""
         try:
             with open(self._meta_path) as handle:
-                stat = os.fstat(handle.fileno())
-                key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-                cached = _CACHE.get(self._meta_path)
-                if cached is not None and cached[0] == key:
-                    return cached[1], cached[2]
                 text = handle.read()
         except (IOError, OSError):
             raise LvmError('Volume group "{}" not found'.format(self.name), errno.ENOENT) from None
+        cached = _CACHE.get(self._meta_path)
+        if cached is not None and cached[0] == text:
+            return cached
         try:
             parsed = json.loads(text)
         except ValueError as exc:
             raise LvmError("{}: corrupt metadata: {}".format(self.name, exc)) from None
-        _CACHE[self._meta_path] = (key, text, parsed)
-        return text, parsed
+        _CACHE[self._meta_path] = [text, parsed, None]
+        return _CACHE[self._meta_path]
 
     def _save(self, meta):
         tmp = self._meta_path + ".tmp"
@@ -390,19 +395,15 @@ class VolumeGroup(object):
         return _lv_view(self._lookup(name))
 
     def lv_path(self, name):
-        """/dev/<VG>/<LV>: the LV's device node, present while the LV is active."""
+        """/dev/<VG>/<LV>: a symbolic link to the LV's device node, present while the LV is active."""
         return os.path.join(self.path, name)
 
     def dm_path(self, name):
-        """DIR/lvm/mapper/<dm name>: the same node under its device-mapper name."""
+        """DIR/lvm/mapper/<dm name>: the LV's device node, present while the LV is active."""
         return os.path.join(store_dir(self.root), MAPPER, dm_name(self.name, name))
 
-    def dm_link_path(self, name):
-        """The device-mapper name beside /dev/<VG>/<LV>, which relative parent locators resolve to."""
-        return os.path.join(self.path, dm_name(self.name, name))
-
     def node_paths(self, name):
-        return (self.lv_path(name), self.dm_link_path(name), self.dm_path(name))
+        return (self.lv_path(name), self.dm_path(name))
 
     def pv_path(self):
         return self.metadata()["pv_name"]
@@ -503,8 +504,8 @@ class VolumeGroup(object):
                     new, self.name), errno.EEXIST)
             state.rename(lv, new)
             if is_active(lv):
-                os.rename(self.lv_path(old), self.lv_path(new))
-                self._remove_nodes(old)
+                os.rename(self.dm_path(old), self.dm_path(new))
+                os.unlink(self.lv_path(old))
                 self._link_nodes(new)
 
     def set_readonly(self, name, readonly):
@@ -563,7 +564,9 @@ class VolumeGroup(object):
         return lv.get("data_len", 0)
 
     def _make_nodes(self, meta, lv, copy):
-        path = self.lv_path(lv["name"])
+        path = self.dm_path(lv["name"])
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path))
         with open(path, "wb") as device:
             length = lv.get("data_len", 0)
             if copy and length:
@@ -574,7 +577,7 @@ class VolumeGroup(object):
 
     def _store_nodes(self, meta, lv):
         """Deactivation: the device node's bytes go back to the LV's extents, the nodes go."""
-        path = self.lv_path(lv["name"])
+        path = self.dm_path(lv["name"])
         length = os.path.getsize(path)
         offset = _pv_offset(meta, lv)
         with open(meta["pv_name"], "r+b") as pv, open(path, "rb") as device:
@@ -604,13 +607,12 @@ class VolumeGroup(object):
         os.unlink(tmp)
 
     def _link_nodes(self, name):
-        source = self.lv_path(name)
-        for path in self.node_paths(name)[1:]:
-            if not os.path.isdir(os.path.dirname(path)):
-                os.makedirs(os.path.dirname(path))
-            if os.path.lexists(path):
-                os.unlink(path)
-            os.link(source, path)
+        """/dev/<VG>/<LV> -> ../mapper/<dm name>, as udev links them: a VHD opened through either path
+        resolves its parent's relative locator (`./<dm name>`) in the mapper directory."""
+        path = self.lv_path(name)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink(os.path.join("..", MAPPER, dm_name(self.name, name)), path)
 
     def _remove_nodes(self, name):
         for path in self.node_paths(name):

@@ -491,9 +491,9 @@ class LvmStore(object):
         return free if free is not None else 1 << 60
 
     def link_path(self, uuid):
-        """The device-mapper name of the LV (`VG_XenStorage--<sr>-VHD--<uuid>`) beside its device node,
-        which children name their parent by."""
-        return self.vg.dm_link_path(self.PREFIX + uuid)
+        """The LV's device node under its device-mapper name (`VG_XenStorage--<sr>-VHD--<uuid>`), which
+        children name their parent by."""
+        return self.vg.dm_path(self.PREFIX + uuid)
 
     def create_base(self, uuid, size_mib):
         """A new writable VHD in a fully inflated LV."""
