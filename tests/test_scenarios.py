@@ -11,7 +11,8 @@ from tests.dom0sim.host import SimHost
 from xcoalesce_agent import config as agent_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {"demo": {}, "states": {}, "pool-member": {}, "long-chain": {}, "busy": {"leaf_mib": 4}}
+SMALL = {"demo": {}, "states": {}, "pool-member": {}, "long-chain": {}, "busy": {"leaf_mib": 4},
+         "pool-shared-lvm": {}}
 
 
 def observed_state(host, forest, disk, parent=False):
@@ -222,7 +223,7 @@ def test_serve_rejects_bad_input_in_one_line(tmp_path, arguments, message):
 
 
 def test_scenario_names():
-    assert {"demo", "large"} <= set(scenarios.names())
+    assert {"demo", "large", "pool-shared-lvm"} <= set(scenarios.names())
     with pytest.raises(KeyError):
         scenarios.get("nope")
 

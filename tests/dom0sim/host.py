@@ -6,6 +6,7 @@ serve them (xapi on DIR/xapi.sock, SM's GC and plugin, VMs that keep writing) un
     ...                      # the agent runs with --config DIR/agent.conf
     host.stop()
 """
+import contextlib
 import os
 import time
 import uuid as uuidlib
@@ -203,14 +204,37 @@ class _Builder(object):
                       power_state="Running", resident_on=ref, domid=0)
         for spec in self.scenario["srs"]:
             self.build_sr(spec)
-        for spec in self.scenario["vms"]:
-            self.build_vm(spec)
-        for spec in self.scenario["loose"]:
-            self.build_garbage_file(spec)
-        self.build_vm_snapshots()
+        with contextlib.ExitStack() as batches:
+            for vg in self.volume_groups():
+                batches.enter_context(vg.batch())
+            for spec in self.scenario["vms"]:
+                self.build_vm(spec)
+            for spec in self.scenario["loose"]:
+                self.build_garbage_file(spec)
+            self.build_vm_snapshots()
+        for vg in self.volume_groups():
+            self.end_activation(vg)
         for spec in self.scenario["srs"]:
             if spec["attached"]:
                 self.host.sm.refresh_sr(self.host.srs[spec["key"]])
+
+    def volume_groups(self):
+        return [self.store(self.host.srs[spec["key"]]).vg for spec in self.scenario["srs"]
+                if spec["attached"] and sm.is_lvm_type(spec["type"])]
+
+    def store(self, sr_uuid):
+        """The SR's store as the build uses it: on LVM, whatever it touches stays active until the end."""
+        if sr_uuid not in self.stores:
+            store = self.host.sm.store(sr_uuid)
+            if store.lvm:
+                store.holder, store.transient, store.on_chain_change = lvm.HOLDER_BUILD, False, None
+            self.stores[sr_uuid] = store
+        return self.stores[sr_uuid]
+
+    def end_activation(self, vg):
+        """The build's LVs end as on a real host: only the chains of VDIs attached here stay active."""
+        self.host.sm.sync_activation(vg.name[len(lvm.sr_vg_name("")):])
+        vg.set_held((), lvm.HOLDER_BUILD)
 
     # -- SRs --
 
@@ -232,7 +256,7 @@ class _Builder(object):
             return
         if lvm_sr:
             vg = lvm.VolumeGroup.for_sr(self.host.state_dir, sr_uuid, create=True, pv_size=size + lvm.PE_START)
-            vg.create_lv("MGT", lvm.EXTENT_SIZE)
+            vg.create_lv("MGT", lvm.EXTENT_SIZE, holder=lvm.HOLDER_SR)
             with open(vg.lv_path("MGT"), "wb") as handle:
                 handle.write(b"SR metadata\n".ljust(4096, b"\0"))
         else:
@@ -250,10 +274,10 @@ class _Builder(object):
         return {"device": "/dev/disk/by-id/scsi-" + spec["key"]}
 
     def build_garbage_file(self, spec):
-        store = self.host.sm.store(self.host.srs[spec["sr"]])
+        store = self.store(self.host.srs[spec["sr"]])
         if store.lvm:
             uuid = spec["name"][:-len(".vhd")] if spec["name"].endswith(".vhd") else spec["name"]
-            store.vg.create_lv(store.PREFIX + uuid, spec["size"])
+            store.vg.create_lv(store.PREFIX + uuid, spec["size"], holder=store.holder)
             path = store.path(uuid)
         else:
             path = os.path.join(store.directory, spec["name"])
@@ -291,9 +315,7 @@ class _Builder(object):
                             sm_config={"vdi_type": disk["vdi_type"]})
         if not sr_spec["attached"]:
             return vdi_ref
-        if sr_uuid not in self.stores:
-            self.stores[sr_uuid] = self.host.sm.store(sr_uuid)
-        store = self.stores[sr_uuid]
+        store = self.store(sr_uuid)
         if disk["vdi_type"] != "vhd":
             self.build_other_format(store, disk, vdi_uuid, size)
             return vdi_ref
@@ -306,7 +328,7 @@ class _Builder(object):
 
     def build_other_format(self, store, disk, vdi_uuid, size):
         if store.lvm:
-            store.vg.create_lv("LV-" + vdi_uuid, size)
+            store.vg.create_lv("LV-" + vdi_uuid, size, holder=store.holder)
             return
         extension = ".raw" if disk["vdi_type"] == "aio" else "." + disk["vdi_type"]
         path = os.path.join(store.directory, vdi_uuid + extension)
@@ -373,6 +395,7 @@ class _DiskHistory(object):
         with vhdfile.Vhd.open(self.store.path(base), writable=True) as vhd:
             vhd.set_hidden(True)
         self.store.deflate(base)
+        self.store.set_readonly(base, True)
         self.store.create_leaf(self.vdi_uuid, base, size, skip_empty_parents=False)
         self.store.create_leaf(snap, base, size, skip_empty_parents=False, inflated=False)
         record = self.db.get("VDI", self.vdi_ref)

@@ -1,28 +1,51 @@
-"""The simulated host's LVM: volume groups stored under DIR/lvm, and `lvs` / `vgs` stand-ins.
+"""The simulated host's LVM: volume groups stored under DIR/lvm, LV activation, and `lvs` / `vgs` stand-ins.
 
-Layout (docs/design.md): DIR/lvm/<VG>/metadata.json describes the VG and its LVs, and
-DIR/lvm/<VG>/<LV> holds the bytes stored in that LV (a VHD, footer at its end of data).
-The LV size lives in the metadata only; the file never outgrows it.
-DIR/lvm/mapper/<dm name> is a hard link to each LV's file, as /dev/mapper/<dm name> is the LV's
-device on a host: a VHD snapshotted through these paths records the device-mapper parent name
-(`VG_XenStorage--<sr>-VHD--<uuid>`) in its header and locators, as LVHD does.
+Layout (docs/design.md):
+  DIR/lvm/<VG>/metadata.json  the VG and its LVs (sizes, extents, data length, holders, read-only flag)
+  DIR/lvm/pv/<VG>             the VG's physical volume: a sparse file; an LV's bytes live at
+                              pe_start + start_extent * extent_size (what `lvs -o devices` says)
+  DIR/lvm/mapper/<dm name>    the LV's device node, present only while it is active: a VHD snapshotted
+                              through these records `VG_XenStorage--<sr>-VHD--<uuid>` as its parent,
+                              as LVHD does
+  DIR/lvm/<VG>/<LV>           /dev/<VG>/<LV>: a symbolic link to that node while the LV is active
+An LV is active while any holder holds it (`activate(names, holder)` / `deactivate(names, holder)`,
+counted per holder and kept in the metadata, since the stand-ins run as other processes). Activation
+copies the LV's bytes out of the PV into its device node; deactivation copies them back to the LV's
+current extents and removes the nodes. A removed LV leaves its old bytes in the PV, as real LVM does.
+`open_vhd` reads an LV as `vhd-util scan -l` does, whether or not it is active: from the device node
+while the LV is active (a real PV is always current), from the PV otherwise.
 
 Run as `python -m tests.dom0sim.lvm lvs ARGS` or `... vgs ARGS` with DOM0SIM_ROOT=DIR.
 """
+import bisect
+import ctypes
 import errno
 import fcntl
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 
+from tests.dom0sim import vhdfile
+
 EXTENT_SIZE = 4 * 1024 * 1024
 PE_START = 1024 * 1024
-PV_NAME = "/dev/sdb"
 METADATA = "metadata.json"
 MAPPER = "mapper"
+PV_DIR = "pv"
 LOCK = ".lock"
 ROOT_ENV = "DOM0SIM_ROOT"
+HOLDER_ATTACH = "attach"        # the chain of a VDI attached on this host
+HOLDER_GC = "gc"                # SM working on the LV (GC, snapshot, inflate, deflate)
+HOLDER_CREATE = "lvcreate"      # lvcreate leaves a new LV active until someone deactivates it
+HOLDER_SR = "sr"                # the SR's management volume, active while the SR is plugged
+HOLDER_BUILD = "build"          # a scenario being built: everything it touches, released at the end
+COPY_CHUNK = 4 * 1024 * 1024
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+_BATCHES = {}           # VG directory -> metadata kept in memory by VolumeGroup.batch()
+_CACHE = {}             # metadata path -> [text, parsed, {LV name: LV} or None]
 
 
 class LvmError(Exception):
@@ -41,6 +64,12 @@ def sr_vg_name(sr_uuid):
 def dm_name(vg_name, lv_name):
     """The device-mapper name of an LV: dashes doubled, VG and LV joined by one dash."""
     return vg_name.replace("-", "--") + "-" + lv_name.replace("-", "--")
+
+
+def lv_name_of(dm_path):
+    """The LV name inside a device-mapper name or path (`./VG--x-VHD--y` -> `VHD-y`), or None."""
+    parts = re.split(r"(?<!-)-(?!-)", os.path.basename(dm_path))
+    return parts[-1].replace("--", "-") if len(parts) == 2 else None
 
 
 def round_to_extents(size):
@@ -68,21 +97,197 @@ def list_vg_names(root):
                   if os.path.isfile(os.path.join(base, name, METADATA)))
 
 
+def is_active(lv):
+    return any(lv.get("holders", {}).values())
+
+
+# ---- bytes between the PV and device nodes --------------------------------------------------
+
+def _punch(fd, offset, length):
+    """Make [offset, offset+length) of a file read as zeros without allocating (a hole)."""
+    if length <= 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_longlong(offset),
+                      ctypes.c_longlong(length)) == 0:
+        return
+    end = min(offset + length, os.fstat(fd).st_size)
+    for pos in range(offset, end, COPY_CHUNK):
+        os.pwrite(fd, bytes(min(COPY_CHUNK, end - pos)), pos)
+
+
+def _data_runs(fd, start, length):
+    """[(offset, count)] of the data (not holes) in [start, start+length) of a file."""
+    end = start + length
+    runs = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        runs.append((data, hole - data))
+        pos = hole
+    return runs
+
+
+def copy_sparse(src_fd, src_offset, dst_fd, dst_offset, length):
+    """Copy `length` bytes between files, skipping the source's holes (the target's range is
+    expected to read as zeros already)."""
+    for data, count in _data_runs(src_fd, src_offset, length):
+        done = 0
+        while done < count:
+            chunk = os.pread(src_fd, min(COPY_CHUNK, count - done), data + done)
+            if not chunk:
+                break
+            os.pwrite(dst_fd, chunk, dst_offset + data - src_offset + done)
+            done += len(chunk)
+
+
+class _Extents(object):
+    """The PV's extents: first fit among the free gaps, else after the last LV (lvcreate's normal
+    policy); the largest gap is remembered so that big LVs skip the search."""
+
+    def __init__(self, lvs):
+        self.gaps = []          # sorted [start, length] of free runs below `tail`
+        self.tail = 0
+        self.max_gap = 0
+        self.used = sum(lv["size"] // EXTENT_SIZE for lv in lvs)
+        for start, end in sorted((lv["start_extent"], lv["start_extent"] + lv["size"] // EXTENT_SIZE)
+                                 for lv in lvs):
+            if start > self.tail:
+                self.gaps.append([self.tail, start - self.tail])
+            self.tail = max(self.tail, end)
+        self.max_gap = max([length for _, length in self.gaps] or [0])
+
+    def allocate(self, extents):
+        self.used += extents
+        if extents <= self.max_gap:
+            for index, gap in enumerate(self.gaps):
+                if gap[1] >= extents:
+                    start = gap[0]
+                    self._shrink(index, gap[0] + extents, gap[1] - extents)
+                    return start
+        start = self.tail
+        self.tail += extents
+        return start
+
+    def grow_in_place(self, start, extents, more):
+        """Take `more` extents right after [start, start+extents) if they are free."""
+        end = start + extents
+        if end == self.tail:
+            self.tail += more
+            self.used += more
+            return True
+        index = bisect.bisect_left(self.gaps, [end, 0])
+        if index < len(self.gaps) and self.gaps[index][0] == end and self.gaps[index][1] >= more:
+            gap = self.gaps[index]
+            self._shrink(index, end + more, gap[1] - more)
+            self.used += more
+            return True
+        return False
+
+    def free(self, start, extents):
+        if extents <= 0:
+            return
+        self.used -= extents
+        end = start + extents
+        index = bisect.bisect_left(self.gaps, [start, 0])
+        if index > 0 and sum(self.gaps[index - 1]) == start:
+            index -= 1
+            start = self.gaps[index][0]
+            del self.gaps[index]
+        if index < len(self.gaps) and self.gaps[index][0] == end:
+            end += self.gaps[index][1]
+            del self.gaps[index]
+        if end >= self.tail:
+            self.tail = start
+            if self.gaps and sum(self.gaps[-1]) == start:
+                self.tail = self.gaps.pop()[0]
+            self.max_gap = max([length for _, length in self.gaps] or [0])
+            return
+        self.gaps.insert(index, [start, end - start])
+        self.max_gap = max(self.max_gap, end - start)
+
+    def _shrink(self, index, start, length):
+        old = self.gaps[index][1]
+        if length:
+            self.gaps[index] = [start, length]
+        else:
+            del self.gaps[index]
+        if old == self.max_gap:
+            self.max_gap = max([gap[1] for gap in self.gaps] or [0])
+
+
+class _State(object):
+    """Metadata being changed, indexed: the LVs by name (metadata order kept) and the extents."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        self.order = {}         # serial -> LV, in metadata order
+        self.serials = {}       # id(LV) -> serial
+        self.by_name = {}
+        self.next_serial = 0
+        for lv in meta["lvs"]:
+            self.add(lv)
+        self.extents = _Extents(meta["lvs"])
+
+    def add(self, lv):
+        self.order[self.next_serial] = lv
+        self.serials[id(lv)] = self.next_serial
+        self.by_name[lv["name"]] = lv
+        self.next_serial += 1
+
+    def remove(self, lv):
+        del self.order[self.serials.pop(id(lv))]
+        del self.by_name[lv["name"]]
+
+    def rename(self, lv, new):
+        del self.by_name[lv["name"]]
+        lv["name"] = new
+        self.by_name[new] = lv
+
+    def find(self, vg_name, name):
+        lv = self.by_name.get(name)
+        if lv is None:
+            raise LvmError('Failed to find logical volume "{}/{}"'.format(vg_name, name), errno.ENOENT)
+        return lv
+
+    def existing(self, names):
+        return [self.by_name[name] for name in set(names) if name in self.by_name]
+
+    def materialise(self):
+        self.meta["lvs"] = list(self.order.values())
+        return self.meta
+
+
 class VolumeGroup(object):
-    """One VG of the store. Every change is a locked read-modify-write of metadata.json."""
+    """One VG of the store. Every change is a locked read-modify-write of metadata.json; within
+    `batch()` (building a scenario) changes stay in memory until the batch ends."""
 
     def __init__(self, root, name):
         self.root = root
         self.name = name
         self.path = os.path.join(store_dir(root), name)
+        self._meta_path = os.path.join(self.path, METADATA)
 
     @classmethod
-    def create(cls, root, name, pv_name=PV_NAME, pv_size=None):
-        """Make an empty VG (as `vgcreate`); pv_size None means unlimited."""
+    def create(cls, root, name, pv_name=None, pv_size=None):
+        """Make an empty VG (as `vgcreate`) on a new sparse PV file (default DIR/lvm/pv/<VG>);
+        pv_size None means unlimited."""
         vg = cls(root, name)
         if vg.exists():
             raise LvmError('A volume group called {} already exists.'.format(name), errno.EEXIST)
         os.makedirs(vg.path)
+        pv_name = os.path.abspath(pv_name or os.path.join(store_dir(root), PV_DIR, name))
+        if not os.path.isdir(os.path.dirname(pv_name)):
+            os.makedirs(os.path.dirname(pv_name))
+        open(pv_name, "wb").close()
         vg._save({"extent_size": EXTENT_SIZE, "pe_start": PE_START, "pv_name": pv_name,
                   "pv_size": pv_size, "lvs": []})
         return vg
@@ -93,137 +298,349 @@ class VolumeGroup(object):
         return cls.create(root, name, **kwargs) if create else cls(root, name)
 
     def exists(self):
-        return os.path.isfile(os.path.join(self.path, METADATA))
+        return self.path in _BATCHES or os.path.isfile(self._meta_path)
+
+    # -- metadata
 
     def metadata(self):
-        """The parsed metadata.json; LvmError when the VG does not exist."""
+        """The parsed metadata.json (not to be changed); LvmError when the VG does not exist."""
+        if self.path in _BATCHES:
+            return _BATCHES[self.path].materialise()
+        return self._read()[1]
+
+    def _lookup(self, name):
+        """The LV's metadata entry (not to be changed)."""
+        if self.path in _BATCHES:
+            return _BATCHES[self.path].find(self.name, name)
+        cached = self._read()
+        if cached[2] is None:
+            cached[2] = dict((lv["name"], lv) for lv in cached[1]["lvs"])
+        lv = cached[2].get(name)
+        if lv is None:
+            raise LvmError('Failed to find logical volume "{}/{}"'.format(self.name, name), errno.ENOENT)
+        return lv
+
+    def _read(self):
+        """[text, parsed, index by LV name] of metadata.json: parsed again only when the text changed."""
         try:
-            with open(os.path.join(self.path, METADATA)) as handle:
-                return json.load(handle)
+            with open(self._meta_path) as handle:
+                text = handle.read()
         except (IOError, OSError):
             raise LvmError('Volume group "{}" not found'.format(self.name), errno.ENOENT) from None
+        cached = _CACHE.get(self._meta_path)
+        if cached is not None and cached[0] == text:
+            return cached
+        try:
+            parsed = json.loads(text)
         except ValueError as exc:
             raise LvmError("{}: corrupt metadata: {}".format(self.name, exc)) from None
+        _CACHE[self._meta_path] = [text, parsed, None]
+        return _CACHE[self._meta_path]
 
     def _save(self, meta):
-        tmp = os.path.join(self.path, METADATA + ".tmp")
+        tmp = self._meta_path + ".tmp"
         with open(tmp, "w") as handle:
             handle.write(json.dumps(meta, sort_keys=True))
-        os.rename(tmp, os.path.join(self.path, METADATA))
+        os.rename(tmp, self._meta_path)
 
     @contextmanager
-    def _locked(self):
-        meta = self.metadata()
+    def _lock(self, mode):
         with open(os.path.join(self.path, LOCK), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, mode)
             try:
-                meta = self.metadata()
-                yield meta
-                self._save(meta)
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _locked(self):
+        """The metadata to change (a _State) under the VG's lock; saved when the block ends."""
+        if self.path in _BATCHES:
+            yield _BATCHES[self.path]
+            return
+        self.metadata()
+        with self._lock(fcntl.LOCK_EX):
+            state = _State(json.loads(self._read()[0]))
+            yield state
+            self._save(state.materialise())
+
+    @contextmanager
+    def batch(self):
+        """Keep the metadata in memory while a scenario is built (one process, one thread), saved once
+        at the end: thousands of LVs cost no metadata rewrite each."""
+        _BATCHES[self.path] = _State(json.loads(self._read()[0]))
+        try:
+            yield self
+        finally:
+            state = _BATCHES.pop(self.path)
+            with self._lock(fcntl.LOCK_EX):
+                self._save(state.materialise())
+
+    @contextmanager
+    def reading(self):
+        """Hold the VG still (a shared lock: nothing activates or deactivates) while reading LVs."""
+        if self.path in _BATCHES or not os.path.isdir(self.path):
+            yield self
+            return
+        with self._lock(fcntl.LOCK_SH):
+            yield self
+
+    # -- LVs
+
     def lvs(self):
-        """The LVs as dicts (name, size, start_extent, segtype), in metadata order."""
-        return [dict(lv, segtype=lv.get("segtype", "linear")) for lv in self.metadata()["lvs"]]
+        """The LVs as dicts (name, size, start_extent, segtype, data_len, holders, readonly, active)."""
+        return [_lv_view(lv) for lv in self.metadata()["lvs"]]
 
     def lv(self, name):
-        for lv in self.lvs():
-            if lv["name"] == name:
-                return lv
-        raise LvmError('Failed to find logical volume "{}/{}"'.format(self.name, name), errno.ENOENT)
+        return _lv_view(self._lookup(name))
 
     def lv_path(self, name):
-        """The file holding the LV's bytes (it may not exist yet: an LV reads as zeros)."""
+        """/dev/<VG>/<LV>: a symbolic link to the LV's device node, present while the LV is active."""
         return os.path.join(self.path, name)
 
     def dm_path(self, name):
-        """DIR/lvm/mapper/<dm name>: the same file as lv_path, under its device-mapper name."""
+        """DIR/lvm/mapper/<dm name>: the LV's device node, present while the LV is active."""
         return os.path.join(store_dir(self.root), MAPPER, dm_name(self.name, name))
 
-    def _link(self, name):
-        mapper = os.path.dirname(self.dm_path(name))
-        if not os.path.isdir(mapper):
-            os.makedirs(mapper)
-        if os.path.exists(self.dm_path(name)):
-            os.unlink(self.dm_path(name))
-        os.link(self.lv_path(name), self.dm_path(name))
+    def node_paths(self, name):
+        return (self.lv_path(name), self.dm_path(name))
 
-    def _unlink(self, name):
-        for path in (self.lv_path(name), self.dm_path(name)):
-            if os.path.exists(path):
-                os.unlink(path)
+    def pv_path(self):
+        return self.metadata()["pv_name"]
 
     def lv_size(self, name):
         return self.lv(name)["size"]
+
+    def is_active(self, name):
+        return is_active(self._lookup(name))
 
     def free_bytes(self):
         """Unallocated bytes, or None for a VG without a size."""
         meta = self.metadata()
         if meta.get("pv_size") is None:
             return None
-        usable = (meta["pv_size"] - meta["pe_start"]) // meta["extent_size"] * meta["extent_size"]
-        return usable - sum(lv["size"] for lv in meta["lvs"])
+        return _usable(meta) - sum(lv["size"] for lv in meta["lvs"])
 
-    def create_lv(self, name, size, segtype="linear"):
-        """As `lvcreate -n name -L size`: size rounded up to extents. Returns the LV's file path."""
+    def locate(self, name):
+        """Where the LV's bytes are read from, active or not: (device node, None) while it is active,
+        else (PV path, (offset, data length)) -- the PV view `vhd-util scan -l` reads."""
+        meta = self.metadata() if self.path not in _BATCHES else _BATCHES[self.path].meta
+        lv = self._lookup(name)
+        if is_active(lv):
+            return self.lv_path(name), None
+        return meta["pv_name"], (_pv_offset(meta, lv), lv.get("data_len", 0))
+
+    def open_vhd(self, name, fast=False):
+        """The LV's VHD opened read-only through its PV view (see locate). VhdError when it is no VHD."""
+        path, window = self.locate(name)
+        return vhdfile.Vhd.open(path, fast=fast, window=window)
+
+    def read_lv(self, name, offset, length):
+        """Up to `length` bytes at `offset` of the LV's data, active or not (zeros past its data)."""
+        path, window = self.locate(name)
+        if window is not None:
+            length = max(0, min(length, window[1] - offset))
+            offset += window[0]
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+    # -- changes
+
+    def create_lv(self, name, size, segtype="linear", holder=HOLDER_CREATE):
+        """As `lvcreate -n name -L size`: size rounded up to extents; the new LV is empty and active,
+        held by `holder`. Returns its device node."""
         size = round_to_extents(size)
-        with self._locked() as meta:
-            if any(lv["name"] == name for lv in meta["lvs"]):
+        with self._locked() as state:
+            if name in state.by_name:
                 raise LvmError('Logical volume "{}" already exists in volume group "{}"'.format(
                     name, self.name), errno.EEXIST)
-            self._check_space(meta, size)
-            lv = {"name": name, "size": size, "start_extent": _free_extent(meta["lvs"], size // EXTENT_SIZE)}
+            self._check_space(state, size)
+            lv = {"name": name, "size": size, "start_extent": state.extents.allocate(size // EXTENT_SIZE),
+                  "data_len": 0, "holders": {holder: 1}}
             if segtype != "linear":
                 lv["segtype"] = segtype
-            meta["lvs"].append(lv)
-        open(self.lv_path(name), "ab").close()
-        self._link(name)
+            state.add(lv)
+            self._make_nodes(state.meta, lv, copy=False)
         return self.lv_path(name)
 
     def resize_lv(self, name, size):
-        """Inflate or deflate (as `lvresize`); refuses to cut below the bytes the file holds."""
+        """Inflate or deflate (as `lvresize`); refuses to cut below the bytes the LV holds. An LV
+        that cannot grow in place moves to free extents, its bytes with it."""
         size = round_to_extents(size)
-        path = self.lv_path(name)
-        used = os.path.getsize(path) if os.path.exists(path) else 0
-        if size < used:
-            raise LvmError("{}: cannot shrink to {} bytes below its {} bytes of data".format(name, size, used))
-        with self._locked() as meta:
-            lv = _find(meta, self.name, name)
-            self._check_space(meta, size - lv["size"])
-            others = [other for other in meta["lvs"] if other is not lv]
-            extents = size // EXTENT_SIZE
-            if not _fits(others, lv["start_extent"], extents):
-                lv["start_extent"] = _free_extent(others, extents)
+        with self._locked() as state:
+            meta, extents = state.meta, state.extents
+            lv = state.find(self.name, name)
+            used = self._data_len(lv)
+            if size < used:
+                raise LvmError("{}: cannot shrink to {} bytes below its {} bytes of data".format(name, size, used))
+            self._check_space(state, size - lv["size"])
+            old_start, old_extents, new_extents = lv["start_extent"], lv["size"] // EXTENT_SIZE, size // EXTENT_SIZE
+            if new_extents < old_extents:
+                extents.free(old_start + new_extents, old_extents - new_extents)
+            elif new_extents > old_extents and not extents.grow_in_place(old_start, old_extents,
+                                                                            new_extents - old_extents):
+                extents.free(old_start, old_extents)
+                lv["start_extent"] = extents.allocate(new_extents)
+                if not is_active(lv):
+                    self._move_in_pv(meta, old_start, lv)
             lv["size"] = size
         return size
 
     def remove_lv(self, name):
-        with self._locked() as meta:
-            lv = _find(meta, self.name, name)
-            meta["lvs"].remove(lv)
-        self._unlink(name)
+        """As `lvremove -f`: the LV and its device nodes go; its bytes stay in the PV."""
+        with self._locked() as state:
+            lv = state.find(self.name, name)
+            state.remove(lv)
+            state.extents.free(lv["start_extent"], lv["size"] // EXTENT_SIZE)
+            self._remove_nodes(name)
 
     def rename_lv(self, old, new):
-        with self._locked() as meta:
-            lv = _find(meta, self.name, old)
-            if any(other["name"] == new for other in meta["lvs"]):
+        """As `lvrename`: an active LV's device nodes take the new name; its holders stay with it."""
+        with self._locked() as state:
+            lv = state.find(self.name, old)
+            if new in state.by_name:
                 raise LvmError('Logical volume "{}" already exists in volume group "{}"'.format(
                     new, self.name), errno.EEXIST)
-            lv["name"] = new
-            if os.path.exists(self.lv_path(old)):
-                os.rename(self.lv_path(old), self.lv_path(new))
-                self._unlink(old)
-                self._link(new)
+            state.rename(lv, new)
+            if is_active(lv):
+                os.rename(self.dm_path(old), self.dm_path(new))
+                os.unlink(self.lv_path(old))
+                self._link_nodes(new)
 
-    def _check_space(self, meta, extra):
-        if extra <= 0 or meta.get("pv_size") is None:
+    def set_readonly(self, name, readonly):
+        """As `lvchange -p r|rw`."""
+        with self._locked() as state:
+            lv = state.find(self.name, name)
+            if readonly:
+                lv["readonly"] = True
+            else:
+                lv.pop("readonly", None)
+
+    def activate(self, names, holder):
+        """`holder` takes one more hold on each LV; an inactive one gets its device nodes, filled
+        from the PV. Names of LVs that no longer exist are skipped."""
+        with self._locked() as state:
+            for lv in state.existing(names):
+                holders = lv.setdefault("holders", {})
+                if not is_active(lv):
+                    self._make_nodes(state.meta, lv, copy=True)
+                holders[holder] = holders.get(holder, 0) + 1
+
+    def deactivate(self, names, holder):
+        """`holder` lets go of one hold on each LV; the last hold copies the LV back to the PV and
+        removes its device nodes."""
+        with self._locked() as state:
+            for lv in state.existing(names):
+                holders = lv.get("holders", {})
+                if holders.get(holder, 0) <= 0:
+                    continue
+                holders[holder] -= 1
+                if not holders[holder]:
+                    del holders[holder]
+                if not is_active(lv):
+                    self._store_nodes(state.meta, lv)
+
+    def set_held(self, names, holder):
+        """Exactly the LVs `names` are held by `holder` (once each): the others lose its holds."""
+        wanted = set(names)
+        with self._locked() as state:
+            for lv in state.order.values():
+                holders = lv.setdefault("holders", {})
+                if lv["name"] in wanted:
+                    if not is_active(lv):
+                        self._make_nodes(state.meta, lv, copy=True)
+                    holders[holder] = 1
+                elif holder in holders:
+                    del holders[holder]
+                    if not is_active(lv):
+                        self._store_nodes(state.meta, lv)
+
+    # -- device nodes
+
+    def _data_len(self, lv):
+        if is_active(lv):
+            return os.path.getsize(self.lv_path(lv["name"]))
+        return lv.get("data_len", 0)
+
+    def _make_nodes(self, meta, lv, copy):
+        path = self.dm_path(lv["name"])
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as device:
+            length = lv.get("data_len", 0)
+            if copy and length:
+                device.truncate(length)
+                with open(meta["pv_name"], "rb") as pv:
+                    copy_sparse(pv.fileno(), _pv_offset(meta, lv), device.fileno(), 0, length)
+        self._link_nodes(lv["name"])
+
+    def _store_nodes(self, meta, lv):
+        """Deactivation: the device node's bytes go back to the LV's extents, the nodes go."""
+        path = self.dm_path(lv["name"])
+        length = os.path.getsize(path)
+        offset = _pv_offset(meta, lv)
+        with open(meta["pv_name"], "r+b") as pv, open(path, "rb") as device:
+            if os.fstat(pv.fileno()).st_size < offset + length:
+                pv.truncate(offset + length)
+            _punch(pv.fileno(), offset, lv["size"])
+            copy_sparse(device.fileno(), 0, pv.fileno(), offset, length)
+        lv["data_len"] = length
+        self._remove_nodes(lv["name"])
+
+    def _move_in_pv(self, meta, old_start, lv):
+        """An inactive LV moved to other extents: its bytes follow (through a copy: the ranges may overlap)."""
+        length = lv.get("data_len", 0)
+        if not length:
             return
-        usable = (meta["pv_size"] - meta["pe_start"]) // meta["extent_size"] * meta["extent_size"]
-        free = usable - sum(lv["size"] for lv in meta["lvs"])
+        old = meta["pe_start"] + old_start * meta["extent_size"]
+        tmp = os.path.join(self.path, ".move")
+        with open(meta["pv_name"], "r+b") as pv, open(tmp, "w+b") as scratch:
+            scratch.truncate(length)
+            copy_sparse(pv.fileno(), old, scratch.fileno(), 0, length)
+            _punch(pv.fileno(), old, length)
+            new = _pv_offset(meta, lv)
+            if os.fstat(pv.fileno()).st_size < new + length:
+                pv.truncate(new + length)
+            _punch(pv.fileno(), new, lv["size"])
+            copy_sparse(scratch.fileno(), 0, pv.fileno(), new, length)
+        os.unlink(tmp)
+
+    def _link_nodes(self, name):
+        """/dev/<VG>/<LV> -> ../mapper/<dm name>, as udev links them: a VHD opened through either path
+        resolves its parent's relative locator (`./<dm name>`) in the mapper directory."""
+        path = self.lv_path(name)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink(os.path.join("..", MAPPER, dm_name(self.name, name)), path)
+
+    def _remove_nodes(self, name):
+        for path in self.node_paths(name):
+            if os.path.lexists(path):
+                os.unlink(path)
+
+    def _check_space(self, state, extra):
+        if extra <= 0 or state.meta.get("pv_size") is None:
+            return
+        free = _usable(state.meta) - state.extents.used * EXTENT_SIZE
         if extra > free:
             raise LvmError('Volume group "{}" has insufficient free space ({} extents): {} required.'.format(
                 self.name, free // EXTENT_SIZE, extra // EXTENT_SIZE), errno.ENOSPC)
+
+
+def _lv_view(lv):
+    view = dict(lv, segtype=lv.get("segtype", "linear"), data_len=lv.get("data_len", 0),
+                holders=dict(lv.get("holders", {})), readonly=bool(lv.get("readonly")))
+    view["active"] = is_active(view)
+    return view
+
+
+def _usable(meta):
+    return (meta["pv_size"] - meta["pe_start"]) // meta["extent_size"] * meta["extent_size"]
+
+
+def _pv_offset(meta, lv):
+    return meta["pe_start"] + lv["start_extent"] * meta["extent_size"]
 
 
 def _find(meta, vg_name, name):
@@ -233,74 +650,132 @@ def _find(meta, vg_name, name):
     raise LvmError('Failed to find logical volume "{}/{}"'.format(vg_name, name), errno.ENOENT)
 
 
-def _fits(lvs, start, extents):
-    return all(start + extents <= lv["start_extent"] or lv["start_extent"] + lv["size"] // EXTENT_SIZE <= start
-               for lv in lvs)
-
-
-def _free_extent(lvs, extents):
-    """First extent where `extents` contiguous extents are free."""
-    start = 0
-    for lv in sorted(lvs, key=lambda item: item["start_extent"]):
-        if start + extents <= lv["start_extent"]:
-            return start
-        start = max(start, lv["start_extent"] + lv["size"] // EXTENT_SIZE)
-    return start
-
-
 # ---- the `lvs` / `vgs` stand-ins ------------------------------------------------------------
 
 VGS_FIELDS = ("vg_name", "vg_extent_size", "lv_count", "pv_count", "pv_name", "pe_start", "vg_size", "vg_free")
-LVS_FIELDS = ("lv_name", "vg_name", "lv_size", "segtype", "seg_count", "seg_start", "seg_size", "devices", "lv_path")
+LVS_FIELDS = ("lv_name", "vg_name", "lv_attr", "lv_size", "segtype", "seg_count", "seg_start", "seg_start_pe",
+              "seg_size", "seg_size_pe", "devices", "lv_path")
+DEFAULT_FIELDS = {"vgs": ("vg_name", "pv_count", "lv_count", "vg_size", "vg_free"),
+                  "lvs": ("lv_name", "vg_name", "lv_attr", "lv_size"),
+                  "lvs --segments": ("lv_name", "vg_name", "lv_attr", "segtype", "seg_size")}
 HEADINGS = {"vg_name": "VG", "vg_extent_size": "Ext", "lv_count": "#LV", "pv_count": "#PV", "pv_name": "PV",
-            "pe_start": "1st PE", "vg_size": "VSize", "vg_free": "VFree", "lv_name": "LV", "lv_size": "LSize",
-            "segtype": "Type", "seg_count": "#Seg", "seg_start": "Start", "seg_size": "SSize",
-            "devices": "Devices", "lv_path": "Path"}
+            "pe_start": "1st PE", "vg_size": "VSize", "vg_free": "VFree", "lv_name": "LV", "lv_attr": "Attr",
+            "lv_size": "LSize", "segtype": "Type", "seg_count": "#Seg", "seg_start": "Start",
+            "seg_start_pe": "Start", "seg_size": "SSize", "seg_size_pe": "SSize", "devices": "Devices",
+            "lv_path": "Path"}
 SIZE_FIELDS = ("vg_extent_size", "pe_start", "vg_size", "vg_free", "lv_size", "seg_start", "seg_size")
+NUMBER_FIELDS = ("lv_count", "pv_count", "seg_count", "seg_start_pe", "seg_size_pe")
+UNITS = {"b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+VALUED_OPTIONS = {"-o": "options", "--options": "options", "--units": "units", "--separator": "separator",
+                  "-O": "sort", "--sort": "sort"}
+FLAG_OPTIONS = ("--noheadings", "--nosuffix", "--unbuffered", "--segments", "--aligned", "-a")
 
 
 class Report(object):
-    """The command line of `lvs`/`vgs` as far as the simulation understands it."""
+    """The command line of `lvs`/`vgs` as far as the simulation understands it: --noheadings,
+    --nosuffix, --units U, -o/--options F, --separator S (each also as --opt=value, -oF),
+    --unbuffered, --segments, VG names."""
 
-    def __init__(self, argv, allowed):
+    def __init__(self, argv, command):
+        self.command = command
         self.vg_names = []
-        self.headings = True
-        self.suffix = True
-        self.fields = None
-        for arg in argv:
-            if arg == "--noheadings":
-                self.headings = False
-            elif arg == "--nosuffix":
-                self.suffix = False
-            elif arg in ("--units=b", "--units=B"):
-                pass
-            elif arg.startswith("--options="):
-                self.fields = arg[len("--options="):].split(",")
-            elif arg == "--unbuffered":
-                pass
+        self.flags = set()
+        self.values = {}
+        args = list(argv)
+        while args:
+            arg = args.pop(0)
+            name, value = self._split(arg)
+            if name in VALUED_OPTIONS:
+                if value is None:
+                    if not args:
+                        raise LvmError("Option {} requires an argument.".format(arg))
+                    value = args.pop(0)
+                key = VALUED_OPTIONS[name]
+                if key == "options":
+                    self.values.setdefault(key, []).append(value)
+                else:
+                    self.values[key] = value
+            elif arg in FLAG_OPTIONS:
+                self.flags.add(arg)
             elif arg.startswith("-"):
                 raise LvmError("unsupported option {} in the simulated LVM".format(arg))
             else:
                 self.vg_names.append(arg)
-        if self.fields is None:
-            self.fields = list(allowed[:4])
-        unknown = [field for field in self.fields if field not in allowed]
+        self.fields = self._fields()
+        self.units = self.values.get("units", "h")
+        if self.units.lower() not in UNITS and self.units.lower() != "h":
+            raise LvmError('Invalid units specification "{}".'.format(self.units))
+
+    @staticmethod
+    def _split(arg):
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg.split("=", 1)
+            return name, value
+        if arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
+            return "-o", arg[2:]
+        if arg.startswith("-O") and len(arg) > 2:
+            return "-O", arg[2:]
+        return arg, None
+
+    def _fields(self):
+        key = self.command + (" --segments" if self.command == "lvs" and "--segments" in self.flags else "")
+        allowed = LVS_FIELDS if self.command == "lvs" else VGS_FIELDS
+        fields = list(DEFAULT_FIELDS[key])
+        for option in self.values.get("options", []):
+            extra = option.startswith("+")
+            names = [name.strip() for name in option.lstrip("+").split(",") if name.strip()]
+            fields = fields + names if extra else names
+        unknown = [field for field in fields if field not in allowed]
         if unknown:
             raise LvmError("Unrecognised field: {}".format(unknown[0]))
+        return fields
+
+    def cell(self, field, value):
+        """A value as printed: sizes in the chosen units (`--units b`: bytes, suffix B)."""
+        if field not in SIZE_FIELDS:
+            return str(value)
+        unit = self.units.lower()
+        if unit == "h":
+            text, suffix = _human_size(value)
+        elif unit in ("b", "s"):
+            text, suffix = str(value // UNITS[unit]), "B" if unit == "b" else "S"
+        else:
+            text, suffix = "{:.2f}".format(value / float(UNITS[unit])), unit
+        return text if "--nosuffix" in self.flags else text + suffix
 
     def render(self, rows):
+        """Lines as LVM prints them: two leading spaces; columns padded to align (numbers to the
+        right) unless a separator is given."""
+        table = [[self.cell(field, row[field]) for field in self.fields] for row in rows]
+        headings = [HEADINGS[field] for field in self.fields]
+        show_headings = "--noheadings" not in self.flags
+        separator = self.values.get("separator")
         lines = []
-        if self.headings:
-            lines.append("  " + " ".join(HEADINGS[field] for field in self.fields))
-        for row in rows:
-            cells = []
-            for field in self.fields:
-                value = row[field]
-                if field in SIZE_FIELDS and self.suffix:
-                    value = "{}B".format(value)
-                cells.append(str(value))
-            lines.append("  " + " ".join(cells))
+        if separator is not None:
+            for cells in ([headings] if show_headings else []) + table:
+                lines.append("  " + separator.join(cells))
+        else:
+            widths = [max([len(cells[i]) for cells in table] + [len(headings[i])]) for i in range(len(headings))]
+            for cells in ([headings] if show_headings else []) + table:
+                padded = []
+                for index, field in enumerate(self.fields):
+                    right = field in SIZE_FIELDS or field in NUMBER_FIELDS
+                    padded.append(cells[index].rjust(widths[index]) if right else cells[index].ljust(widths[index]))
+                lines.append("  " + " ".join(padded))
         return "".join(line + "\n" for line in lines)
+
+
+def _human_size(value):
+    """LVM's default human-readable size: (two decimals, lower-case unit)."""
+    for suffix in ("t", "g", "m", "k"):
+        if value >= UNITS[suffix]:
+            return "{:.2f}".format(value / float(UNITS[suffix])), suffix
+    return str(value), "B"
+
+
+def lv_attr(lv):
+    """The 10 characters of `lv_attr` for a linear LV: permissions, then state (`a` while active)."""
+    return "-{}i-{}-----".format("r" if lv.get("readonly") else "w", "a" if is_active(lv) else "-")
 
 
 def vgs_rows(vg):
@@ -314,20 +789,19 @@ def vgs_rows(vg):
 
 def lvs_rows(vg):
     meta = vg.metadata()
-    return [{"lv_name": lv["name"], "vg_name": vg.name, "lv_size": lv["size"],
-             "segtype": lv.get("segtype", "linear"), "seg_count": 1, "seg_start": 0, "seg_size": lv["size"],
+    return [{"lv_name": lv["name"], "vg_name": vg.name, "lv_attr": lv_attr(lv), "lv_size": lv["size"],
+             "segtype": lv.get("segtype", "linear"), "seg_count": 1, "seg_start": 0, "seg_start_pe": 0,
+             "seg_size": lv["size"], "seg_size_pe": lv["size"] // meta["extent_size"],
              "devices": "{}({})".format(meta["pv_name"], lv["start_extent"]),
-             "lv_path": "/dev/{}/{}".format(vg.name, lv["name"])} for lv in meta["lvs"]]
+             "lv_path": vg.lv_path(lv["name"])} for lv in meta["lvs"]]
 
 
 def report_main(command, argv, out, err):
     """Run `vgs` or `lvs`; returns the exit status (5 for an unknown VG, like LVM)."""
     try:
         root = root_from_env()
-        if command == "vgs":
-            report, make_rows = Report(argv, VGS_FIELDS), vgs_rows
-        else:
-            report, make_rows = Report(argv, LVS_FIELDS), lvs_rows
+        report = Report(argv, command)
+        make_rows = vgs_rows if command == "vgs" else lvs_rows
     except LvmError as exc:
         err.write("  {}\n".format(exc))
         return 3

@@ -196,8 +196,40 @@ def busy(speed_mib=4.0, writes_mib_s=8.0, leaf_mib=64, disk_mib=1024, live_timeo
     return pool("busy", srs, vms, live_timeout=live_timeout, description=busy.__doc__)
 
 
+def pool_shared_lvm(count=12, size_mib=64, real_data=None):
+    """This host masters a 3-host pool sharing an iSCSI LVM SR, and has local ext storage. Most VMs
+    run on the other hosts, some are halted or suspended, some run here; deleted snapshots leave
+    leaf-coalesceable chains in every group (on the shared SR) and on the ext SR. On this host only
+    the chains of VMs running here are active LVs. `count` VMs; `real_data` (default: up to 100
+    VMs) writes real data, else blocks are allocated without data (benchmarks)."""
+    real = count <= 100 if real_data is None else real_data
+    hosts = ("xcp-ng-1", "xcp-ng-2", "xcp-ng-3")
+    srs = [sr("san", "lvmoiscsi", max(4096, count * 4 * (size_mib + 16)), name="iSCSI SAN", shared=True),
+           sr("local", "ext", max(2048, count * 2 * size_mib), name="Local storage")]
+
+    def history(keep_snapshot):
+        first, second = (write(0, 2), write(2, 1)) if real else (sparse(0, 2), sparse(2, 1))
+        steps = [first, snapshot("s"), second]
+        return steps if keep_snapshot else steps + [delete_snapshot("s")]
+
+    groups = (("remote", "Running", hosts[1]), ("remote", "Running", hosts[2]), ("halted", "Halted", None),
+              ("remote", "Running", hosts[1]), ("here", "Running", hosts[0]), ("suspended", "Suspended", None))
+    vms = []
+    for index in range(count):
+        group, power_state, host = groups[index % len(groups)]
+        name = "{}-{:05d}".format(group, index)
+        kept = index % 7 == 6
+        disks = [disk(name + "-root", "san", size_mib, steps=history(kept),
+                      expect="snapshot_present" if kept else "leaf_coalesceable",
+                      expect_parent="hidden_parent" if kept else None)]
+        if group in ("here", "halted"):
+            disks.append(disk(name + "-data", "local", size_mib, steps=history(False), expect="leaf_coalesceable"))
+        vms.append(vm(name, disks, power_state=power_state, host=host))
+    return pool("pool-shared-lvm", srs, vms, hosts=hosts, description=pool_shared_lvm.__doc__)
+
+
 SCENARIOS = {"demo": demo, "large": large, "states": states, "pool-member": pool_member,
-             "long-chain": long_chain, "busy": busy}
+             "long-chain": long_chain, "busy": busy, "pool-shared-lvm": pool_shared_lvm}
 
 
 def names():

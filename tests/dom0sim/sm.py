@@ -29,6 +29,7 @@ Steps tests can hold (`gate = sm.gate(name)`; the next thread to reach the step 
     plugin.dry-run-loop    each round of the plugin's final dry run that found a candidate (4.1)
 A busy VDI (SM's pause with failfast fails at once): hold `sm.vdi_lock(vdi_uuid)`.
 """
+import base64
 import collections
 import contextlib
 import errno
@@ -39,6 +40,7 @@ import threading
 import time
 import traceback
 import uuid as uuidlib
+import zlib
 
 from tests.dom0sim import lvm, vhdfile
 from tests.dom0sim.xapi import tasks, vm, wire
@@ -65,6 +67,7 @@ COALESCE_ERROR_BODIES = {errno.ENOSPC: "Run out of space while coalescing.",
                          errno.EIO: "I/O error while coalescing."}
 BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES
 OTHER_DATA_FILE = "other-data.img"
+VHD_BLOCKS_KEY = "vhd-blocks"
 GC_TASK_LABEL = "Garbage Collection"
 
 PLUGIN_NAME = "coalesce-leaf"
@@ -208,9 +211,10 @@ def record_speed(path, speed):
 class Image(object):
     """One VHD of an SR: its VHD facts, its place in the tree, what the GC decides about it."""
 
-    def __init__(self, uuid, path):
+    def __init__(self, uuid, path, opener=None):
         self.uuid = uuid
         self.path = path
+        self.opener = opener or (lambda: vhdfile.Vhd.open(path))     # how SM reads it (LVM: the PV view)
         self.scan_error = True
         self.footer_uuid = None
         self.parent_footer_uuid = None
@@ -224,7 +228,7 @@ class Image(object):
 
     def load(self):
         try:
-            with vhdfile.Vhd.open(self.path) as vhd:
+            with self.opener() as vhd:
                 self.footer_uuid = str(vhd.uuid)
                 self.parent_footer_uuid = str(vhd.parent_uuid) if vhd.disk_type == vhdfile.DISK_DIFF else None
                 self.hidden = bool(vhd.hidden)
@@ -238,8 +242,19 @@ class Image(object):
     @property
     def blocks(self):
         if self._blocks is None:
-            self._blocks = frozenset(vhdfile.allocated_blocks(self.path))
+            with self.opener() as vhd:
+                self._blocks = frozenset(index for index, entry in enumerate(vhd.bat) if entry != vhdfile.UNUSED)
         return self._blocks
+
+    def block_bitmap(self):
+        """What `vhd-util read -B` prints for this VHD: its BAT as a bitmap, MSB first."""
+        with self.opener() as vhd:
+            count = int(vhd.virtual_size) // vhdfile.BLOCK_SIZE
+        bitmap = bytearray((count + 7) // 8)
+        for block in self.blocks:
+            if block < count:
+                bitmap[block >> 3] |= 0x80 >> (block & 7)
+        return bytes(bitmap)
 
     @property
     def allocated_size(self):
@@ -349,6 +364,17 @@ class FileStore(object):
         """The path a child VHD names this one by."""
         return self.path(uuid)
 
+    def image(self, uuid):
+        return Image(uuid, self.path(uuid)).load()
+
+    @contextlib.contextmanager
+    def working_on(self, uuids):
+        """File SRs need no activation."""
+        yield
+
+    def set_readonly(self, uuid, readonly):
+        """File SRs have no read-only flag of their own."""
+
     def scan(self):
         images = []
         for name in sorted(os.listdir(self.directory)):
@@ -407,29 +433,88 @@ class FileStore(object):
 
 
 class LvmStore(object):
-    """An LVM SR: VG_XenStorage-<sr> with LVs VHD-<uuid> (tests/dom0sim/lvm.py)."""
+    """An LVM SR: VG_XenStorage-<sr> with LVs VHD-<uuid> (tests/dom0sim/lvm.py).
+
+    Scans read every LV through its PV view, as `vhd-util scan -l` (no activation). Whatever reads
+    blocks, writes, inflates, deflates or relinks a VHD activates the LVs first, held by `holder`,
+    and lets go after (`transient=False` while a scenario is built: what it touches stays active).
+    `on_chain_change` is called before letting go, so that attached chains stay active as they change.
+    """
 
     lvm = True
     PREFIX = "VHD-"
 
-    def __init__(self, state_dir, sr_uuid):
+    def __init__(self, state_dir, sr_uuid, holder=None, transient=True):
         self.sr_uuid = sr_uuid
         self.vg = lvm.VolumeGroup.for_sr(state_dir, sr_uuid)
+        self.holder = holder or lvm.HOLDER_GC
+        self.transient = transient
+        self.on_chain_change = None
+        self._held = []         # the LV name sets of the working_on blocks in progress
 
     def exists(self):
         return self.vg.exists()
 
     def path(self, uuid):
+        """The LV's device node (/dev/<VG>/VHD-<uuid>), present while the LV is active."""
         return self.vg.lv_path(self.PREFIX + uuid)
+
+    def opener(self, uuid):
+        return lambda: self.vg.open_vhd(self.PREFIX + uuid)
+
+    def image(self, uuid):
+        image = Image(uuid, self.path(uuid), self.opener(uuid)).load()
+        image.lv_size = self.vg.lv_size(self.PREFIX + uuid)
+        return image
 
     def scan(self):
         images = []
-        for lv in self.vg.lvs():
-            if lv["name"].startswith(self.PREFIX):
-                image = Image(lv["name"][len(self.PREFIX):], self.vg.lv_path(lv["name"])).load()
-                image.lv_size = lv["size"]
-                images.append(image)
+        with self.vg.reading():
+            for lv in self.vg.lvs():
+                if lv["name"].startswith(self.PREFIX):
+                    uuid = lv["name"][len(self.PREFIX):]
+                    image = Image(uuid, self.path(uuid), self.opener(uuid)).load()
+                    image.lv_size = lv["size"]
+                    images.append(image)
         return images
+
+    def chain(self, uuid):
+        """[uuid, its parent, ...]: the LVs a VHD needs active to be read, from the parent names in
+        the headers (read through the PV view)."""
+        found = []
+        while uuid is not None and uuid not in found:
+            try:
+                with self.vg.open_vhd(self.PREFIX + uuid, fast=True) as vhd:
+                    parent = vhd.header.parent_name if vhd.disk_type == vhdfile.DISK_DIFF else None
+            except (lvm.LvmError, vhdfile.VhdError):
+                break
+            found.append(uuid)
+            name = lvm.lv_name_of(parent) if parent else None
+            uuid = name[len(self.PREFIX):] if name and name.startswith(self.PREFIX) else None
+        return found
+
+    @contextlib.contextmanager
+    def holding(self, names, chain_changes=False):
+        """These LVs active (held by `holder`) for the block; `chain_changes`: the block may change
+        chains, so attached chains are brought in line before letting go."""
+        names = set(names)
+        self.vg.activate(names, self.holder)
+        self._held.append(names)
+        try:
+            yield
+        finally:
+            self._held.remove(names)
+            if chain_changes and self.on_chain_change is not None:
+                self.on_chain_change()
+            if self.transient:
+                self.vg.deactivate(names, self.holder)
+
+    def working_on(self, uuids):
+        """The chains of these VHDs active for the block (lvhd's activateChain)."""
+        names = set()
+        for uuid in uuids:
+            names.update(self.PREFIX + link for link in self.chain(uuid))
+        return self.holding(names, chain_changes=True)
 
     def utilisation(self):
         return sum(lv["size"] for lv in self.vg.lvs())
@@ -439,53 +524,58 @@ class LvmStore(object):
         return free if free is not None else 1 << 60
 
     def link_path(self, uuid):
-        """The device-mapper name of the LV (`VG_XenStorage--<sr>-VHD--<uuid>`), which children name
-        their parent by; kept as a hard link to the LV's file, as /dev/mapper nodes are kept by LVM."""
-        name = "{}-{}{}".format(self.vg.name.replace("-", "--"), self.PREFIX.replace("-", "--"),
-                                uuid.replace("-", "--"))
-        return os.path.join(self.vg.path, name)
-
-    def activate(self, uuid):
-        if not os.path.exists(self.link_path(uuid)):
-            os.link(self.path(uuid), self.link_path(uuid))
+        """The LV's device node under its device-mapper name (`VG_XenStorage--<sr>-VHD--<uuid>`), which
+        children name their parent by."""
+        return self.vg.dm_path(self.PREFIX + uuid)
 
     def create_base(self, uuid, size_mib):
         """A new writable VHD in a fully inflated LV."""
-        self.vg.create_lv(self.PREFIX + uuid, full_lv_size(vhdfile.rounded_size(size_mib)))
+        name = self.PREFIX + uuid
+        self.vg.create_lv(name, full_lv_size(vhdfile.rounded_size(size_mib)), holder=self.holder)
         vhdfile.create(self.path(uuid), size_mib)
-        self.activate(uuid)
+        if self.transient:
+            self.vg.deactivate([name], self.holder)
 
     def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True, inflated=True):
         """A new child of `parent_uuid`: a writable leaf (fully inflated) or, for a snapshot VDI that
         nobody writes to, an LV just big enough for the empty VHD."""
         size = full_lv_size(virtual_size) if inflated else lv_size_for(overhead_empty(virtual_size) + 4096)
-        self.vg.create_lv(self.PREFIX + uuid, size)
-        vhdfile.snapshot(self.path(uuid), self.link_path(parent_uuid), skip_empty_parents)
-        self.activate(uuid)
+        name = self.PREFIX + uuid
+        with self.working_on([parent_uuid]):
+            self.vg.create_lv(name, size, holder=self.holder)
+            vhdfile.snapshot(self.path(uuid), self.link_path(parent_uuid), skip_empty_parents)
+            if self.transient:
+                self.vg.deactivate([name], self.holder)
 
     def remove(self, uuid):
-        if os.path.exists(self.link_path(uuid)):
-            os.unlink(self.link_path(uuid))
         self.vg.remove_lv(self.PREFIX + uuid)
 
     def rename(self, old, new):
+        """lvrename; the holds SM has on the LV follow it (lvActivator.replace)."""
         self.vg.rename_lv(self.PREFIX + old, self.PREFIX + new)
-        if os.path.exists(self.link_path(old)):
-            os.rename(self.link_path(old), self.link_path(new))
+        for names in self._held:
+            if self.PREFIX + old in names:
+                names.discard(self.PREFIX + old)
+                names.add(self.PREFIX + new)
+
+    def set_readonly(self, uuid, readonly):
+        self.vg.set_readonly(self.PREFIX + uuid, readonly)
 
     def inflate(self, uuid, size):
         """Grow the LV to `size` (rounded to 4 MiB) if it is smaller; LvmError when the VG is full."""
         name = self.PREFIX + uuid
-        if lv_size_for(size) > self.vg.lv_size(name):
-            self.vg.resize_lv(name, lv_size_for(size))
+        with self.holding([name]):
+            if lv_size_for(size) > self.vg.lv_size(name):
+                self.vg.resize_lv(name, lv_size_for(size))
 
     def deflate(self, uuid):
         """Shrink the LV to its VHD's physical size rounded up to 4 MiB."""
         name = self.PREFIX + uuid
-        with vhdfile.Vhd.open(self.path(uuid)) as vhd:
-            wanted = lv_size_for(int(vhd.physical_size))
-        if wanted < self.vg.lv_size(name):
-            self.vg.resize_lv(name, wanted)
+        with self.holding([name]):
+            with vhdfile.Vhd.open(self.path(uuid)) as vhd:
+                wanted = lv_size_for(int(vhd.physical_size))
+            if wanted < self.vg.lv_size(name):
+                self.vg.resize_lv(name, wanted)
 
     def extra_for_coalesce(self, image):
         return full_lv_size(image.coalesced_data_size()) - image.parent.lv_size
@@ -806,6 +896,8 @@ class GcPass(object):
 
     def iteration(self):
         forest = self.scan()
+        if not self.dry_run:
+            self.update_block_info(forest)
         self.report_progress(forest)
         garbage = forest.garbage()
         if garbage:
@@ -855,6 +947,13 @@ class GcPass(object):
             orphan = forest.orphans[0]
             raise SmError("Parent VDI {} of {} not found".format(orphan.parent_footer_uuid, orphan.uuid))
         return forest
+
+    def update_block_info(self, forest):
+        """SR.updateBlockInfo: every VHD with children gets sm-config:vhd-blocks if it lacks it."""
+        for image in forest.images.values():
+            if not image.scan_error and image.children and self.vdi_setting(image, "sm_config",
+                                                                            VHD_BLOCKS_KEY) is None:
+                self.sm.record_block_info(image)
 
     def vdi_setting(self, image, field, key=None):
         record = self.records.vdi_config(image.uuid)
@@ -949,18 +1048,12 @@ class GcPass(object):
         self.sm.step("gc.before-merge")
         parent = image.parent
         try:
-            if self.store.lvm:
-                extra = self.store.extra_for_coalesce(image)
-                if extra > 0:
-                    self.store.inflate(parent.uuid, parent.lv_size + extra)
-            try:
-                self.sm.timed_merge(self.sr_uuid, image.path)
-            finally:
-                self.store.deflate(parent.uuid)
+            with self.store.working_on([image.uuid] + [child.uuid for child in image.children]):
+                self.coalesce_onto_parent(image)
             with self.sm.sr_lock(self.sr_uuid):
                 for child in image.children:
                     self.log("  Relinking {} from {} to {}".format(child.uuid, image.uuid, parent.uuid))
-                    with self.sm.io_lock(child.uuid):
+                    with self.store.working_on([child.uuid]), self.sm.io_lock(child.uuid):
                         vhdfile.set_parent(child.path, self.store.link_path(parent.uuid))
                     self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
                 self.delete(image)
@@ -970,6 +1063,24 @@ class GcPass(object):
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(image.uuid)
             self.log("Coalesce failed, skipping: {}".format(exc))
+
+    def coalesce_onto_parent(self, image):
+        """_doCoalesce: the parent made writable and inflated, the merge, the parent deflated, read-only
+        again and its vhd-blocks brought up to date."""
+        parent = image.parent
+        self.store.set_readonly(parent.uuid, False)
+        try:
+            if self.store.lvm:
+                extra = self.store.extra_for_coalesce(image)
+                if extra > 0:
+                    self.store.inflate(parent.uuid, parent.lv_size + extra)
+            try:
+                self.sm.timed_merge(self.sr_uuid, image.path)
+            finally:
+                self.store.deflate(parent.uuid)
+        finally:
+            self.store.set_readonly(parent.uuid, True)
+        self.sm.record_block_info(self.store.image(parent.uuid))
 
     # -- leaf coalesce --
 
@@ -1035,7 +1146,8 @@ class GcPass(object):
         if timeout is None:
             self.log("Leaf-coalesce forced, will not use timeout")
         old_uuid = TMP_RENAME_PREFIX + vdi_uuid
-        with self.sm.sr_lock(self.sr_uuid), self.sm.frozen(vdi_uuid, failfast=True):
+        with self.sm.sr_lock(self.sr_uuid), self.store.working_on([vdi_uuid]), self.sm.frozen(vdi_uuid, failfast=True):
+            self.store.set_readonly(parent.uuid, False)
             if self.store.lvm:
                 self.store.deflate(vdi_uuid)
                 self.store.inflate(parent.uuid, full_lv_size(parent.virtual_size))
@@ -1045,6 +1157,7 @@ class GcPass(object):
             except SmError:
                 self.set_hidden(parent.uuid, True)
                 self.store.deflate(parent.uuid)
+                self.store.set_readonly(parent.uuid, True)
                 raise
             self.store.rename(vdi_uuid, old_uuid)
             self.store.rename(parent.uuid, vdi_uuid)
@@ -1112,12 +1225,15 @@ class VmWriter(threading.Thread):
             delay = deadline - time.monotonic()
             if delay > 0 and self._stop_event.wait(delay):
                 return
-            if self.sm.vm_power_state(self.vm_uuid) == "Running":
-                self.write_chunk()
+            self.write_chunk()
 
     def write_chunk(self):
+        """One write while the VM runs and its disk is attached (checked under the I/O lock: a VM that
+        stopped writes no more; an LV is not written before its device node is there)."""
         path = self.sm.store(self.sr_uuid).path(self.vdi_uuid)
         with self.sm.io_lock(self.vdi_uuid):
+            if self.sm.vm_power_state(self.vm_uuid) != "Running" or not os.path.exists(path):
+                return
             with vhdfile.Vhd.open(path, writable=True) as vhd:
                 number = self.written // self.CHUNK
                 vhd.write(self.offset(number, int(vhd.virtual_size)), self.chunk(number))
@@ -1256,8 +1372,62 @@ class StorageManager(object):
 
     def store(self, sr_uuid):
         sr_ref = self.records.sr_ref(sr_uuid)
-        return make_store(self.state_dir, sr_uuid, self.db.get_field("SR", sr_ref, "type"),
-                          int(self.db.get_field("SR", sr_ref, "physical_size")))
+        store = make_store(self.state_dir, sr_uuid, self.db.get_field("SR", sr_ref, "type"),
+                           int(self.db.get_field("SR", sr_ref, "physical_size")))
+        if store is not None and store.lvm:
+            store.on_chain_change = lambda: self.sync_activation(sr_uuid)
+        return store
+
+    # -- LVM activation of attached VDIs --
+
+    def attached_vdis(self, sr_uuid):
+        """UUIDs of the SR's VDIs attached on this host: VDIs of VMs running or paused here."""
+        host_ref = self.records.host_ref()
+        sr_ref = self.records.sr_ref(sr_uuid)
+        found = []
+        for vm_ref in self.db.find("VM", resident_on=host_ref):
+            if self.db.get_field("VM", vm_ref, "power_state") not in (vm.RUNNING, vm.PAUSED):
+                continue
+            for vbd_ref in self.db.get_field("VM", vm_ref, "VBDs"):
+                vdi_ref = self.db.get_field("VBD", vbd_ref, "VDI")
+                if self.db.exists("VDI", vdi_ref) and self.db.get_field("VDI", vdi_ref, "SR") == sr_ref:
+                    found.append(self.db.get_field("VDI", vdi_ref, "uuid"))
+        return found
+
+    def sync_activation(self, sr_uuid):
+        """On an LVM SR, exactly the chains of the VDIs attached on this host are held by "attach"."""
+        store = make_store(self.state_dir, sr_uuid, "lvm", 0)
+        if not store.exists():
+            return
+        names = set()
+        for vdi_uuid in self.attached_vdis(sr_uuid):
+            names.update(store.PREFIX + uuid for uuid in store.chain(vdi_uuid))
+        store.vg.set_held(names, lvm.HOLDER_ATTACH)
+
+    def vm_power_changed(self, vm_ref):
+        """A VM started, stopped, suspended or resumed: its disks' LVs follow, their I/O held meanwhile
+        (a write in flight ends first; none lands in a device node being filled or emptied)."""
+        sr_uuids, vdi_uuids = set(), set()
+        for vbd_ref in self.db.get_field("VM", vm_ref, "VBDs"):
+            vdi_ref = self.db.get_field("VBD", vbd_ref, "VDI")
+            if not self.db.exists("VDI", vdi_ref):
+                continue
+            vdi_uuids.add(self.db.get_field("VDI", vdi_ref, "uuid"))
+            sr_ref = self.db.get_field("VDI", vdi_ref, "SR")
+            if is_lvm_type(self.db.get_field("SR", sr_ref, "type")):
+                sr_uuids.add(self.db.get_field("SR", sr_ref, "uuid"))
+        with contextlib.ExitStack() as held:
+            for vdi_uuid in sorted(vdi_uuids):
+                held.enter_context(self.io_lock(vdi_uuid))
+            for sr_uuid in sorted(sr_uuids):
+                self.sync_activation(sr_uuid)
+
+    def record_block_info(self, image):
+        """VDI.updateBlockInfo: sm-config:vhd-blocks = base64 of the zlib-compressed `read -B` bitmap."""
+        ref = self.records.vdi_ref(image.uuid)
+        if ref is not None:
+            value = base64.b64encode(zlib.compress(image.block_bitmap())).decode("ascii")
+            self.records.set_map_key("VDI", ref, "sm_config", VHD_BLOCKS_KEY, value)
 
     def vm_power_state(self, vm_uuid):
         ref = self.records.by_uuid("VM", vm_uuid)
@@ -1328,13 +1498,14 @@ class StorageManager(object):
         same UUID; xapi marks the base copy's record is_a_snapshot. Returns the base copy's UUID."""
         temp_uuid = str(uuidlib.uuid4())
         store = self.store(sr_uuid)
-        with self.sr_lock(sr_uuid), self.frozen(image.uuid):
+        with self.sr_lock(sr_uuid), store.working_on([image.uuid]), self.frozen(image.uuid):
             self.stopping.wait(self.snapshot_seconds)
             store.rename(image.uuid, temp_uuid)
             with vhdfile.Vhd.open(store.path(temp_uuid), writable=True) as vhd:
                 vhd.set_hidden(True)
             store.deflate(temp_uuid)
             store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
+            store.set_readonly(temp_uuid, True)
             self.update_vdi(sr_uuid, temp_uuid, parent_uuid=image.parent.uuid)
             self.update_vdi(sr_uuid, image.uuid, parent_uuid=temp_uuid)
             temp_ref = self.records.vdi_ref(temp_uuid)
@@ -1449,9 +1620,7 @@ class StorageManager(object):
     def update_vdi(self, sr_uuid, vdi_uuid, parent_uuid=None):
         """Bring one VDI record in line with its VHD (parent_uuid "" = no parent, None = unchanged)."""
         store = self.store(sr_uuid)
-        image = Image(vdi_uuid, store.path(vdi_uuid)).load()
-        if store.lvm:
-            image.lv_size = store.vg.lv_size(store.PREFIX + vdi_uuid)
+        image = store.image(vdi_uuid)
         if not image.scan_error:
             self.upsert_vdi(self.records.sr_ref(sr_uuid), image, parent_uuid)
         self.update_sr_usage(sr_uuid)
@@ -1520,7 +1689,7 @@ class StorageManager(object):
         with self.sr_lock(sr_uuid):
             image = Forest(store.scan()).get(vdi_uuid)
             if image is not None and image.children:
-                with vhdfile.Vhd.open(image.path, writable=True) as vhd:
+                with store.working_on([vdi_uuid]), vhdfile.Vhd.open(image.path, writable=True) as vhd:
                     vhd.set_hidden(True)
             elif image is not None:
                 store.remove(vdi_uuid)
@@ -1674,6 +1843,7 @@ class StorageManager(object):
     def install(self):
         """Plug SR.scan and the coalesce-leaf plugin into the simulated xapi."""
         self.db.register_sr_scan(self.sr_scan)
+        self.db.register_power_handler(self.vm_power_changed)
         self.db.register_plugin(PLUGIN_NAME, "leaf-coalesce", self.coalesce_leaf_plugin)
 
     # -- the coalesce-leaf plugin --

@@ -418,13 +418,15 @@ class Vhd(object):
     """One open VHD file. Use `Vhd.open(path, writable=False)` as a context manager.
 
     `fast=True` reads the footer copy at offset 0 and the header only, as libvhd's VHD_OPEN_FAST
-    (`scan -f`); a fixed disk then fails with EINVAL like the real tool.
+    (`scan -f`); a fixed disk then fails with EINVAL like the real tool. `Vhd.open_window` reads a
+    VHD stored inside a larger file (an LV's extents of a PV), read-only.
     """
 
-    def __init__(self, path, fd, writable):
+    def __init__(self, path, fd, writable, window=None):
         self.path = path
         self.writable = writable
         self._fd = fd
+        self._base, self._length = window or (0, None)
         self.footer = None
         self.header = None
         self._bat = None
@@ -434,12 +436,12 @@ class Vhd(object):
         self._end_of_data = None
 
     @classmethod
-    def open(cls, path, writable=False, fast=False):
+    def open(cls, path, writable=False, fast=False, window=None):
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
             raise VhdError(exc.errno, "opening {}: {}".format(path, exc.strerror)) from None
-        vhd = cls(path, fd, writable)
+        vhd = cls(path, fd, writable, window)
         try:
             vhd._load(fast)
         except OSError as exc:
@@ -449,6 +451,12 @@ class Vhd(object):
             vhd.close()
             raise
         return vhd
+
+    @classmethod
+    def open_window(cls, path, offset, length, fast=False):
+        """The VHD held in bytes [offset, offset+length) of `path`, read-only (its parent cannot be
+        followed: the locators name paths outside the window)."""
+        return cls.open(path, fast=fast, window=(int(offset), int(length)))
 
     def __enter__(self):
         return self
@@ -464,12 +472,18 @@ class Vhd(object):
     # -- raw I/O --------------------------------------------------------------------------------
 
     def _file_size(self):
-        return os.fstat(self._fd).st_size
+        return os.fstat(self._fd).st_size if self._length is None else self._length
+
+    def _raw_pread(self, length, offset):
+        """os.pread within the window: nothing past its end."""
+        if self._length is not None:
+            length = max(0, min(length, self._length - offset))
+        return os.pread(self._fd, length, self._base + offset)
 
     def _pread(self, offset, length):
         """Exactly `length` bytes, failing like libvhd: nothing there is EPIPE, a short read EIO."""
         try:
-            data = os.pread(self._fd, length, offset)
+            data = self._raw_pread(length, offset)
         except OSError as exc:
             raise VhdError(exc.errno, "{}: {}".format(self.path, exc.strerror)) from None
         if len(data) == length:
@@ -524,7 +538,7 @@ class Vhd(object):
         for offset in (size - SECTOR_SIZE, size - SECTOR_SIZE + 1):
             if offset < 0:
                 continue
-            raw = os.pread(self._fd, SECTOR_SIZE, offset).ljust(SECTOR_SIZE, b"\0")
+            raw = self._raw_pread(SECTOR_SIZE, offset).ljust(SECTOR_SIZE, b"\0")
             footer = Footer.unpack(raw)
             if footer.problem() is None:
                 return footer
@@ -533,7 +547,7 @@ class Vhd(object):
     def _decode_locator(self, loc):
         if loc.code not in (PLAT_CODE_MACX, PLAT_CODE_W2KU, PLAT_CODE_W2RU) or loc.size <= 0:
             return None
-        raw = os.pread(self._fd, loc.size, loc.data_offset)
+        raw = self._raw_pread(loc.size, loc.data_offset)
         if len(raw) < loc.size:
             return None
         return decode_locator(loc.code, raw[:loc.data_len])
@@ -725,6 +739,8 @@ class Vhd(object):
         """Absolute path of the parent found through the locators; None without a parent."""
         if self.footer.disk_type != DISK_DIFF:
             return None
+        if self._length is not None:
+            raise VhdError(errno.ENOENT, "{}: a VHD read inside a window has no parent path".format(self.path))
         err = errno.EINVAL
         for loc in self.header.locators:
             if loc.name is None:
@@ -752,7 +768,7 @@ class Vhd(object):
     # -- writing ----------------------------------------------------------------------------------
 
     def _need_writable(self):
-        if not self.writable:
+        if not self.writable or self._length is not None:
             raise VhdError(errno.EBADF, "{}: opened read-only".format(self.path))
 
     def write(self, offset, data):
@@ -1005,7 +1021,7 @@ def _read_block_sectors(chain, block, first, secs, block_bytes):
         else:
             runs = []
         for start, count, file_offset in runs:
-            data = os.pread(layer._fd, count * SECTOR_SIZE, file_offset)
+            data = layer._raw_pread(count * SECTOR_SIZE, file_offset)
             at = (start - first) * SECTOR_SIZE
             buf[at:at + len(data)] = data
             need &= ~range_mask(start, count, spb)

@@ -104,15 +104,17 @@ class Disk(vhdfile.Vhd):
         return depth
 
 
-def open_volume(path, lv_size):
-    """Open the VHD stored in an LV as `scan -l` reads it from the device: the first 1536 bytes
-    (zeros where the LV holds nothing) must carry a valid footer copy and header. VhdError's
-    message is the one scan prints."""
+def open_volume(path, lv_size, window=None):
+    """Open the VHD stored in an LV as `scan -l` reads it from the PV: the first 1536 bytes (zeros
+    where the LV holds nothing) must carry a valid footer copy and header. `path` and `window` say
+    where the LV's bytes are (lvm.VolumeGroup.locate). VhdError's message is the one scan prints."""
     if lv_size < 4096:
         raise VhdError(errno.EINVAL, "device too small")
+    offset, length = window or (0, 1536)
     try:
         with open(path, "rb") as handle:
-            first = handle.read(1536)
+            handle.seek(offset)
+            first = handle.read(min(1536, length))
     except (IOError, OSError):
         first = b""
     first = first.ljust(1536, b"\0")
@@ -123,7 +125,7 @@ def open_volume(path, lv_size):
         if Header.unpack(first[SECTOR_SIZE:]).problem():
             raise VhdError(errno.EINVAL, "reading header")
     try:
-        return Disk.open(path, fast=True)
+        return Disk.open(path, fast=True, window=window)
     except VhdError as exc:
         raise VhdError(exc.errno, "reading header") from None
 

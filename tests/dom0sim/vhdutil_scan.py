@@ -1,5 +1,6 @@
 """`vhd-util scan`: targets from a file glob or a volume group's LVs, one line per VHD (or a tree
 with -p), parents followed with -a, and the error lines of targets that cannot be read."""
+import contextlib
 import errno
 import os
 import re
@@ -22,11 +23,12 @@ SCAN_USAGE = ("usage: [OPTIONS] FILES\noptions: [-m match filter] [-f fast] [-c 
 class Target(object):
     """One thing to scan; a zeroed Target is the slot a failed init leaves behind."""
 
-    def __init__(self, name="", size=0, kind=0, path=None):
+    def __init__(self, name="", size=0, kind=0, path=None, window=None):
         self.name = name
         self.size = size
         self.kind = kind
         self.path = path
+        self.window = window
 
     @property
     def volume(self):
@@ -63,6 +65,11 @@ def extract_volume_name(name):
     if "/" not in converted:
         raise Abort()
     return converted[converted.rfind("/") + 1:]
+
+
+@contextlib.contextmanager
+def _nothing_held():
+    yield
 
 
 class Scanner(object):
@@ -144,8 +151,20 @@ class Scanner(object):
     def volume_target(self, lv, kind):
         if not lv.linear:
             raise VhdError(errno.ENOSYS, "not linear")
-        path = lvm.VolumeGroup(lvm.root_from_env(), self.vg_name).lv_path(lv.name)
-        return Target(lv.name, lv.size, kind, path)
+        try:
+            path, window = self.volume_group().locate(lv.name)
+        except lvm.LvmError:
+            raise VhdError(errno.ENOENT, "no such LV") from None
+        return Target(lv.name, lv.size, kind, path, window)
+
+    def volume_group(self):
+        return lvm.VolumeGroup(lvm.root_from_env(), self.vg_name)
+
+    def volumes_held(self):
+        """The VG held still while its LVs are read (nothing to hold without a simulated host)."""
+        if not os.environ.get(lvm.ROOT_ENV):
+            return _nothing_held()
+        return self.volume_group().reading()
 
     # -- scanning
 
@@ -212,7 +231,7 @@ class Scanner(object):
     @staticmethod
     def open_volume(image):
         try:
-            return open_volume(image.target.path, image.target.size)
+            return open_volume(image.target.path, image.target.size, image.target.window)
         except VhdError as exc:
             image.message = exc.message
             raise
@@ -332,7 +351,10 @@ def cmd_scan(args, out):
         flags &= ~SCAN_FAST
     scanner = Scanner(flags, out, vg_name)
     if flags & SCAN_VOLUME:
-        err, targets = scanner.volume_targets(filter_pattern, operands)
+        with scanner.volumes_held():
+            err, targets = scanner.volume_targets(filter_pattern, operands)
+            if not err:
+                return scanner.run(targets)
     else:
         err, targets = scanner.file_targets(filter_pattern, operands)
     if err:

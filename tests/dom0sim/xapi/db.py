@@ -41,6 +41,7 @@ class Database(object):
         self.downtime_log = DowntimeLog()
         self._plugins = {}
         self._sr_scan_handlers = []
+        self._power_handlers = []
 
     # ---- objects -------------------------------------------------------------------------------
 
@@ -258,6 +259,18 @@ class Database(object):
     def sr_scan_handlers(self):
         with self.lock:
             return list(self._sr_scan_handlers)
+
+    def register_power_handler(self, handler):
+        """A VM power operation that changed the VM's power state calls handler(vm_ref) once it has
+        ended, outside the database lock (the storage manager (de)activates the VM's disks)."""
+        with self.lock:
+            self._power_handlers.append(handler)
+
+    def power_changed(self, vm_ref):
+        with self.lock:
+            handlers = list(self._power_handlers)
+        for handler in handlers:
+            handler(vm_ref)
 
     # ---- internals -----------------------------------------------------------------------------
 

@@ -104,6 +104,8 @@ def run(db, vm_ref, op, start_paused=False, operation_key=None):
         raise
     target = TARGETS[op](start_paused)
     _end_operation(db, vm_ref, key, _transition_fields(db, record, target))
+    if target != record["power_state"]:
+        db.power_changed(vm_ref)
 
 
 def _end_operation(db, vm_ref, key, fields):
