@@ -37,7 +37,7 @@ def agent_command(host, *args):
 
 def run_now(host, *args, **options):
     """`xcoalesce-agent --now ARGS --json`: (exit code, parsed JSON or None, stderr)."""
-    process = subprocess.Popen(agent_command(host, "--now", "--json", *args), cwd=REPOSITORY,
+    process = subprocess.Popen(agent_command(host, "--now", "--json", *args), cwd=REPOSITORY, env=options.get("env"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     try:
         stdout, stderr = process.communicate(timeout=options.get("timeout", 120))
@@ -52,9 +52,23 @@ def run_now(host, *args, **options):
     return process.returncode, document, stderr
 
 
+def virtual_contents(host, disk_key):
+    """sha256 of a disk's virtual contents; an inactive LVM chain is held active for the look, as a
+    test may (the agent never does)."""
+    store = host.store(host.disk_spec(disk_key)["sr"])
+    names = ["VHD-" + uuid for uuid in store.chain(host.vdis[disk_key])] if store.lvm else []
+    if names:
+        store.vg.activate(names, "test")
+    try:
+        return vhdfile.chain_digest(host.vdi_path(disk_key))
+    finally:
+        if names:
+            store.vg.deactivate(names, "test")
+
+
 def digests(host):
     """The virtual contents of every disk that has a VHD chain."""
-    return {key: vhdfile.chain_digest(host.vdi_path(key)) for key in host.parents}
+    return {key: virtual_contents(host, key) for key in host.parents}
 
 
 def files(host):

@@ -9,9 +9,10 @@ import zlib
 
 import pytest
 
-from tests.dom0sim import lvm, tools, vhdfile
+from tests.dom0sim import lvm, tools
 from tests.dom0sim.host import SimHost
 from tests.dom0sim.xapi import vm
+from tests.runner_support import virtual_contents
 
 MIB = 1024 * 1024
 SR = "0a1b2c3d-1111-4222-8333-444455556666"
@@ -295,22 +296,11 @@ def test_inactive_lv_fails_read_like_a_missing_file_while_scan_reads_it(tmp_path
         leaf, 64 * MIB, vg.lv_size("VHD-" + leaf), parent), "", 0)
 
 
-def virtual_contents(host, disk_key):
-    """The disk's virtual contents, read with its chain active for the look (as a test may)."""
-    store = host.store("san")
-    names = ["VHD-" + uuid for uuid in store.chain(host.vdis[disk_key])]
-    store.vg.activate(names, "test")
-    try:
-        return vhdfile.chain_digest(host.vdi_path(disk_key))
-    finally:
-        store.vg.deactivate(names, "test")
-
-
 def test_gc_merges_a_halted_chain_and_leaves_it_inactive(sim_host):
     host = sim_host("pool-shared-lvm")
     key = "halted-00002-root"
     before = virtual_contents(host, key)
-    host.sm.run_gc(host.srs["san"])
+    host.sm.gc(host.srs["san"])
     leaf = host.vdis[key]
     assert chain_uuids(host, key) == [leaf]
     attrs = lv_states(host, "san")
@@ -345,7 +335,7 @@ def test_gc_records_vhd_blocks_of_hidden_parents(sim_host):
     parent = host.parents[key]
     ref = host.db.ref_of("VDI", parent)
     assert "vhd-blocks" not in host.db.get_field("VDI", ref, "sm_config")
-    host.sm.run_gc(host.srs["san"])
+    host.sm.gc(host.srs["san"])
     value = host.db.get_field("VDI", ref, "sm_config")["vhd-blocks"]
     store = host.store("san")
     assert zlib.decompress(base64.b64decode(value)) == store.image(parent).block_bitmap() == b"\x80" + bytes(3)
