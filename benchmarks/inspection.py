@@ -1,4 +1,8 @@
-"""Inspection cost on the simulated `large` scenario, against the one-`vhd-util query`-per-VDI script.
+"""Inspection cost on the simulated `large` and `pool-shared-lvm` scenarios, against the
+one-`vhd-util query`-per-VDI script.
+
+`pool-shared-lvm` is the pool master of a shared LVM SR: most chains' LVs are inactive there, so
+their bitmaps are read from the PV extents (or SM's `vhd-blocks`) instead of `vhd-util read -B`.
 
 Each measurement runs in a child process (`python -m benchmarks.inspection CHILD MODE CONF`) so that
 its CPU time (`RUSAGE_SELF`: the agent alone; `RUSAGE_CHILDREN`: the tools it ran) and peak RSS are
@@ -13,7 +17,8 @@ import sys
 import tempfile
 import time
 
-SIZES = (1000, 10000)
+# (scenario, its size parameter): `large` takes VDIs; `pool-shared-lvm` takes VMs, about 2.8 VHDs each.
+CASES = (("large", 1000), ("large", 10000), ("pool-shared-lvm", 3560))
 BASELINE_SAMPLE = 200          # VDIs the baseline script queries; its cost per VDI is constant
 CHILD = "child"
 
@@ -106,13 +111,13 @@ def in_child(mode, conf):
     return json.loads(process.stdout)
 
 
-def measure(count):
+def measure(scenario, count):
     from tests.dom0sim.host import SimHost
-    directory = tempfile.mkdtemp(prefix="bench-large-")
+    directory = tempfile.mkdtemp(prefix="bench-inspection-")
     try:
         started = time.time()
-        host = SimHost(directory, "large", count=count).build()
-        sys.stderr.write("  built the large scenario with {} VDIs in {:.0f} s\n".format(count, time.time() - started))
+        host = SimHost(directory, scenario, count=count).build()
+        sys.stderr.write("  built {} (count={}) in {:.0f} s\n".format(scenario, count, time.time() - started))
         host.start()
         try:
             return in_child("inspect", host.agent_conf), in_child("baseline", host.agent_conf)
@@ -126,22 +131,22 @@ def ratio(numerator, denominator):
     return "{:.1f}x".format(numerator / denominator) if denominator else "n/a"
 
 
-def run(sizes=SIZES):
+def run(cases=CASES):
     figures = [("interpreter", "Python {}.{}.{}".format(*sys.version_info[:3]))]
     cold_cpu = {}
-    for count in sizes:
-        agent, baseline = measure(count)
+    for scenario, count in cases:
+        agent, baseline = measure(scenario, count)
         cold, warm = agent["cold"], agent["warm"]
-        prefix = "{} VDIs: ".format(count)
-        target = agent["srs"] + 2 * agent["candidates"]
+        prefix = "{} {} VDIs: ".format(scenario, agent["vhds"])
+        target = " (target {})".format(agent["srs"] + 2 * agent["candidates"]) if scenario == "large" else ""
         figures += [
-            (prefix + "VHDs, SRs, leaf-coalesce candidates", "{} VHDs, {} SRs, {} candidates".format(
-                agent["vhds"], agent["srs"], agent["candidates"])),
-            (prefix + "vhd-util runs, first inspection (target {})".format(target), cold["spawned"]),
+            (prefix + "SRs, leaf-coalesce candidates", "{} SRs, {} candidates".format(
+                agent["srs"], agent["candidates"])),
+            (prefix + "vhd-util runs, first inspection{}".format(target), cold["spawned"]),
             (prefix + "vhd-util runs, next inspections (cached parents)", warm["spawned"]),
             (prefix + "processes the agent forks, first / next", "{} / {}".format(cold["forked"], warm["forked"])),
             (prefix + "vhd-util runs and forks, baseline (one query per VDI)", baseline["spawned"]),
-            (prefix + "agent CPU s, first / next inspection", "{:.2f} / {:.2f}".format(
+            (prefix + "agent CPU s, first / next inspection (target < 1)", "{:.2f} / {:.2f}".format(
                 cold["agent_cpu"], warm["agent_cpu"])),
             (prefix + "tools CPU s, first / next inspection", "{:.2f} / {:.2f}".format(
                 cold["tools_cpu"], warm["tools_cpu"])),
@@ -156,13 +161,20 @@ def run(sizes=SIZES):
         ]
         for message in agent["errors"][:3]:
             figures.append((prefix + "inspection error", message))
-        cold_cpu[count] = (cold["agent_cpu"], warm["agent_cpu"])
-    if len(sizes) > 1:
-        low, high = min(sizes), max(sizes)
+        if scenario == "large":
+            cold_cpu[count] = (cold["agent_cpu"], warm["agent_cpu"])
+    if len(cold_cpu) > 1:
+        low, high = min(cold_cpu), max(cold_cpu)
         figures.append(("agent CPU growth {} -> {} VDIs, first / next (linear: {:.0f}x)".format(low, high, high / low),
                         "{} / {}".format(ratio(cold_cpu[high][0], cold_cpu[low][0]),
                                          ratio(cold_cpu[high][1], cold_cpu[low][1]))))
     return figures
+
+
+def _case(argument):
+    """`COUNT` (the large scenario) or `SCENARIO:COUNT`."""
+    scenario, _, count = argument.rpartition(":")
+    return scenario or "large", int(count)
 
 
 def main(argv):
@@ -170,8 +182,8 @@ def main(argv):
         result = child_inspect(argv[2]) if argv[1] == "inspect" else child_baseline(argv[2])
         sys.stdout.write(json.dumps(result))
         return 0
-    sizes = tuple(int(arg) for arg in argv) or SIZES
-    for figure, value in run(sizes):
+    cases = tuple(_case(arg) for arg in argv) or CASES
+    for figure, value in run(cases):
         print("{:<60} {}".format(figure, value))
     return 0
 
