@@ -12,8 +12,8 @@ import pytest
 
 from tests.agent_process import wait_for
 from tests.dom0sim import scenarios as sc
-from tests.runner_support import (KEEP_SNAPSHOT, REPOSITORY, agent_command, chain_parent, configure, digests,
-                                  downtime, other_configs, power_states, run_now, small_scenario)
+from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, downtime,
+                                  other_configs, power_states, run_now, small_scenario)
 from xcoalesce_agent import config as config_module, runner
 
 SM_GENERATIONS = ("3.2", "4.1")
