@@ -2,16 +2,34 @@
 import pytest
 
 from tests.dom0sim.host import SimHost
+from tests.dom0sim.sm import DEFAULT_GENERATION
 from tests.dom0sim.xapi import client
 
 
+def pytest_generate_tests(metafunc):
+    """A test module that sets `SM_GENERATIONS = ("3.2", "4.1")` runs each of its simulated hosts' tests
+    against each of those SM generations."""
+    generations = getattr(metafunc.module, "SM_GENERATIONS", None)
+    if generations and "sm_generation" in metafunc.fixturenames:
+        metafunc.parametrize("sm_generation", generations, indirect=True)
+
+
 @pytest.fixture
-def sim_host(tmp_path):
+def sm_generation(request):
+    """The SM generation sim_host gives its hosts unless `sm=` says: the default one, or each of a
+    module's SM_GENERATIONS."""
+    return getattr(request, "param", DEFAULT_GENERATION)
+
+
+@pytest.fixture
+def sim_host(tmp_path, sm_generation):
     """Factory: sim_host("demo", **params) or sim_host(scenario_dict) builds and starts a simulated host
-    under tmp_path; every host it started is stopped at teardown."""
+    under tmp_path (SM generation `sm_generation` unless `sm=` says); every host it started is stopped
+    at teardown."""
     hosts = []
 
     def start(scenario="demo", **params):
+        params.setdefault("sm", sm_generation)
         host = SimHost(str(tmp_path / "h{}".format(len(hosts))), scenario, **params).build()
         hosts.append(host)
         return host.start()

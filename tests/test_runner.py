@@ -7,6 +7,8 @@ from tests.runner_support import (KEEP_SNAPSHOT, agent_command, chain_parent, co
                                   other_configs, power_states, run_now, small_scenario, sr_free, REPOSITORY)
 from xcoalesce_agent import config as config_module, history, runner, scheduled, snapshot_trigger
 
+SM_GENERATIONS = ("3.2", "4.1")
+
 
 def runs_by_disk(host, document):
     by_uuid = {run["vdi_uuid"]: run for run in document["runs"]}
@@ -223,6 +225,13 @@ def test_a_snapshot_alone_under_its_base_is_leaf_coalesced_by_the_gc_or_held_bac
     assert [run["vdi_uuid"] for run in document["runs"]] == [host.vdis["app-root"]]
     assert snapshot_report(host).chain_length == 2  # not asked for: held back from the GC the run kicked
     assert host.db.get_field("VDI", host.db.ref_of("VDI", snapshot_vdi(host)), "other_config") == flags
+    host.db.update("VM", host.vm_ref("moved"), tags=["xcoalesce-exclude"])
+    code, document, stderr = run_now(host)
+    assert code == 0, stderr
+    (run,) = document["runs"]
+    assert (run["vdi_uuid"], run["result"]) == (snapshot_vdi(host), "skipped") and "xcoalesce-exclude" in run["reason"]
+    assert snapshot_report(host).chain_length == 2  # its VM excluded: held back too
+    host.db.update("VM", host.vm_ref("moved"), tags=[])
     code, document, stderr = run_now(host)
     assert code == 0, stderr
     (run,) = document["runs"]

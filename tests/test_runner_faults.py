@@ -12,6 +12,8 @@ from tests.agent_process import wait_for
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, other_configs,
                                   power_states, run_now, small_scenario)
 
+SM_GENERATIONS = ("3.2", "4.1")
+
 
 @pytest.fixture
 def host(sim_host):

@@ -21,6 +21,8 @@ from tests.test_daemon import write_config
 from tests.test_daemon_schedule import OPEN_WINDOW, set_mode
 from xcoalesce_agent import history
 
+SM_GENERATIONS = ("3.2", "4.1")
+
 MERGE_SECONDS = 32
 STOPPED_WITHIN = 20  # seconds: well under the merge, and under TimeoutStopSec
 

@@ -6,6 +6,10 @@ A step is one change that must be undone if the agent dies before undoing it its
 `coalesce-leaf` plugin suspends on the agent's behalf; the plugin also sets `force` on the VM's
 VDIs). The file is rewritten atomically (fsync, rename, fsync of the directory) before the
 step, and the step is dropped once the change is undone. `repair()` undoes what a crash left.
+
+A `suspend` step names the plugin's xapi task once the call is made: xapi cannot stop a plugin,
+so while that task runs the plugin may still suspend the VM or set `force`, and the step stays
+open (its flags put back at each repair, the VM left to the plugin) until the task has ended.
 """
 import json
 import logging
@@ -75,6 +79,10 @@ class Journal(object):
         self._write(steps + [step])
         return step["id"]
 
+    def amend(self, step_id, **fields):
+        """Add `fields` to an open step (the plugin's task once it is known)."""
+        self._write([dict(step, **fields) if step["id"] == step_id else step for step in self.steps()])
+
     def end(self, step_id):
         """Drop a step once its change is undone (or turned out not to need undoing)."""
         self._write([step for step in self.steps() if step["id"] != step_id])
@@ -113,6 +121,11 @@ def repair(session, journal):
     failures = []
     for step in reversed(journal.steps()):
         try:
+            if plugin_running(session, step):
+                actions.extend(restore_forced(session, step))
+                actions.append("VM {}: the coalesce-leaf plugin still runs (task {}): its step stays open until "
+                               "it ends".format(step["vm_uuid"], step["task"]))
+                continue
             actions.extend(undo(session, step))
         except (XenAPI.Failure,) + TRANSPORT_ERRORS as error:
             failures.append("{} {}: {}".format(step["action"], _subject(step), describe(error)))
@@ -134,6 +147,24 @@ def undo(session, step):
     if step["action"] == SUSPEND_STEP:
         return restore_forced(session, step) + _bring_back(session, step["vm_uuid"], step["power_state"])
     raise ValueError("unknown journal step {!r}".format(step["action"]))
+
+
+UNFINISHED_TASK = ("pending", "cancelling")
+
+
+def task_running(session, task):
+    """True while the xapi task `task` has not ended (a task gone has ended)."""
+    try:
+        return session.xenapi.task.get_status(task) in UNFINISHED_TASK
+    except XenAPI.Failure as error:
+        if _missing(error):
+            return False
+        raise
+
+
+def plugin_running(session, step):
+    """True while the plugin call of a `suspend` step is still under way."""
+    return step["action"] == SUSPEND_STEP and bool(step.get("task")) and task_running(session, step["task"])
 
 
 def restore_forced(session, step):

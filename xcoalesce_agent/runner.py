@@ -29,12 +29,14 @@ LOG = logging.getLogger(__name__)
 
 def repair(config, session, journal):
     """Undo what an earlier run left behind: the `force` flags at once (a GC still running must not
-    take them), the rest once the GCs of those SRs have settled (bounded by gc_wait_seconds)."""
+    take them), the rest once the GCs of those SRs have settled (bounded by gc_wait_seconds). The
+    step of a plugin still running stays open (journal.repair); its SRs are not waited for."""
     steps = journal.steps()
     if not steps:
         return []
     actions = _release_force(session, steps)
-    for sr_uuid in sorted({sr for step in steps for sr in step.get("sr_uuids", ())}):
+    settled = [step for step in steps if not journal_module.plugin_running(session, step)]
+    for sr_uuid in sorted({sr for step in settled for sr in step.get("sr_uuids", ())}):
         if not wait_gc_idle(config, session, sr_uuid, config.coalesce.gc_wait_seconds):
             LOG.warning("repairing while the GC of SR %s still runs", sr_uuid)
     actions += journal_module.repair(session, journal)

@@ -8,8 +8,8 @@ from xml.parsers.expat import ExpatError
 
 import XenAPI
 
-from . import inventory, journal as journal_module, planner
-from .smgc import GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
+from . import inventory, journal as journal_module, planner, stopping
+from .smgc import POLL_SECONDS, GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
 from .xapi import NULL_REF, describe
 
 LOG = logging.getLogger(__name__)
@@ -66,24 +66,32 @@ def run_live(config, session, journal, entry):
 
 # ---- the coalesce-leaf plugin --------------------------------------------------------------
 
-# How often the plugin's task is looked at, and how long it may take to end once cancelled.
+# How often the plugin's task is looked at, and how long it is looked at once cancelled: xapi
+# cannot stop a plugin (task.cancel only marks its task), so a plugin past its limit rarely ends then.
 TASK_POLL_SECONDS = 0.25
-CANCEL_GRACE_SECONDS = 30.0
-UNFINISHED = ("pending", "cancelling")
+CANCEL_GRACE_SECONDS = 1.0
+UNFINISHED = journal_module.UNFINISHED_TASK
 
 
 class PluginUnfinished(Exception):
-    """The plugin's call did not finish: past plugin_timeout_seconds, or its task was cancelled."""
+    """The plugin's call did not finish: past plugin_timeout_seconds (`task`: its task, still
+    running), or its task was cancelled by someone else (`task` empty)."""
+
+    def __init__(self, message, task=""):
+        Exception.__init__(self, message)
+        self.task = task
 
 
 class PluginRun(object):
     """What one call of the plugin came to: its answer or why it failed, a GC other than the
-    plugin's own seen on the VM's SRs meanwhile, and what it took to bring the VM back."""
+    plugin's own seen on the VM's SRs meanwhile, the plugin's task if it still runs after the
+    agent gave up on it, and what it took to bring the VM back."""
 
     def __init__(self):
         self.answer = ""
         self.error = ""
         self.gc_seen = ""
+        self.task = ""
         self.notes = []
 
     def failure(self):
@@ -109,9 +117,10 @@ def run_plugin(config, session, journal, entry, facts):
     Safe on both SM generations. Before SM 4.1.10 the plugin does not wait for a GC already
     running: its passes exit at once, it resumes the VM having merged nothing and leaves `force`
     on the leaves for that GC. So the SRs' GCs must be idle just before the call (`GcBusy` after
-    gc_wait_seconds). The call is bounded (`call_plugin_bounded`). Whatever happens, the `force`
-    flags the plugin set go back at once, and a VM it left suspended is resumed once the SRs' GCs
-    are idle (waited for up to gc_wait_seconds, then resumed all the same; the notes say so).
+    gc_wait_seconds). SM 4.1 sets `force` even on a leaf the GC it waited for merged, and leaves
+    it. The call is bounded (`call_plugin_bounded`). Whatever happens, the `force` flags the
+    plugin set go back at once, and a VM it left suspended is resumed once the SRs' GCs are idle
+    (`_end_plugin_step`). A plugin still running past its limit keeps its journal step open.
     A plugin that merged nothing is not called again in the same run, as that would suspend the
     VM a second time: the run fails with the reason and a later run tries again.
     """
@@ -139,34 +148,39 @@ def run_plugin(config, session, journal, entry, facts):
 
     step = journal.begin(journal_module.suspend_step(sr_uuids, vm_uuid, power_state, forced))
     try:
-        run.answer = call_plugin_bounded(config, session, host_ref, vm_uuid, watch)
+        run.answer = call_plugin_bounded(config, session, host_ref, vm_uuid, watch,
+                                         started=lambda task: journal.amend(step, task=task))
         LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(run.answer.split()))
     except XenAPI.Failure as error:
         run.error = describe(error)
     except PluginUnfinished as error:
-        run.error = str(error)
+        run.error, run.task = str(error), error.task
     finally:
         _end_plugin_step(config, session, journal, step, sorted(sr_uuids), run)
     return run
 
 
-def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None):
+def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None, started=None):
     """The plugin through `Async.host.call_plugin`: its answer, `XenAPI.Failure` when it failed,
-    `PluginUnfinished` past plugin_timeout_seconds (its task is cancelled first, then given
-    CANCEL_GRACE_SECONDS to end). The task is polled (`watch()` is called at each look) and
-    destroyed at the end."""
+    `PluginUnfinished` past plugin_timeout_seconds (its task is cancelled, which xapi records but
+    which does not stop the plugin, and looked at for CANCEL_GRACE_SECONDS more). `started(task)`
+    is called as soon as the task exists; the task is polled (`watch()` is called at each look,
+    the last one after it ended) and destroyed at the end (xapi drops a running task when it ends)."""
     limit = config.coalesce.plugin_timeout_seconds
     task = session.xenapi.Async.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
     try:
+        if started is not None:
+            started(task)
         status = _task_status(session, task, time.monotonic() + limit, watch)
-        unfinished = ""
         if status in UNFINISHED:
             status, unfinished = _cancel(session, task, limit)
+            if status in UNFINISHED:
+                raise PluginUnfinished(unfinished, task)
         if status == "success":
             return _task_result(session.xenapi.task.get_result(task))
         if status == "failure":
             raise XenAPI.Failure(session.xenapi.task.get_error_info(task))
-        raise PluginUnfinished(unfinished or "the plugin's task was {} by someone else".format(status))
+        raise PluginUnfinished("the plugin's task was {} by someone else".format(status))
     finally:
         try:
             session.xenapi.task.destroy(task)
@@ -177,20 +191,17 @@ def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None):
 def _task_status(session, task, deadline, watch=None):
     """The task's status once it left pending (or cancelling), or as it is at `deadline`."""
     while True:
-        status = session.xenapi.task.get_status(task)
-        if status not in UNFINISHED:
-            return status
         if watch is not None:
             watch()
-        if time.monotonic() >= deadline:
+        status = session.xenapi.task.get_status(task)
+        if status not in UNFINISHED or time.monotonic() >= deadline:
             return status
         time.sleep(TASK_POLL_SECONDS)
 
 
 def _cancel(session, task, limit):
-    """task.cancel past the limit, then up to CANCEL_GRACE_SECONDS for the task to end (also when
-    xapi refuses the cancel: the plugin may still end by itself, and its `force` flags and the VM
-    must be seen to only after that): (the task's status then, what happened in words)."""
+    """task.cancel past the limit, then up to CANCEL_GRACE_SECONDS for the task to end: (the
+    task's status then, what happened in words)."""
     what = "the plugin did not finish within {:g} s".format(limit)
     LOG.warning("%s: cancelling its task", what)
     try:
@@ -200,7 +211,7 @@ def _cancel(session, task, limit):
         cancel = "its task could not be cancelled ({})".format(describe(error))
     status = _task_status(session, task, time.monotonic() + CANCEL_GRACE_SECONDS)
     if status in UNFINISHED:
-        return status, "{}; {} and is still {} after {:g} s more".format(what, cancel, status, CANCEL_GRACE_SECONDS)
+        return status, "{}; {} but xapi cannot stop a plugin: it still runs".format(what, cancel)
     return status, "{}; {}".format(what, cancel)
 
 
@@ -218,12 +229,23 @@ def _task_result(text):
 
 def _end_plugin_step(config, session, journal, step_id, sr_uuids, run):
     """After the call, whatever its outcome: the `force` flags back, then the VM back once the SRs'
-    GCs let go of its chain (bounded), then the journal step closed."""
+    GCs let go of its chain (bounded), then the journal step closed. A plugin still running past
+    its limit resumes the VM itself once its forced pass ends: the agent resumes it only if the
+    SRs' GCs are idle, and keeps the step open (the next run puts back what the plugin leaves)."""
     step = next(item for item in journal.steps() if item["id"] == step_id)
     for line in journal_module.restore_forced(session, step):
         LOG.info("%s", line)
     vm_ref = session.xenapi.VM.get_by_uuid(step["vm_uuid"])
-    if step["power_state"] == "Running" and session.xenapi.VM.get_power_state(vm_ref) == "Suspended":
+    if run.task and journal_module.task_running(session, run.task):
+        if _left_suspended(session, step, vm_ref):
+            _resume_after_plugin_pass(config, session, vm_ref, sr_uuids, run)
+        if journal_module.task_running(session, run.task):
+            for line in journal_module.restore_forced(session, step):
+                LOG.info("%s", line)
+            run.notes.append("the plugin still runs (task {}): its journal step stays open until it ends, and "
+                             "the next run puts back what it leaves".format(run.task))
+            return
+    if _left_suspended(session, step, vm_ref):
         waited = []
         for sr_uuid in sr_uuids:
             busy = gc_activity(config, session, sr_uuid)
@@ -239,3 +261,36 @@ def _end_plugin_step(config, session, journal, step_id, sr_uuids, run):
         run.notes.append("the plugin left the VM suspended; the agent {}".format(
             "; ".join(waited) if waited else "resumed it"))
     close_step(session, journal, step_id)
+
+
+def _left_suspended(session, step, vm_ref):
+    return step["power_state"] == "Running" and session.xenapi.VM.get_power_state(vm_ref) == "Suspended"
+
+
+def _resume_after_plugin_pass(config, session, vm_ref, sr_uuids, run):
+    """The plugin, past its limit, has the VM suspended: its forced GC pass may hold the SRs' locks
+    on the VM's chain, and the VM must not run while it merges. Wait (up to gc_wait_seconds) for the
+    plugin to resume it, or for the SRs' GCs to be idle and then resume it; else leave it to the
+    plugin and say so."""
+    deadline = time.monotonic() + config.coalesce.gc_wait_seconds
+    while True:
+        if session.xenapi.VM.get_power_state(vm_ref) != "Suspended":
+            run.notes.append("the plugin resumed the VM itself")
+            return
+        busy = [seen for seen in (gc_activity(config, session, sr_uuid) for sr_uuid in sr_uuids) if seen]
+        if not busy:
+            try:
+                session.xenapi.VM.resume(vm_ref, False, False)
+                run.notes.append("the agent resumed the VM once the SRs' garbage collectors were idle")
+            except XenAPI.Failure as error:
+                if session.xenapi.VM.get_power_state(vm_ref) == "Suspended":
+                    raise
+                LOG.debug("VM.resume: %s (the plugin resumed it meanwhile)", describe(error))
+                run.notes.append("the plugin resumed the VM itself")
+            return
+        if time.monotonic() >= deadline or stopping.requested():
+            run.notes.append("the VM stays suspended: the plugin's garbage collector pass still works on its SRs "
+                             "({}) after {:g} s; the plugin resumes it when the pass ends, or the next run "
+                             "does".format("; ".join(busy), config.coalesce.gc_wait_seconds))
+            return
+        stopping.sleep(POLL_SECONDS)

@@ -25,6 +25,7 @@ Steps tests can hold (`gate = sm.gate(name)`; the next thread to reach the step 
     gc.before-merge        before any merge of a VHD into its parent (coalesce, snapshot-coalesce, leaf)
     gc.before-snapshot     before a snapshot-coalesce round's internal VDI.snapshot
     gc.snapshot-paused     inside that snapshot: the leaf paused, the base copy's record made
+    plugin.start           the plugin call has begun, before its first GC pass
     plugin.before-suspend  the plugin is about to suspend the VM
     plugin.dry-run-loop    each round of the plugin's final dry run that found a candidate (4.1)
 A busy VDI (SM's pause with failfast fails at once): hold `sm.vdi_lock(vdi_uuid)`.
@@ -1865,6 +1866,7 @@ class StorageManager(object):
         return text
 
     def vm_leaf_coalesce(self, host_ref, vm_uuid):
+        self.step("plugin.start")
         messages = []
         vm_ref = self.records.by_uuid("VM", vm_uuid)
         if vm_ref is None:
