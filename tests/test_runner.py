@@ -238,3 +238,31 @@ def test_a_snapshot_alone_under_its_base_is_leaf_coalesced_by_the_gc_or_held_bac
     assert (run["vdi_uuid"], run["strategy"], run["result"]) == (snapshot_vdi(host), "gc", "success")
     assert run["predicted_freeze_seconds"] == 0.0 and run["reclaimed_bytes"] > 0
     assert snapshot_report(host).chain_length == 1
+
+
+def test_an_orphaned_snapshot_leaf_is_merged_unless_its_snapshot_vm_is_excluded(sim_host):
+    """VM `moved` deleted (`xe vm-uninstall`: its disk went first) leaves its snapshot VM alone, whose
+    VDI is the only child of its base: SM's GC leaf-coalesces it; the snapshot VM is what the
+    administrator still sees, so its exclusion holds the VDI back."""
+    host = sim_host(moved_disk_scenario())
+    vm_ref = host.vm_ref("moved")
+    host.db.update("VM", vm_ref, power_state="Halted")
+    for vbd_ref in host.db.get_field("VM", vm_ref, "VBDs"):
+        host.db.destroy("VBD", vbd_ref)
+    host.db.destroy("VM", vm_ref)
+    (snapshot_vm,) = [record for record in host.db.records("VM").values() if record["is_a_snapshot"]]
+    report = snapshot_report(host)
+    assert (report.state, report.vm_uuid, report.chain_length) == ("leaf_coalesceable", snapshot_vm["uuid"], 2)
+    assert report.reclaimable_bytes > 0
+    host.db.update("VM", host.db.ref_of("VM", snapshot_vm["uuid"]), tags=["xcoalesce-exclude"])
+    code, document, stderr = run_now(host)
+    assert code == 0, stderr
+    assert [run["result"] for run in document["runs"] if run["vdi_uuid"] == snapshot_vdi(host)] == ["skipped"]
+    assert snapshot_report(host).chain_length == 2
+    host.db.update("VM", host.db.ref_of("VM", snapshot_vm["uuid"]), tags=[])
+    code, document, stderr = run_now(host)
+    assert code == 0, stderr
+    (run,) = document["runs"]
+    assert (run["vdi_uuid"], run["strategy"], run["result"]) == (snapshot_vdi(host), "gc", "success")
+    assert run["reclaimed_bytes"] == run["estimated_bytes"] > 0
+    assert snapshot_report(host).chain_length == 1

@@ -138,8 +138,9 @@ NO_VM = _Vm({})
 
 def vdi_users(vbds, vms):
     """{VDI ref: _Vm} of the VM each VDI belongs to: the VM using it, preferring a real VM over a
-    snapshot; a snapshot VM's VDIs belong to the VM it is a snapshot of, or to none (NO_VM) once that
-    VM is gone: the exclusions of that VM cover its snapshots, and an orphaned snapshot has no VM.
+    snapshot; a snapshot VM's VDIs belong to the VM it is a snapshot of (its exclusions cover its
+    snapshots), or, once that VM is gone, to the snapshot VM itself: what `xe snapshot-list` still
+    shows an administrator, and what they would exclude.
 
     `vbds` is any iterable of VBD records (xapi's stream of them: none is kept), `vms` {ref: _Vm}.
     """
@@ -151,7 +152,7 @@ def vdi_users(vbds, vms):
         current = users.get(vbd["VDI"])
         if current is None or (current.is_snapshot and not vm.is_snapshot):
             users[vbd["VDI"]] = vm
-    return {ref: vms.get(vm.snapshot_of, NO_VM) if vm.is_snapshot else vm for ref, vm in users.items()}
+    return {ref: vms.get(vm.snapshot_of, vm) if vm.is_snapshot else vm for ref, vm in users.items()}
 
 
 # One string object for each value of the enum, rather than one per VDI.
