@@ -150,7 +150,7 @@ def restore_flag(session, vdi_uuid, value, previous, keep_mark=False):
         current = other_config.get(LEAF_COALESCE_KEY)
         decision = undo_decision(value, previous, current)
         done = []
-        if decision == RESTORE:
+        if decision == RESTORE and (current, previous) != (None, None):
             if current is not None:
                 api.remove_from_other_config(ref, LEAF_COALESCE_KEY)
             if previous is not None:

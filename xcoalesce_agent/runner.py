@@ -315,7 +315,7 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
                 except journal_module.RepairFailed as error:
                     raise AgentError("an interrupted run left changes that cannot be undone yet, so nothing "
                                      "is run: {}".format(error)) from None
-                repair_marks(config, session, config.coalesce.gc_wait_seconds)
+                repair_marks(config, session, 0)  # what waits for a GC is left to the next cycle or --repair
                 runner = Runner(config, session, policy)
                 before = inspection or runner.inspect()
                 before = _settled(config, session, runner, before, srs)
