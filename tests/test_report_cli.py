@@ -87,7 +87,7 @@ def test_version():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--json"], "--json goes with --report or --now"),
+    (["--json"], "--json goes with --report, --now or --repair"),
     (["--report", "--dry-run"], "--dry-run goes with --now"),
     (["--report", "--vm", "x"], "--vm goes with --now"),
     (["--report", "--now"], "not allowed with argument"),

@@ -192,7 +192,7 @@ def test_killed_at_each_host_changing_step_and_started_again(host, strategy, act
     if strategy == "plugin":
         wait_for(lambda: power_states(host)[vm] == "Suspended", timeout=60, interval=0.01, what="the suspend")
     elif value == "false":  # the journal comes first: wait for the change itself, then kill
-        wait_for(lambda: other_configs(host)["idle-root"] == {"leaf-coalesce": "false"}, timeout=60,
+        wait_for(lambda: other_configs(host)["idle-root"].get("leaf-coalesce") == "false", timeout=60,
                  interval=0.01, what="the hold")
     agent.send_signal(signal.SIGKILL)
     agent.communicate(timeout=30)

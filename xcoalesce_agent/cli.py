@@ -1,6 +1,7 @@
 """`xcoalesce-agent`: argument parsing, logging, exit codes and the wiring of the three modes.
 
-`--report` inspects and prints; `--now` runs leaf coalesces (runner.py); nothing runs the daemon.
+`--report` inspects and prints; `--now` runs leaf coalesces (runner.py); `--repair` undoes what
+interrupted runs left (journal and marks); nothing runs the daemon.
 Every AgentError becomes one line `xcoalesce-agent: error: ...` and its exit code.
 """
 import argparse
@@ -37,7 +38,9 @@ def build_parser():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--report", action="store_true", help="inspect this host's SRs and print what is reclaimable")
     mode.add_argument("--now", action="store_true", help="leaf-coalesce the eligible VDIs now")
-    parser.add_argument("--json", action="store_true", help="with --report or --now: print JSON")
+    mode.add_argument("--repair", action="store_true", help="undo what interrupted runs left on the host "
+                      "(flags, suspended VMs), from the journal and from the agent's marks in xapi")
+    parser.add_argument("--json", action="store_true", help="with --report, --now or --repair: print JSON")
     parser.add_argument("--dry-run", action="store_true", help="with --now: say what would be done")
     parser.add_argument("--vm", dest="vms", action="append", default=[], metavar="UUID",
                         help="with --now: only this VM (repeatable)")
@@ -59,11 +62,11 @@ def parse_args(argv):
     for flag, given in only_now:
         if given and not args.now:
             parser.error("{} goes with --now".format(flag))
-    if args.json and not (args.report or args.now):
-        parser.error("--json goes with --report or --now")
+    if args.json and not (args.report or args.now or args.repair):
+        parser.error("--json goes with --report, --now or --repair")
     if args.web_listen_address is not None:
-        if args.report or args.now:
-            parser.error("--web.listen-address is for the service mode (no --report or --now)")
+        if args.report or args.now or args.repair:
+            parser.error("--web.listen-address is for the service mode (no --report, --now or --repair)")
         try:
             config_module.listen_address(args.web_listen_address)
         except ValueError as error:
@@ -112,6 +115,9 @@ def dispatch(args):
             sys.stderr.write("{}: error: stopped by SIGTERM after undoing the step under way\n".format(PROG))
             return EXIT_INTERRUPTED
         return code
+    if args.repair:
+        from . import runner
+        return runner.run_repair(config, args.json)
     from . import daemon
     return daemon.run(config, args.web_listen_address)
 

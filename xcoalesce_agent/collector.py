@@ -141,16 +141,20 @@ class InspectionCollector(object):
         scan_errors = _gauge("xcoalesce_sr_scan_errors", "VHDs on the SR that vhd-util could not read at the "
                              "last inspection.", SR_LABELS)
         states = _gauge("xcoalesce_sr_vhds", "VHDs on the SR by leaf-coalesce state.", SR_LABELS + ("state",))
+        marked = _gauge("xcoalesce_leftover_marks", "VDIs on the SR carrying the agent's mark of a leaf-coalesce "
+                        "flag it set and has not undone: left by an interrupted run (or a run in progress).",
+                        SR_LABELS)
         for sr in srs:
             labels = _sr_labels(host, sr)
             info.add_metric(labels + ["true" if sr.shared else "false"], 1)
             running.add_metric(labels, 1 if sr.gc_running else 0)
             skipped.add_metric(labels, sr.skipped_vdis or 0)
             scan_errors.add_metric(labels, len(sr.errors or ()))
+            marked.add_metric(labels, len(sr.leftover_marks or ()))
             counts = sr.state_counts()
             for state in model.STATES:
                 states.add_metric(labels + [state], counts[state])
-        for family in (info, running, skipped, scan_errors, states):
+        for family in (info, running, skipped, scan_errors, states, marked):
             yield family
 
         reclaimable = _gauge("xcoalesce_vdi_reclaimable_bytes", "Bytes a leaf coalesce of the VDI would free "

@@ -3,7 +3,8 @@ leaf-coalesce on schedule.
 
 Inspections run in their own thread; a scrape only renders what they left (collector.py). An
 inspection that fails keeps the previous one served and is counted in the metrics. The same thread
-first repairs what an interrupted run left, and after each good inspection hands it to the
+first repairs what an interrupted run left at each cycle (the journal; the marks in xapi when the
+inspection saw some: runner.startup_repair), and after each good inspection hands it to the
 scheduled run (scheduled.py: mode, windows, caps, lock); when that changed the host it inspects again,
 so /metrics shows the result. With `trigger_on_snapshot_delete`, a snapshot watcher wakes it once
 the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly: a run under way ends
@@ -17,7 +18,7 @@ import threading
 import time
 
 from . import collector, config as config_module, history, http, inspection, planner, runner, scheduled, xapi
-from . import snapshot_trigger, stopping
+from . import leftovers, snapshot_trigger, stopping
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -132,15 +133,20 @@ class Service(object):
         self._wake_inspection.set()
 
     def _inspect_forever(self):
-        """The inspection thread: whatever fails in one round is logged and the next round comes."""
-        try:
-            self._act(runner.startup_repair, self.config)
-        except Exception as error:
-            log_unexpected("repairing what an interrupted run left", error)
+        """The inspection thread. Each cycle repairs what an interrupted run left (the journal; the
+        marks in xapi when the inspection saw some), inspects, and hands a good inspection to the
+        scheduled run; whatever fails is logged and the next cycle comes."""
         while not self._stop.is_set():
             config = self.config
             try:
+                self._act(runner.startup_repair, config)
+            except Exception as error:
+                log_unexpected("repairing what an interrupted run left", error)
+            try:
                 result = self.inspect_once(config)
+                if (result is not None and leftovers.count_marks(result) and not self._stop.is_set()
+                        and self._act(runner.startup_repair, config, True)):
+                    result = self.inspect_once(config)
                 if result is not None and not self._stop.is_set() and self._act(self.scheduled_run, config, result):
                     self.inspect_once(config)
             except Exception as error:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import estimate, inventory, lvmread, model, smgc, vhdmeta, vhdtree, vhdutil, xapi
+from . import estimate, inventory, lvmread, marks, model, smgc, vhdmeta, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -308,6 +308,9 @@ class _Inspector(object):
         lvm = report.type in LVM_SR_TYPES
         for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
             vm = users.get(vdi_ref, NO_VM)
+            other_config = vdi.get("other_config") or {}
+            if marks.VDI_MARK_KEY in other_config:
+                report.leftover_marks.append(marks.reported_mark(vdi["uuid"], other_config))
             sm_config = vdi.get("sm_config") or {}
             vdi_type = sm_config.get("vdi_type", "vhd")
             if vdi_type in NOT_VHD_TYPES:
@@ -322,7 +325,7 @@ class _Inspector(object):
                 vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")),
                 on_boot=_ON_BOOT.get(vdi.get("on_boot"), vdi.get("on_boot", "persist")),
                 allow_caching=_is_true(vdi.get("allow_caching")),
-                leaf_coalesce=(vdi.get("other_config") or {}).get("leaf-coalesce", ""),
+                leaf_coalesce=other_config.get(marks.LEAF_COALESCE_KEY, ""),
                 vm_uuid=vm.uuid, vm_tags=vm.tags)
         return facts, names, reports, vhd_blocks
 
@@ -335,7 +338,7 @@ class _Inspector(object):
             size_bytes=size, free_bytes=size - int(sr["physical_utilisation"]),
             reclaimable_bytes=0, gc_pending_bytes=0, merge_free_bytes=0, longest_chain=0,
             gc_running=gc_seconds is not None, gc_running_seconds=gc_seconds or 0.0,
-            skipped_vdis=0, errors=[], vdis=[])
+            skipped_vdis=0, errors=[], vdis=[], leftover_marks=[])
         facts, names, reports, vhd_blocks = self.join_vdis(ref, users, report)
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))

@@ -10,6 +10,9 @@ step, and the step is dropped once the change is undone. `repair()` undoes what 
 A `suspend` step names the plugin's xapi task once the call is made: xapi cannot stop a plugin,
 so while that task runs the plugin may still suspend the VM or set `force`, and the step stays
 open (its flags put back at each repair, the VM left to the plugin) until the task has ended.
+
+The journal comes first, as it knows the order of the steps; each change is also marked on the
+host (marks.py), and undoing a step removes its marks.
 """
 import json
 import logging
@@ -17,14 +20,13 @@ import os
 
 import XenAPI
 
+from . import marks
+from .marks import FORCE, HOLD, LEAF_COALESCE_KEY  # noqa: F401 (the journal's steps speak of them)
 from .xapi import TRANSPORT_ERRORS, describe
 
 LOG = logging.getLogger(__name__)
 
 FILE_NAME = "journal.json"
-LEAF_COALESCE_KEY = "leaf-coalesce"
-FORCE = "force"
-HOLD = "false"
 
 LEAF_COALESCE_STEP = "leaf-coalesce"
 SUSPEND_STEP = "suspend"
@@ -141,11 +143,13 @@ class RepairFailed(Exception):
 
 
 def undo(session, step):
-    """Undo one step against xapi; idempotent. Returns what was done, one line per change."""
+    """Undo one step against xapi, its marks included; idempotent. Returns what was done, one line per change."""
     if step["action"] == LEAF_COALESCE_STEP:
-        return _restore(session, step["vdi_uuid"], step["value"], step["previous"])
+        return marks.restore_flag(session, step["vdi_uuid"], step["value"], step["previous"])
     if step["action"] == SUSPEND_STEP:
-        return restore_forced(session, step) + _bring_back(session, step["vm_uuid"], step["power_state"])
+        done = restore_forced(session, step) + marks.bring_back(session, step["vm_uuid"], step["power_state"])
+        marks.drop_settled_marks(session, [vdi_uuid for vdi_uuid, _ in step["forced_vdis"]])
+        return done
     raise ValueError("unknown journal step {!r}".format(step["action"]))
 
 
@@ -157,7 +161,7 @@ def task_running(session, task):
     try:
         return session.xenapi.task.get_status(task) in UNFINISHED_TASK
     except XenAPI.Failure as error:
-        if _missing(error):
+        if marks.missing(error):
             return False
         raise
 
@@ -171,48 +175,12 @@ def restore_forced(session, step):
     """The `force` flags the plugin set on the VDIs of a `suspend` step go back to what they were.
 
     Done before the VM is resumed: a GC still running must not find `force` on a running VM's
-    leaf (it would merge it with no time limit)."""
+    leaf (it would merge it with no time limit). The VDIs' marks stay until the VM's mark is gone."""
     done = []
     for vdi_uuid, previous in step["forced_vdis"]:
-        done.extend(_restore(session, vdi_uuid, FORCE, previous))
+        done.extend(marks.restore_flag(session, vdi_uuid, FORCE, previous, keep_mark=True))
     return done
 
 
 def _subject(step):
     return step.get("vdi_uuid") or step.get("vm_uuid")
-
-
-def _missing(error):
-    return error.details and error.details[0] in ("UUID_INVALID", "HANDLE_INVALID")
-
-
-def _restore(session, vdi_uuid, value, previous):
-    """Put the VDI's `leaf-coalesce` back to `previous` if it still holds the agent's `value`."""
-    try:
-        ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
-        current = session.xenapi.VDI.get_other_config(ref).get(LEAF_COALESCE_KEY)
-        if current != value or previous == value:
-            return []
-        session.xenapi.VDI.remove_from_other_config(ref, LEAF_COALESCE_KEY)
-        if previous is not None:
-            session.xenapi.VDI.add_to_other_config(ref, LEAF_COALESCE_KEY, previous)
-    except XenAPI.Failure as error:
-        if _missing(error):
-            return []
-        raise
-    return ["VDI {}: leaf-coalesce={} restored".format(vdi_uuid, previous if previous is not None else "(unset)")]
-
-
-def _bring_back(session, vm_uuid, power_state):
-    """Resume a VM that was running before the agent (or the plugin) suspended it."""
-    try:
-        ref = session.xenapi.VM.get_by_uuid(vm_uuid)
-        current = session.xenapi.VM.get_power_state(ref)
-        if power_state != "Running" or current != "Suspended":
-            return []
-        session.xenapi.VM.resume(ref, False, False)
-    except XenAPI.Failure as error:
-        if _missing(error):
-            return []
-        raise
-    return ["VM {}: resumed".format(vm_uuid)]

@@ -102,6 +102,8 @@ class SrReport(_Record):
         "skipped_vdis",           # non-VHD VDIs, counted and left alone
         "errors",                 # per-image scan errors, one line each
         "vdis",                   # [VdiReport]
+        "leftover_marks",         # [{vdi_uuid, set, replaced, host, at, leaf_coalesce}]: the agent's marks
+                                  # (marks.py) on VDIs, left by an interrupted run or one in progress
     )
     __slots__ = FIELDS
 

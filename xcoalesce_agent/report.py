@@ -31,6 +31,18 @@ def _sr_heading(sr):
         sr.longest_chain, gc)
 
 
+def _mark_line(mark):
+    """One line of a leftover mark (model.SrReport.leftover_marks)."""
+    current = mark["leaf_coalesce"] if mark["leaf_coalesce"] is not None else "(unset)"
+    if "unreadable" in mark:
+        return "  left behind: VDI {}: leaf-coalesce={}, with a mark this agent did not write: {!r}".format(
+            mark["vdi_uuid"], current, mark["unreadable"])
+    return ("  left behind: VDI {}: leaf-coalesce={}; the agent of host {} set {} over {} at {} "
+            "(xcoalesce-agent --repair undoes it)").format(
+        mark["vdi_uuid"], current, mark["host"], mark["set"],
+        mark["replaced"] if mark["replaced"] is not None else "(unset)", mark.get("at", "?"))
+
+
 def render_text(inspection):
     host = inspection.host or {}
     lines = ["Host {} ({})".format(cell(host.get("name", "")), one_line(host.get("uuid", ""))), ""]
@@ -43,6 +55,7 @@ def render_text(inspection):
         if sr.skipped_vdis:
             lines.append("  {} non-VHD {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))
         lines.extend("  error: {}".format(cell(error, MESSAGE_WIDTH)) for error in sr.errors or ())
+        lines.extend(one_line(_mark_line(mark)) for mark in sr.leftover_marks or ())
         lines.append("")
     for skipped in inspection.skipped_srs or ():
         lines.append("Skipped SR {} ({}, {}): {}".format(

@@ -1,12 +1,14 @@
-"""Leaf-coalesce runs: `--now`, and the run the daemon's schedule asks for (scheduled.py).
+"""Leaf-coalesce runs: `--now`, and the run the daemon's schedule asks for (scheduled.py); `--repair`.
 
-Every run: host lock -> repair what an interrupted run left (journal) -> inspect -> plan -> hold
+Every run: host lock -> repair what an interrupted run left (journal, then the marks in xapi:
+leftovers.py) -> inspect -> plan -> hold
 back the leaves the plan leaves alone -> the SRs' normal GC pass -> per VDI still
 leaf-coalesceable the forced live path or the plugin -> one inspection to verify each chain is
 shorter and measure the bytes freed -> record in the run history. Every host change is journalled
 before it is made and undone in a `finally` (strategies.py); the freeze of each run is measured
 from xapi's events (freeze.py).
 """
+import json
 import logging
 import sys
 import time
@@ -14,8 +16,8 @@ import time
 import XenAPI
 
 from . import chains, history as history_module, inspection as inspection_module, journal as journal_module
-from . import model, planner, schedule, statedir, stopping
-from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable
+from . import inventory, leftovers, model, planner, schedule, statedir, stopping
+from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable, LockHeld
 from .facts import gather_facts, record_speed
 from .freeze import FreezeMeter
 from .lock import HostLock
@@ -43,6 +45,17 @@ def repair(config, session, journal):
     for line in actions:
         LOG.warning("repaired after an interrupted run: %s", line)
     return actions
+
+
+def repair_marks(config, session, wait_seconds):
+    """After the journal: what the marks in xapi say is still left (a lost or corrupt journal,
+    another host's run on an SR this host now masters). Returns `leftovers.Leftovers`."""
+    found = leftovers.repair(config, session, wait_seconds)
+    for line in found.undone:
+        LOG.warning("repaired after an interrupted run: %s", line)
+    for line in found.left:
+        LOG.warning("left behind by an interrupted run: %s", line)
+    return found
 
 
 def _release_force(session, steps):
@@ -107,9 +120,10 @@ class Runner(object):
         if not planned:
             return runs
         held = []
+        host_uuid = inventory.host_uuid(self.config.xapi.inventory)
         try:
             for step in self._holds(planned, before):
-                held.append(set_leaf_coalesce(self.session, self.journal, step))
+                held.append(set_leaf_coalesce(self.session, self.journal, step, host_uuid))
             return runs + self._execute_held(planned, before)
         except TRANSPORT_ERRORS as error:
             self.lost = "xapi unreachable: {}".format(describe(error))
@@ -329,6 +343,7 @@ def plan_and_run(config, policy, inspection=None, vms=(), srs=(), dry_run=False,
                 except journal_module.RepairFailed as error:
                     raise AgentError("an interrupted run left changes that cannot be undone yet, so nothing "
                                      "is run: {}".format(error)) from None
+                repair_marks(config, session, 0)  # what waits for a GC is left to the next cycle or --repair
                 runner = Runner(config, session, policy, record=_recorder(config, record_skipped))
                 before = inspection or runner.inspect()
                 before = _settled(config, session, runner, before, srs)
@@ -375,16 +390,52 @@ def run_now(config, options):
     return EXIT_OK
 
 
-def startup_repair(config):
-    """Called once by the daemon at start: undo what an interrupted run left, if no run holds the
-    lock (that run repairs first itself). Returns what was done; logs instead of raising."""
+def startup_repair(config, with_marks=False):
+    """Called by the daemon at each cycle: undo what an interrupted run left, if no run holds the
+    lock (that run repairs first itself): the journal's steps, then, when there were any or
+    `with_marks` (the inspection saw the agent's marks), the marks in xapi. Returns what was
+    done; logs instead of raising."""
     journal = journal_module.Journal(config.agent.state_dir)
-    if not journal.steps():
+    steps = journal.steps()
+    if not steps and not with_marks:
         return []
     try:
         with HostLock(config.agent.state_dir):
             with open_session(config) as session:
-                return repair(config, session, journal)
+                actions = repair(config, session, journal) if steps else []
+                return actions + repair_marks(config, session, 0).undone
+    except LockHeld:
+        LOG.debug("a run holds the host lock: it repairs first itself")
     except (AgentError, journal_module.RepairFailed, XenAPI.Failure) + TRANSPORT_ERRORS as error:
         LOG.error("could not undo what an interrupted run left (the next run will try again): %s", describe(error))
-        return []
+    return []
+
+
+def run_repair(config, as_json):
+    """`xcoalesce-agent --repair`: the journal, then the marks in xapi; prints what was undone, what
+    is left and the marks that are other hosts' to undo. 0 when nothing is left, 1 otherwise."""
+    journal = journal_module.Journal(config.agent.state_dir)
+    with HostLock(config.agent.state_dir):
+        with open_session(config) as session:
+            try:
+                actions = repair(config, session, journal)
+                problem = ""
+            except journal_module.RepairFailed as error:
+                actions, problem = [], "journal: could not be undone yet: {}".format(error)
+            found = leftovers.repair(config, session, config.coalesce.gc_wait_seconds)
+    found.undone[:0] = actions
+    if problem:
+        found.left.insert(0, problem)
+    sys.stdout.write(render_repair(found, as_json))
+    return EXIT_RUNS_FAILED if found.left else EXIT_OK
+
+
+def render_repair(found, as_json):
+    """`--repair`'s output: JSON {undone, left, others}, or one line per item."""
+    if as_json:
+        return json.dumps(found.to_dict(), indent=2, sort_keys=True) + "\n"
+    lines = ["undone: " + line for line in found.undone] + ["left: " + line for line in found.left]
+    lines += ["another host's: " + line for line in found.others]
+    if not found.left:
+        lines.append("nothing left behind" + (" by this host" if found.others else ""))
+    return "\n".join(lines) + "\n"

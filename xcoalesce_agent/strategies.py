@@ -1,6 +1,7 @@
 """The host changes of a run, each journalled before it is made and undone in a `finally`: the
 VDI's `leaf-coalesce` flag (to force a leaf, or hold one back), the forced live path and the
-`coalesce-leaf` plugin path. What a crash leaves open, `journal.repair` undoes."""
+`coalesce-leaf` plugin path. Each change is also marked on the host before it is made (marks.py).
+What a crash leaves open, `journal.repair` undoes, or from the marks alone `leftovers.repair`."""
 import logging
 import time
 import xmlrpc.client
@@ -8,7 +9,7 @@ from xml.parsers.expat import ExpatError
 
 import XenAPI
 
-from . import inventory, journal as journal_module, planner, stopping
+from . import inventory, journal as journal_module, marks, planner, stopping
 from .smgc import POLL_SECONDS, GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
 from .xapi import NULL_REF, describe
 
@@ -18,11 +19,13 @@ PLUGIN = "coalesce-leaf"
 PLUGIN_FUNCTION = "leaf-coalesce"
 
 
-def set_leaf_coalesce(session, journal, step):
-    """Journal `step`, then set the VDI's `other-config:leaf-coalesce` to its value. Returns the step id."""
+def set_leaf_coalesce(session, journal, step, host_uuid):
+    """Journal `step`, mark the VDI as changed by this host, then set its `other-config:leaf-coalesce`
+    to the step's value. Returns the step id."""
     ref = session.xenapi.VDI.get_by_uuid(step["vdi_uuid"])
     step_id = journal.begin(step)
     try:
+        marks.mark_vdi(session, ref, step["value"], step["previous"], host_uuid)
         if step["previous"] is not None:
             session.xenapi.VDI.remove_from_other_config(ref, journal_module.LEAF_COALESCE_KEY)
         session.xenapi.VDI.add_to_other_config(ref, journal_module.LEAF_COALESCE_KEY, step["value"])
@@ -53,7 +56,8 @@ def run_live(config, session, journal, entry):
     sr_uuid = entry["sr_uuid"]
     require_gc_idle(config, session, sr_uuid)
     previous = _leaf_coalesce_value(session, entry["vdi_uuid"])
-    step = set_leaf_coalesce(session, journal, journal_module.force_step(sr_uuid, entry["vdi_uuid"], previous))
+    step = set_leaf_coalesce(session, journal, journal_module.force_step(sr_uuid, entry["vdi_uuid"], previous),
+                             inventory.host_uuid(config.xapi.inventory))
     try:
         started = gc_activity(config, session, sr_uuid)
         if started:
@@ -139,7 +143,8 @@ def run_plugin(config, session, journal, entry, facts):
             forced.append((record["uuid"], record["other_config"].get(journal_module.LEAF_COALESCE_KEY)))
     for sr_uuid in sorted(sr_uuids):
         require_gc_idle(config, session, sr_uuid)
-    host_ref = session.xenapi.host.get_by_uuid(inventory.host_uuid(config.xapi.inventory))
+    host_uuid = inventory.host_uuid(config.xapi.inventory)
+    host_ref = session.xenapi.host.get_by_uuid(host_uuid)
     run = PluginRun()
 
     def watch():
@@ -148,6 +153,7 @@ def run_plugin(config, session, journal, entry, facts):
 
     step = journal.begin(journal_module.suspend_step(sr_uuids, vm_uuid, power_state, forced))
     try:
+        _mark_plugin_changes(session, vm_ref, vm_uuid, power_state, forced, sr_uuids, host_uuid)
         run.answer = call_plugin_bounded(config, session, host_ref, vm_uuid, watch,
                                          started=lambda task: journal.amend(step, task=task))
         LOG.info("coalesce-leaf on VM %s: %s", vm_uuid, " ".join(run.answer.split()))
@@ -158,6 +164,14 @@ def run_plugin(config, session, journal, entry, facts):
     finally:
         _end_plugin_step(config, session, journal, step, sorted(sr_uuids), run)
     return run
+
+
+def _mark_plugin_changes(session, vm_ref, vm_uuid, power_state, forced, sr_uuids, host_uuid):
+    """The plugin sets `force` on these VDIs and suspends the VM: marked before the call, VDIs first."""
+    for vdi_uuid, previous in forced:
+        marks.mark_vdi(session, session.xenapi.VDI.get_by_uuid(vdi_uuid), journal_module.FORCE, previous,
+                       host_uuid, vm_uuid)
+    marks.mark_vm(session, vm_ref, power_state, sr_uuids, host_uuid)
 
 
 def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None, started=None):
