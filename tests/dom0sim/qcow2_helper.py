@@ -58,12 +58,13 @@ def run(command, path, out):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise HelperExit("Opening file {} failed with error {} ({})\n".format(path, os.strerror(exc.errno), exc.errno))
+        raise HelperExit("Opening file {} failed with error {} ({})\n".format(
+            path, os.strerror(exc.errno), exc.errno)) from None
     try:
         try:
             header = _pread(fd, HEADER_READ, 0)
         except OSError:
-            raise HelperExit("Failed reading file\n")
+            raise HelperExit("Failed reading file\n") from None
         (magic, version, _, _, cluster_bits, size, _, l1_size, l1_offset, _, _, _, _) = struct.unpack(
             HEADER_FIELDS, header[:V2_HEADER_LENGTH])
         incompatible = struct.unpack(">Q", header[72:80])[0]
@@ -76,7 +77,7 @@ def run(command, path, out):
             l1 = struct.unpack(">{}Q".format(l1_size), _pread(fd, 8 * l1_size, l1_offset))
         except OSError as exc:
             raise HelperExit("Couldn't read L1 table: {} ({})\nCouldn't read L1 Table\n".format(
-                os.strerror(exc.errno), exc.errno))
+                os.strerror(exc.errno), exc.errno)) from None
         tables = [(index, entry & L2_OFFSET_MASK) for index, entry in enumerate(l1) if entry & L2_OFFSET_MASK]
         if command == "bitmap":
             bitmap = bytearray((size // cluster_size) >> 3 if cluster_size else 0)

@@ -247,7 +247,7 @@ def qcow2(count=0, big_gib=2560):
     incompatible feature bit. `count` more VMs, each with a QCOW2 disk written whole (for benchmarks:
     most leaf-coalesceable, one in five on the LVM SR)."""
     srs = [sr("ext", "ext", 4 * 1024 * 1024, name="Local ext"),
-           sr("iscsi", "lvmoiscsi", 4096 + count * 80, name="iSCSI SAN", shared=True),
+           sr("iscsi", "lvmoiscsi", 4096 + count * 200, name="iSCSI SAN", shared=True),
            sr("hostile", "ext", 1024, name="Hostile images")]
     leaf = [write(0, 4), snapshot("s"), write(2, 4), delete_snapshot("s")]
     kept = [write(0, 4), snapshot("keep"), write(4, 2)]
@@ -278,7 +278,7 @@ def qcow2(count=0, big_gib=2560):
         if not kept_snapshot:
             steps.append(delete_snapshot("s"))
         vms.append(vm("bulk-{:05d}".format(index), [
-            disk("bulk-{:05d}".format(index), "iscsi" if index % 5 == 0 else "ext", 1024, steps, vdi_type=q,
+            disk("bulk-{:05d}".format(index), "iscsi" if index % 5 == 0 else "ext", 256, steps, vdi_type=q,
                  bulk=True, expect="snapshot_present" if kept_snapshot else "leaf_coalesceable")],
             power_state="Running" if index % 3 else "Halted"))
     return pool("qcow2", srs, vms, description=qcow2.__doc__)
