@@ -11,7 +11,7 @@ import os
 import time
 import uuid as uuidlib
 
-from tests.dom0sim import lvm, scenarios, sm, tools, vhdfile
+from tests.dom0sim import lvm, qcow2file, qcow2store, scenarios, sm, tools, vhdfile
 from tests.dom0sim.sm import DEFAULT_GENERATION, DEFAULT_SNAPSHOT_SECONDS, get_generation
 from tests.dom0sim.xapi import wire
 from tests.dom0sim.xapi.db import Database
@@ -20,7 +20,6 @@ from tests.dom0sim.xapi.server import XapiServer
 
 MIB = 1024 * 1024
 UUID_NAMESPACE = uuidlib.UUID("6c6e0d5a-2f0e-4a55-9b49-64f3a3c1a0de")
-QCOW2_HEADER = b"QFI\xfb" + (3).to_bytes(4, "big")
 DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 AGENT_CONF = """# The agent's configuration for the simulated host in {root}
@@ -62,12 +61,15 @@ class SimHost(object):
 
     `sm` is the storage manager's generation ("3.2" as XCP-ng 8.3, "4.1" as XenServer 8), and
     `snapshot_seconds` how long each internal snapshot of a snapshot-coalesce round pauses the leaf;
-    the other keyword parameters are the scenario's."""
+    `qcow2_helper=False` makes a host without SM's qcow2_helper; the other keyword parameters are the
+    scenario's."""
 
-    def __init__(self, state_dir, scenario, sm=DEFAULT_GENERATION, snapshot_seconds=DEFAULT_SNAPSHOT_SECONDS, **params):
+    def __init__(self, state_dir, scenario, sm=DEFAULT_GENERATION, snapshot_seconds=DEFAULT_SNAPSHOT_SECONDS,
+                 qcow2_helper=True, **params):
         self.state_dir = os.path.abspath(state_dir)
         self.sm_generation = get_generation(sm).name
         self.snapshot_seconds = snapshot_seconds
+        self.qcow2_helper = qcow2_helper
         self.scenario = scenarios.get(scenario, **params) if isinstance(scenario, str) else scenario
         self.db = Database()
         self.server = None
@@ -92,7 +94,7 @@ class SimHost(object):
                           os.path.join(self.state_dir, "agent-state")):
             if not os.path.isdir(directory):
                 os.makedirs(directory)
-        tools.install_tools(self.state_dir, self.bin_dir)
+        tools.install_tools(self.state_dir, self.bin_dir, omit=() if self.qcow2_helper else ("qcow2_helper",))
         _Builder(self).build()
         with open(self.inventory, "w") as handle:
             handle.write("PRIMARY_DISK='/dev/sda'\nBUILD_NUMBER='release/yangtze/master/58'\n"
@@ -308,18 +310,27 @@ class _Builder(object):
         sr_uuid = self.host.srs[disk["sr"]]
         vdi_uuid = self.uuid("vdi", disk["key"])
         self.host.vdis[disk["key"]] = vdi_uuid
-        size = vhdfile.rounded_size(disk["size_mib"])
+        qcow2 = disk["vdi_type"] == qcow2store.QCOW2
+        size = disk_size(disk)
         vdi_ref = db.create("VDI", uuid=vdi_uuid, name_label=disk["name"], SR=self.host.sr_ref(disk["sr"]),
                             virtual_size=size, location=vdi_uuid, other_config=disk["other_config"],
                             on_boot=disk["on_boot"], allow_caching=disk["allow_caching"],
-                            sm_config={"vdi_type": disk["vdi_type"]})
+                            sm_config=sm_config_of(disk))
         if not sr_spec["attached"]:
             return vdi_ref
         store = self.store(sr_uuid)
-        if disk["vdi_type"] != "vhd":
+        if disk.get("hostile"):
+            _Hostile(self, store, vdi_uuid, size).build(disk["hostile"])
+            return vdi_ref
+        if qcow2 and disk.get("bulk"):
+            qcow2store.write_bulk(store, vdi_uuid, size, ())
+        elif qcow2:
+            store.create_qcow2(vdi_uuid, size)
+        elif disk["vdi_type"] != "vhd":
             self.build_other_format(store, disk, vdi_uuid, size)
             return vdi_ref
-        store.create_base(vdi_uuid, disk["size_mib"])
+        else:
+            store.create_base(vdi_uuid, disk["size_mib"])
         chain = _DiskHistory(self, vm_spec, disk, store, vdi_uuid, vdi_ref)
         for number, step in enumerate(disk["steps"]):
             chain.apply(number, step)
@@ -330,12 +341,8 @@ class _Builder(object):
         if store.lvm:
             store.vg.create_lv("LV-" + vdi_uuid, size, holder=store.holder)
             return
-        extension = ".raw" if disk["vdi_type"] == "aio" else "." + disk["vdi_type"]
-        path = os.path.join(store.directory, vdi_uuid + extension)
-        with open(path, "wb") as handle:
-            if disk["vdi_type"] == "qcow2":
-                handle.write(QCOW2_HEADER + bytes(8) + bytes(12) + size.to_bytes(8, "big"))
-            handle.truncate(size if disk["vdi_type"] == "aio" else 196608)
+        with open(os.path.join(store.directory, vdi_uuid + ".raw"), "wb") as handle:
+            handle.truncate(size)
 
     def sr_spec(self, key):
         for spec in self.scenario["srs"]:
@@ -371,40 +378,84 @@ class _DiskHistory(object):
         self.snapshots = {}
         self.parent = ""
         self.deleted = False
+        self.bulk_clusters = {}     # QCOW2 images written whole (sparse steps): uuid -> clusters
+        self.bulk_parents = {}
 
     def apply(self, number, step):
         getattr(self, "step_" + step[0])(number, *step[1:])
 
+    @property
+    def qcow2(self):
+        return self.disk["vdi_type"] == qcow2store.QCOW2
+
     def step_write(self, number, offset_mib, length_mib):
         label = "{} step {}".format(self.disk["key"], number)
+        if self.qcow2:
+            data = b"".join(pattern(label, mib) for mib in range(offset_mib, offset_mib + length_mib))
+            qcow2store.write(self.store.path(self.vdi_uuid), offset_mib * MIB, data)
+            return
         with vhdfile.Vhd.open(self.store.path(self.vdi_uuid), writable=True) as vhd:
             for mib in range(offset_mib, offset_mib + length_mib):
                 vhd.write(mib * MIB, pattern(label, mib))
 
     def step_sparse(self, number, first_block, count):
+        """Blocks of 2 MiB allocated without data; on QCOW2 the first cluster of each (a disk written
+        whole, `bulk`, gets it without data; others get a sector of zeros written)."""
+        if self.qcow2 and not self.disk.get("bulk"):
+            for block in range(first_block, first_block + count):
+                qcow2store.write(self.store.path(self.vdi_uuid), block * vhdfile.BLOCK_SIZE, bytes(512))
+            return
+        if self.qcow2:
+            per_block = vhdfile.BLOCK_SIZE // qcow2store.DEFAULT_CLUSTER_SIZE
+            clusters = set(block * per_block for block in range(first_block, first_block + count))
+            self.bulk_clusters[self.vdi_uuid] = self.bulk_clusters.get(self.vdi_uuid, set()) | clusters
+            self.rewrite(self.vdi_uuid)
+            return
         with vhdfile.Vhd.open(self.store.path(self.vdi_uuid), writable=True) as vhd:
             for block in range(first_block, first_block + count):
                 vhd.allocate_block(block)
+
+    def rewrite(self, uuid, hidden=False):
+        """A QCOW2 image of this disk written again whole, with the clusters it has now."""
+        parent = self.bulk_parents.get(uuid)
+        backing = None
+        if parent:
+            backing = self.store.path(parent) if self.store.lvm else parent + qcow2store.SUFFIX
+        qcow2file.write_image(self.store.path(uuid), disk_size(self.disk), self.bulk_clusters.get(uuid, ()),
+                              backing=backing, hidden=hidden)
 
     def step_snapshot(self, number, name):
         """xapi's VDI.snapshot on a VHD SR: the leaf becomes a hidden base of two new leaves."""
         base = self.builder.uuid("base", self.disk["key"], name)
         snap = self.builder.uuid("snapshot", self.disk["key"], name)
-        size = vhdfile.rounded_size(self.disk["size_mib"])
+        size = disk_size(self.disk)
         self.store.rename(self.vdi_uuid, base)
-        with vhdfile.Vhd.open(self.store.path(base), writable=True) as vhd:
-            vhd.set_hidden(True)
-        self.store.deflate(base)
-        self.store.set_readonly(base, True)
-        self.store.create_leaf(self.vdi_uuid, base, size, skip_empty_parents=False)
-        self.store.create_leaf(snap, base, size, skip_empty_parents=False, inflated=False)
+        if self.qcow2 and self.disk.get("bulk"):
+            self.snapshot_bulk(base, snap)
+        else:
+            self.store.set_hidden(base, True)
+            self.store.deflate(base)
+            self.store.set_readonly(base, True)
+            self.store.create_leaf(self.vdi_uuid, base, size, skip_empty_parents=False)
+            self.store.create_leaf(snap, base, size, skip_empty_parents=False, inflated=False)
         record = self.db.get("VDI", self.vdi_ref)
         ref = self.db.create("VDI", uuid=snap, name_label=record["name_label"], SR=record["SR"],
                              virtual_size=size, location=snap, is_a_snapshot=True, snapshot_of=self.vdi_ref,
-                             snapshot_time=wire.now(), sm_config={"vdi_type": "vhd"}, read_only=False)
+                             snapshot_time=wire.now(), sm_config=sm_config_of(self.disk), read_only=False)
         self.snapshots[name] = snap
         self.builder.snapshot_vdis.setdefault((self.vm_spec["name"], name), []).append(ref)
         self.parent = base
+
+    def snapshot_bulk(self, base, snap):
+        """A QCOW2 snapshot of images written whole: the base hidden, two empty children over it."""
+        self.bulk_clusters[base] = self.bulk_clusters.pop(self.vdi_uuid, set())
+        if self.vdi_uuid in self.bulk_parents:
+            self.bulk_parents[base] = self.bulk_parents.pop(self.vdi_uuid)
+        self.rewrite(base, hidden=True)
+        self.store.set_readonly(base, True)
+        for uuid in (self.vdi_uuid, snap):
+            qcow2store.write_bulk(self.store, uuid, disk_size(self.disk), (), backing_uuid=base)
+            self.bulk_parents[uuid] = base
 
     def step_delete_snapshot(self, number, name):
         snap = self.snapshots.pop(name)
@@ -419,7 +470,57 @@ class _DiskHistory(object):
     def step_lose_parent(self, number):
         """The parent VHD vanishes behind xapi's back: the leaf's record still names it."""
         self.store.remove(self.parent)
-        self.db.update("VDI", self.vdi_ref, sm_config={"vdi_type": "vhd", "vhd-parent": self.parent})
+        self.db.update("VDI", self.vdi_ref, sm_config=dict(sm_config_of(self.disk), **{"vhd-parent": self.parent}))
+
+
+def disk_size(disk):
+    """A disk's virtual size: `size_mib` rounded as VHDs are (whole 2 MiB blocks)."""
+    return vhdfile.rounded_size(disk["size_mib"])
+
+
+def sm_config_of(disk):
+    """A new VDI's sm_config: its vdi_type, and the image format on QCOW2 (XCP-ng 8.3)."""
+    if disk["vdi_type"] == qcow2store.QCOW2:
+        return {"vdi_type": qcow2store.QCOW2, "image-format": qcow2store.QCOW2}
+    return {"vdi_type": disk["vdi_type"]}
+
+
+class _Hostile(object):
+    """QCOW2 images a real SR may hold that no tool should trust (scenario disk `hostile`)."""
+
+    def __init__(self, builder, store, vdi_uuid, size):
+        self.builder = builder
+        self.store = store
+        self.uuid = vdi_uuid
+        self.size = size
+
+    def path(self, uuid):
+        return self.store.qcow2_path(uuid)
+
+    def build(self, kind):
+        getattr(self, "build_" + kind.replace("-", "_"))()
+
+    def build_truncated_header(self):
+        """The first 64 bytes of a header: the L1 table and everything after it are gone."""
+        qcow2file.write_image(self.path(self.uuid), self.size, [0])
+        with open(self.path(self.uuid), "r+b") as handle:
+            handle.truncate(64)
+
+    def build_backing_loop(self):
+        """This image's backing file is a second one whose backing file is this one."""
+        other = self.builder.uuid("loop-partner", self.uuid)
+        qcow2file.write_image(self.path(self.uuid), self.size, [0], backing=other + qcow2store.SUFFIX)
+        qcow2file.write_image(self.path(other), self.size, [1], backing=self.uuid + qcow2store.SUFFIX)
+
+    def build_backing_outside(self):
+        """The backing file lies outside the SR, by a relative path climbing out of it."""
+        outside = os.path.join(os.path.dirname(self.store.directory), "outside.qcow2")
+        qcow2file.write_image(outside, self.size, [0])
+        qcow2file.write_image(self.path(self.uuid), self.size, [1], backing="../outside.qcow2")
+
+    def build_unknown_feature(self):
+        """An incompatible feature bit no reader knows (bit 63): qemu-img refuses to open it."""
+        qcow2file.write_image(self.path(self.uuid), self.size, [0], incompatible=1 << 63)
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):

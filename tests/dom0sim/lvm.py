@@ -394,6 +394,13 @@ class VolumeGroup(object):
     def lv(self, name):
         return _lv_view(self._lookup(name))
 
+    def has_lv(self, name):
+        try:
+            self._lookup(name)
+        except LvmError:
+            return False
+        return True
+
     def lv_path(self, name):
         """/dev/<VG>/<LV>: a symbolic link to the LV's device node, present while the LV is active."""
         return os.path.join(self.path, name)

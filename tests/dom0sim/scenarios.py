@@ -13,6 +13,11 @@ A scenario is plain data: `get(name, **params)` returns a dict that `host.SimHos
 
 `expect` names the state (xcoalesce_agent.model vocabulary) the disk's leaf is in once built, and
 `expect_parent` that of its parent; tests check them.
+
+A disk's `vdi_type` is "vhd" (default) or "qcow2" (a real QCOW2 chain made with qemu-img / qemu-io,
+as XCP-ng 8.3 keeps it); `bulk` QCOW2 disks are written whole by the simulation's own writer (many
+images fast, `sparse` steps only); `hostile` makes a QCOW2 image no reader should trust instead
+(truncated-header, backing-loop, backing-outside, unknown-feature; file SRs).
 """
 MIB = 1024 * 1024
 
@@ -52,10 +57,11 @@ def sr(key, sr_type, size_mib, name=None, shared=False, host=None, attached=True
 
 
 def disk(key, sr_key, size_mib, steps=(), name=None, expect=None, expect_parent=None, other_config=None,
-         on_boot="persist", allow_caching=False, vdi_type="vhd"):
+         on_boot="persist", allow_caching=False, vdi_type="vhd", bulk=False, hostile=None):
     return {"key": key, "sr": sr_key, "size_mib": size_mib, "steps": list(steps), "name": name or key,
             "expect": expect, "expect_parent": expect_parent, "other_config": dict(other_config or {}),
-            "on_boot": on_boot, "allow_caching": allow_caching, "vdi_type": vdi_type}
+            "on_boot": on_boot, "allow_caching": allow_caching, "vdi_type": vdi_type, "bulk": bulk,
+            "hostile": hostile}
 
 
 def vm(name, disks=(), power_state="Running", host=None, writes_mib_s=0.0, ha_restart_priority="", tags=()):
@@ -228,8 +234,58 @@ def pool_shared_lvm(count=12, size_mib=64, real_data=None):
     return pool("pool-shared-lvm", srs, vms, hosts=hosts, description=pool_shared_lvm.__doc__)
 
 
+HOSTILE_QCOW2 = (("truncated-header", "scan_error"), ("backing-loop", "scan_error"),
+                 ("backing-outside", "orphan"), ("unknown-feature", "scan_error"))
+
+
+def qcow2(count=0, big_gib=2560):
+    """XCP-ng 8.3 with QCOW2 VDIs beside VHDs: a local ext SR and an iSCSI LVM SR each hold QCOW2 and
+    VHD chains, with leaves left after deleted snapshots, kept snapshots (hidden parents), a hidden
+    parent the GC merges on its own, and one QCOW2 disk of `big_gib` GiB (over 2 TiB: QCOW2 by
+    default, sparse). A third ext SR holds hostile QCOW2 images, apart because SM's GC stops on an SR
+    holding them: a truncated header, a backing loop, a backing file outside the SR, an unknown
+    incompatible feature bit. `count` more VMs, each with a QCOW2 disk written whole (for benchmarks:
+    most leaf-coalesceable, one in five on the LVM SR)."""
+    srs = [sr("ext", "ext", 4 * 1024 * 1024, name="Local ext"),
+           sr("iscsi", "lvmoiscsi", 4096 + count * 200, name="iSCSI SAN", shared=True),
+           sr("hostile", "ext", 1024, name="Hostile images")]
+    leaf = [write(0, 4), snapshot("s"), write(2, 4), delete_snapshot("s")]
+    kept = [write(0, 4), snapshot("keep"), write(4, 2)]
+    twice = [write(0, 4), snapshot("a"), write(4, 2), snapshot("b"), write(6, 2), delete_snapshot("a"),
+             delete_snapshot("b")]
+    q = "qcow2"
+    vms = [
+        vm("q-web", [disk("q-web-root", "ext", 64, leaf, vdi_type=q, expect="leaf_coalesceable")]),
+        vm("q-db", [disk("q-db-data", "iscsi", 64, leaf, vdi_type=q, expect="leaf_coalesceable")],
+           power_state="Halted"),
+        vm("q-build", [disk("q-build-root", "iscsi", 64, kept, vdi_type=q, expect="snapshot_present",
+                            expect_parent="hidden_parent"),
+                       disk("q-build-scratch", "ext", 64, kept, vdi_type=q, expect="snapshot_present",
+                            expect_parent="hidden_parent")]),
+        vm("q-mail", [disk("q-mail-root", "ext", 64, twice, vdi_type=q, expect="leaf_coalesceable",
+                           expect_parent="coalesceable")], power_state="Halted"),
+        vm("q-big", [disk("q-big-data", "ext", big_gib * 1024, [write(0, 2), snapshot("s"), write(1, 2),
+                                                                 delete_snapshot("s")],
+                          vdi_type=q, expect="leaf_coalesceable")], power_state="Halted"),
+        vm("v-web", [disk("v-web-root", "ext", 64, leaf, expect="leaf_coalesceable")]),
+        vm("v-db", [disk("v-db-data", "iscsi", 64, leaf, expect="leaf_coalesceable")], power_state="Halted"),
+        vm("hostile", [disk("hostile-" + kind, "hostile", 64, hostile=kind, vdi_type=q, expect=state)
+                       for kind, state in HOSTILE_QCOW2], power_state="Halted"),
+    ]
+    for index in range(count):
+        kept_snapshot = index % 10 == 9
+        steps = [sparse(0, 2), snapshot("s"), sparse(2 + index % 5, 1)]
+        if not kept_snapshot:
+            steps.append(delete_snapshot("s"))
+        vms.append(vm("bulk-{:05d}".format(index), [
+            disk("bulk-{:05d}".format(index), "iscsi" if index % 5 == 0 else "ext", 256, steps, vdi_type=q,
+                 bulk=True, expect="snapshot_present" if kept_snapshot else "leaf_coalesceable")],
+            power_state="Running" if index % 3 else "Halted"))
+    return pool("qcow2", srs, vms, description=qcow2.__doc__)
+
+
 SCENARIOS = {"demo": demo, "large": large, "states": states, "pool-member": pool_member,
-             "long-chain": long_chain, "busy": busy, "pool-shared-lvm": pool_shared_lvm}
+             "long-chain": long_chain, "busy": busy, "pool-shared-lvm": pool_shared_lvm, "qcow2": qcow2}
 
 
 def names():

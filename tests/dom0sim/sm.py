@@ -101,10 +101,11 @@ class SmError(Exception):
 
 
 class OutOfRoom(Exception):
-    """A merge stopped by ENOSPC once `copied` sectors were in the parent."""
+    """A merge stopped by ENOSPC once `copied` bytes were in the parent."""
 
     def __init__(self, parent_path, copied):
         Exception.__init__(self, "{}: {}".format(parent_path, os.strerror(errno.ENOSPC)))
+        self.parent_path = parent_path
         self.copied = copied
 
 
@@ -130,7 +131,7 @@ def coalesce_within(child_path, room):
                     continue
                 if parent.bat[block] == vhdfile.UNUSED:
                     if grown + BLOCK_COST > room:
-                        raise OutOfRoom(parent.path, copied)
+                        raise OutOfRoom(parent.path, copied * vhdfile.SECTOR_SIZE)
                     grown += BLOCK_COST
                 mask = int.from_bytes(child.block_bitmap(block)[:child.spb // 8], "big")
                 for first, count in vhdfile.bit_runs(mask, child.spb):
@@ -210,7 +211,11 @@ def record_speed(path, speed):
 # ---- the VHD forest of one SR, as cleanup.py sees it ------------------------------------
 
 class Image(object):
-    """One VHD of an SR: its VHD facts, its place in the tree, what the GC decides about it."""
+    """One VHD of an SR: its VHD facts, its place in the tree, what the GC decides about it.
+    (tests/dom0sim/qcow2store.py's Qcow2Image is the same for a QCOW2 image.)"""
+
+    vdi_type = "vhd"
+    sm_config_keys = {}
 
     def __init__(self, uuid, path, opener=None):
         self.uuid = uuid
@@ -256,6 +261,10 @@ class Image(object):
             if block < count:
                 bitmap[block >> 3] |= 0x80 >> (block & 7)
         return bytes(bitmap)
+
+    def block_info(self):
+        """sm-config:vhd-blocks: base64 of the zlib-compressed bitmap."""
+        return base64.b64encode(zlib.compress(self.block_bitmap())).decode("ascii")
 
     @property
     def allocated_size(self):
@@ -345,7 +354,22 @@ class Forest(object):
 
 # ---- where an SR's VHDs live --------------------------------------------------------------
 
-class FileStore(object):
+class VhdOperations(object):
+    """What SM does to one VHD of a store (its LV active, on LVM)."""
+
+    def set_hidden(self, uuid, hidden):
+        with vhdfile.Vhd.open(self.path(uuid), writable=True) as vhd:
+            vhd.set_hidden(hidden)
+
+    def set_parent(self, uuid, parent_uuid):
+        vhdfile.set_parent(self.path(uuid), self.link_path(parent_uuid))
+
+    def coalesce(self, child_path):
+        """`vhd-util coalesce`: bytes merged into the parent."""
+        return vhdfile.coalesce(child_path) * vhdfile.SECTOR_SIZE
+
+
+class FileStore(VhdOperations):
     """A file SR: DIR/sr-mount/<sr>/<uuid>.vhd."""
 
     lvm = False
@@ -421,6 +445,12 @@ class FileStore(object):
     def deflate(self, uuid):
         """File SRs hold no slack."""
 
+    def merge_growth(self, child_path):
+        return merge_growth(child_path)
+
+    def coalesce_within(self, child_path, room):
+        return coalesce_within(child_path, room) * vhdfile.SECTOR_SIZE
+
     def extra_for_coalesce(self, image):
         data = image.coalesced_data_size()
         merged = data + overhead_bitmap(data) + overhead_empty(image.virtual_size)
@@ -433,7 +463,7 @@ class FileStore(object):
         return self.extra_for_coalesce(image) + overhead_empty(image.virtual_size)
 
 
-class LvmStore(object):
+class LvmStore(VhdOperations):
     """An LVM SR: VG_XenStorage-<sr> with LVs VHD-<uuid> (tests/dom0sim/lvm.py).
 
     Scans read every LV through its PV view, as `vhd-util scan -l` (no activation). Whatever reads
@@ -456,9 +486,12 @@ class LvmStore(object):
     def exists(self):
         return self.vg.exists()
 
+    def lv_name(self, uuid):
+        return self.PREFIX + uuid
+
     def path(self, uuid):
         """The LV's device node (/dev/<VG>/VHD-<uuid>), present while the LV is active."""
-        return self.vg.lv_path(self.PREFIX + uuid)
+        return self.vg.lv_path(self.lv_name(uuid))
 
     def opener(self, uuid):
         return lambda: self.vg.open_vhd(self.PREFIX + uuid)
@@ -484,15 +517,22 @@ class LvmStore(object):
         the headers (read through the PV view)."""
         found = []
         while uuid is not None and uuid not in found:
-            try:
-                with self.vg.open_vhd(self.PREFIX + uuid, fast=True) as vhd:
-                    parent = vhd.header.parent_name if vhd.disk_type == vhdfile.DISK_DIFF else None
-            except (lvm.LvmError, vhdfile.VhdError):
+            parent, readable = self.parent_of(uuid)
+            if not readable:
                 break
             found.append(uuid)
-            name = lvm.lv_name_of(parent) if parent else None
-            uuid = name[len(self.PREFIX):] if name and name.startswith(self.PREFIX) else None
+            uuid = parent
         return found
+
+    def parent_of(self, uuid):
+        """(the parent's uuid or None, whether the image could be read) from its header."""
+        try:
+            with self.vg.open_vhd(self.PREFIX + uuid, fast=True) as vhd:
+                parent = vhd.header.parent_name if vhd.disk_type == vhdfile.DISK_DIFF else None
+        except (lvm.LvmError, vhdfile.VhdError):
+            return None, False
+        name = lvm.lv_name_of(parent) if parent else None
+        return (name[len(self.PREFIX):] if name and name.startswith(self.PREFIX) else None), True
 
     @contextlib.contextmanager
     def holding(self, names, chain_changes=False):
@@ -514,7 +554,7 @@ class LvmStore(object):
         """The chains of these VHDs active for the block (lvhd's activateChain)."""
         names = set()
         for uuid in uuids:
-            names.update(self.PREFIX + link for link in self.chain(uuid))
+            names.update(self.lv_name(link) for link in self.chain(uuid))
         return self.holding(names, chain_changes=True)
 
     def utilisation(self):
@@ -549,22 +589,24 @@ class LvmStore(object):
                 self.vg.deactivate([name], self.holder)
 
     def remove(self, uuid):
-        self.vg.remove_lv(self.PREFIX + uuid)
+        self.vg.remove_lv(self.lv_name(uuid))
 
     def rename(self, old, new):
-        """lvrename; the holds SM has on the LV follow it (lvActivator.replace)."""
-        self.vg.rename_lv(self.PREFIX + old, self.PREFIX + new)
+        """lvrename (the LV keeps its prefix); the holds SM has on the LV follow it (lvActivator.replace)."""
+        old_name = self.lv_name(old)
+        new_name = old_name[:-len(old)] + new
+        self.vg.rename_lv(old_name, new_name)
         for names in self._held:
-            if self.PREFIX + old in names:
-                names.discard(self.PREFIX + old)
-                names.add(self.PREFIX + new)
+            if old_name in names:
+                names.discard(old_name)
+                names.add(new_name)
 
     def set_readonly(self, uuid, readonly):
-        self.vg.set_readonly(self.PREFIX + uuid, readonly)
+        self.vg.set_readonly(self.lv_name(uuid), readonly)
 
     def inflate(self, uuid, size):
         """Grow the LV to `size` (rounded to 4 MiB) if it is smaller; LvmError when the VG is full."""
-        name = self.PREFIX + uuid
+        name = self.lv_name(uuid)
         with self.holding([name]):
             if lv_size_for(size) > self.vg.lv_size(name):
                 self.vg.resize_lv(name, lv_size_for(size))
@@ -578,6 +620,10 @@ class LvmStore(object):
             if wanted < self.vg.lv_size(name):
                 self.vg.resize_lv(name, wanted)
 
+    def full_size(self, image):
+        """The LV size of the image fully inflated (calcSizeVHDLV)."""
+        return full_lv_size(image.virtual_size)
+
     def extra_for_coalesce(self, image):
         return full_lv_size(image.coalesced_data_size()) - image.parent.lv_size
 
@@ -590,10 +636,12 @@ class LvmStore(object):
 
 
 def make_store(state_dir, sr_uuid, sr_type, physical_size):
+    """The SR's store, holding its VHDs and QCOW2 images (qcow2store builds on this module)."""
+    from tests.dom0sim import qcow2store
     if is_lvm_type(sr_type):
-        return LvmStore(state_dir, sr_uuid)
+        return qcow2store.LvmSrStore(state_dir, sr_uuid)
     if sr_type in FILE_TYPES:
-        return FileStore(state_dir, sr_uuid, physical_size)
+        return qcow2store.FileSrStore(state_dir, sr_uuid, physical_size)
     return None
 
 
@@ -1055,7 +1103,7 @@ class GcPass(object):
                 for child in image.children:
                     self.log("  Relinking {} from {} to {}".format(child.uuid, image.uuid, parent.uuid))
                     with self.store.working_on([child.uuid]), self.sm.io_lock(child.uuid):
-                        vhdfile.set_parent(child.path, self.store.link_path(parent.uuid))
+                        self.store.set_parent(child.uuid, parent.uuid)
                     self.sm.update_vdi(self.sr_uuid, child.uuid, parent_uuid=parent.uuid)
                 self.delete(image)
                 self.sm.update_vdi(self.sr_uuid, parent.uuid)
@@ -1151,7 +1199,7 @@ class GcPass(object):
             self.store.set_readonly(parent.uuid, False)
             if self.store.lvm:
                 self.store.deflate(vdi_uuid)
-                self.store.inflate(parent.uuid, full_lv_size(parent.virtual_size))
+                self.store.inflate(parent.uuid, self.store.full_size(parent))
             self.set_hidden(parent.uuid, False)
             try:
                 self.sm.timed_merge(self.sr_uuid, image.path, timeout)
@@ -1171,8 +1219,7 @@ class GcPass(object):
             self.sm.update_vdi(self.sr_uuid, vdi_uuid)
 
     def set_hidden(self, uuid, hidden):
-        with vhdfile.Vhd.open(self.store.path(uuid), writable=True) as vhd:
-            vhd.set_hidden(hidden)
+        self.store.set_hidden(uuid, hidden)
 
     # -- reporting a lack of space --
 
@@ -1402,7 +1449,7 @@ class StorageManager(object):
             return
         names = set()
         for vdi_uuid in self.attached_vdis(sr_uuid):
-            names.update(store.PREFIX + uuid for uuid in store.chain(vdi_uuid))
+            names.update(store.lv_name(uuid) for uuid in store.chain(vdi_uuid))
         store.vg.set_held(names, lvm.HOLDER_ATTACH)
 
     def vm_power_changed(self, vm_ref):
@@ -1427,8 +1474,7 @@ class StorageManager(object):
         """VDI.updateBlockInfo: sm-config:vhd-blocks = base64 of the zlib-compressed `read -B` bitmap."""
         ref = self.records.vdi_ref(image.uuid)
         if ref is not None:
-            value = base64.b64encode(zlib.compress(image.block_bitmap())).decode("ascii")
-            self.records.set_map_key("VDI", ref, "sm_config", VHD_BLOCKS_KEY, value)
+            self.records.set_map_key("VDI", ref, "sm_config", VHD_BLOCKS_KEY, image.block_info())
 
     def vm_power_state(self, vm_uuid):
         ref = self.records.by_uuid("VM", vm_uuid)
@@ -1502,8 +1548,7 @@ class StorageManager(object):
         with self.sr_lock(sr_uuid), store.working_on([image.uuid]), self.frozen(image.uuid):
             self.stopping.wait(self.snapshot_seconds)
             store.rename(image.uuid, temp_uuid)
-            with vhdfile.Vhd.open(store.path(temp_uuid), writable=True) as vhd:
-                vhd.set_hidden(True)
+            store.set_hidden(temp_uuid, True)
             store.deflate(temp_uuid)
             store.create_leaf(image.uuid, temp_uuid, image.virtual_size)
             store.set_readonly(temp_uuid, True)
@@ -1524,12 +1569,12 @@ class StorageManager(object):
         """
         start = time.monotonic()
         try:
-            merged = self.merge_within_room(sr_uuid, child_path) * vhdfile.SECTOR_SIZE
+            merged = self.merge_within_room(sr_uuid, child_path)
         except OutOfRoom as exc:
-            self.wait_for_merge(sr_uuid, exc.copied * vhdfile.SECTOR_SIZE, start, timeout)
+            self.wait_for_merge(sr_uuid, exc.copied, start, timeout)
             self.report_coalesce_error(sr_uuid, errno.ENOSPC)
             self.log("Coalesce failed on {}, attempting repair on parent {}".format(
-                os.path.basename(child_path), vhdfile.resolve_parent(child_path)))
+                os.path.basename(child_path), exc.parent_path))
             raise SmError(str(exc)) from None
         self.wait_for_merge(sr_uuid, merged, start, timeout)
         elapsed = time.monotonic() - start
@@ -1548,19 +1593,19 @@ class StorageManager(object):
             self.stopping.wait(remaining)
 
     def merge_within_room(self, sr_uuid, child_path):
-        """Sectors merged; on a file SR only as far as its free space goes (OutOfRoom beyond). LVM SRs
+        """Bytes merged; on a file SR only as far as its free space goes (OutOfRoom beyond). LVM SRs
         inflate the parent LV before merging, so their merges never run out of room part-way."""
         store = self.store(sr_uuid)
         if store.lvm:
-            return vhdfile.coalesce(child_path)
+            return store.coalesce(child_path)
         room = store.free_space()
         left = self._room_faults.pop(sr_uuid, None)
         if left is not None and left < room:
             store.take_room(room - left)
             room = left
-        if merge_growth(child_path) <= room:
-            return vhdfile.coalesce(child_path)
-        return coalesce_within(child_path, room)
+        if store.merge_growth(child_path) <= room:
+            return store.coalesce(child_path)
+        return store.coalesce_within(child_path, room)
 
     def fail_merge_after(self, sr_uuid, nbytes):
         """Fault: the storage of a file SR fills up during its next merge. Another writer takes all its
@@ -1599,7 +1644,8 @@ class StorageManager(object):
 
     def vdi_fields(self, image, parent_uuid, sm_config):
         config = dict(sm_config)
-        config.setdefault("vdi_type", "vhd")
+        config.setdefault("vdi_type", image.vdi_type)
+        config.update(image.sm_config_keys)
         if parent_uuid:
             config["vhd-parent"] = parent_uuid
         elif parent_uuid is not None:
@@ -1657,7 +1703,7 @@ class StorageManager(object):
                 self.upsert_vdi(sr_ref, image, parent_uuid)
         for ref in self.records.find("VDI", SR=sr_ref):
             record = self.db.get("VDI", ref)
-            if record["sm_config"].get("vdi_type", "vhd") == "vhd" and record["uuid"] not in present:
+            if record["sm_config"].get("vdi_type", "vhd") in ("vhd", "qcow2") and record["uuid"] not in present:
                 self.db.destroy("VDI", ref)
         allocation = sum(int(self.db.get_field("VDI", ref, "virtual_size"))
                          for ref in self.records.find("VDI", SR=sr_ref))
@@ -1690,8 +1736,8 @@ class StorageManager(object):
         with self.sr_lock(sr_uuid):
             image = Forest(store.scan()).get(vdi_uuid)
             if image is not None and image.children:
-                with store.working_on([vdi_uuid]), vhdfile.Vhd.open(image.path, writable=True) as vhd:
-                    vhd.set_hidden(True)
+                with store.working_on([vdi_uuid]):
+                    store.set_hidden(vdi_uuid, True)
             elif image is not None:
                 store.remove(vdi_uuid)
             for vbd in self.db.get_field("VDI", ref, "VBDs"):

@@ -1,4 +1,5 @@
-"""Install the stand-in host tools (`vhd-util`, `lvs`, `vgs`, `systemctl`) as shell wrappers in a bin directory."""
+"""Install the stand-in host tools (`vhd-util`, `lvs`, `vgs`, `systemctl`, `qcow2_helper`) as shell wrappers
+in a bin directory. QEMU's own `qemu-img` / `qemu-io` (Debian's qemu-utils) are the real ones, from PATH."""
 import os
 import sys
 
@@ -9,6 +10,7 @@ TOOLS = {
     "lvs": ("tests.dom0sim.lvm", "['lvs'] + sys.argv[1:]"),
     "vgs": ("tests.dom0sim.lvm", "['vgs'] + sys.argv[1:]"),
     "systemctl": ("tests.dom0sim.systemd", "sys.argv[1:]"),
+    "qcow2_helper": ("tests.dom0sim.qcow2_helper", "sys.argv[1:]"),
 }
 
 WRAPPER = """#!/bin/sh
@@ -24,8 +26,9 @@ def _quote(text):
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def install_tools(state_dir, bin_dir):
-    """Write executable wrappers running this interpreter; returns {tool name: path}.
+def install_tools(state_dir, bin_dir, omit=()):
+    """Write executable wrappers running this interpreter, but for the tools named in `omit` (a host
+    without them); returns {tool name: path}.
 
     The repository goes first on sys.path, so a `tests` package in the caller's directory
     cannot shadow the simulation."""
@@ -33,6 +36,8 @@ def install_tools(state_dir, bin_dir):
         os.makedirs(bin_dir)
     paths = {}
     for name, (module, args) in sorted(TOOLS.items()):
+        if name in omit:
+            continue
         path = os.path.join(bin_dir, name)
         program = PROGRAM.format(repo=REPO_ROOT, module=module, args=args)
         text = WRAPPER.format(root=_quote(os.path.abspath(state_dir)), repo=_quote(REPO_ROOT),
