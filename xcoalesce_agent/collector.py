@@ -142,9 +142,10 @@ class InspectionCollector(object):
         by_format = _gauge("xcoalesce_sr_reclaimable_by_format_bytes", "Bytes a leaf coalesce of every "
                            "leaf-coalesceable VDI on the SR would free now, by image format (vhd, qcow2).",
                            SR_LABELS + ("format",))
-        scan_errors = _gauge("xcoalesce_sr_scan_errors", "Images on the SR that vhd-util or the QCOW2 reader could not read at the "
-                             "last inspection.", SR_LABELS)
-        states = _gauge("xcoalesce_sr_vhds", "Images (VHD, QCOW2) on the SR by leaf-coalesce state.", SR_LABELS + ("state",))
+        scan_errors = _gauge("xcoalesce_sr_scan_errors", "Images on the SR that vhd-util or the QCOW2 reader "
+                             "could not read at the last inspection.", SR_LABELS)
+        states = _gauge("xcoalesce_sr_vhds", "Images (VHD, QCOW2) on the SR by leaf-coalesce state.",
+                        SR_LABELS + ("state",))
         for sr in srs:
             labels = _sr_labels(host, sr)
             info.add_metric(labels + ["true" if sr.shared else "false"], 1)
