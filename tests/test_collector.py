@@ -196,3 +196,15 @@ def test_unreadable_lines_of_the_run_log_are_a_gauge_not_an_error(run_history, t
     assert values(body, "xcoalesce_history_corrupt_lines") == [2]
     assert values(body, "xcoalesce_reclaimed_bytes_total", sr_uuid=model_samples.SR_UUID) == [5]
     promtool_check(body)
+
+
+def test_reclaimable_bytes_carry_the_image_format(run_history):
+    vdis = [model_samples.vdi(model.LEAF_COALESCEABLE, reclaimable_bytes=4 << 20, format=model.VHD),
+            model_samples.vdi(model.LEAF_COALESCEABLE, reclaimable_bytes=3 << 20, format=model.QCOW2),
+            model_samples.vdi(model.NOT_COW, format=model.RAW)]
+    body = exposition_of(model_samples.inspection([model_samples.sr(vdis)]), run_history).body()
+    assert sorted(values(body, "xcoalesce_vdi_reclaimable_bytes", format=model.QCOW2)) == [3 << 20]
+    assert values(body, "xcoalesce_sr_reclaimable_by_format_bytes", format=model.VHD) == [4 << 20]
+    assert values(body, "xcoalesce_sr_reclaimable_by_format_bytes", format=model.QCOW2) == [3 << 20]
+    assert values(body, "xcoalesce_sr_reclaimable_bytes") == [7 << 20]
+    assert values(body, "xcoalesce_sr_vhds", state=model.NOT_COW) == [1]

@@ -139,7 +139,10 @@ def test_states_scenario_shows_every_state_with_its_reason(states_host):
             assert reports[uuid].reclaimable_bytes == true_reclaimable(
                 states_host, disk_spec["key"], disk_spec["sr"], sr_type_of(states_host, disk_spec))
     by_name = {sr_report.name: sr_report for sr_report in result.srs}
-    assert by_name["Mixed formats"].skipped_vdis == 1 and by_name["Local LVM"].skipped_vdis == 1
+    assert by_name["Mixed formats"].skipped_vdis == 0 and by_name["Local LVM"].skipped_vdis == 1
+    qcow2 = [vdi for vdi in by_name["Mixed formats"].vdis if vdi.format == model.QCOW2]
+    assert [vdi.state for vdi in qcow2] == [model.SCAN_ERROR]
+    assert "cluster_bits 0 is out of range" in qcow2[0].reason
     assert any("scan error -22" in error for error in by_name["Broken chains"].errors)
     garbage = [vdi for vdi in by_name["Local ext"].vdis if vdi.state == model.GARBAGE]
     assert by_name["Local ext"].gc_pending_bytes >= sum(vdi.physical_bytes for vdi in garbage) > 0
@@ -341,7 +344,7 @@ def test_lvm_volume_sizes_come_from_the_scan(demo):
     iscsi = next(sr_report for sr_report in result.srs if sr_report.type == "lvmoiscsi")
     sizes = lv_sizes(os.path.join(demo.state_dir, "lvm", lvm.sr_vg_name(iscsi.uuid)))
     for vdi in iscsi.vdis:
-        if vdi.state != model.NOT_VHD:
+        if vdi.state != model.NOT_COW:
             assert vdi.physical_bytes == sizes["VHD-" + vdi.uuid]
 
 

@@ -55,7 +55,7 @@ def test_text_report_has_a_table_per_sr_and_totals():
     assert any(line.split()[:6] == ["web-01", "web", "root", "(1eaf0000)", "2", "leaf_coalesceable"]
                and "24.1 MiB" in line for line in lines)
     assert any("hidden_parent" in line and line.rstrip().endswith("base of the chain") for line in lines)
-    assert "  1 non-VHD VDI skipped" in lines
+    assert "  1 raw VDI skipped" in lines
     assert "  error: junk: scan error -22: opening file" in lines
     assert "Skipped SR ISOs (iso, iso-1): type iso does not hold VHDs" in lines
     assert lines[-1] == "Total: 24.1 MiB reclaimable by leaf coalesce on 1 SR; the GC's own pending work frees 4.0 KiB"

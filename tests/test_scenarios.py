@@ -17,8 +17,10 @@ SMALL = {"demo": {}, "states": {}, "pool-member": {}, "long-chain": {}, "busy": 
 
 def observed_state(host, forest, disk, parent=False):
     """The state of a disk's leaf (or of its parent) in the agent's vocabulary, from files and records."""
+    if disk["vdi_type"] == "qcow2":
+        return "scan_error"   # a placeholder header: cluster_bits 0
     if disk["vdi_type"] != "vhd":
-        return "not_vhd"
+        return "not_cow"
     uuid = host.parents[disk["key"]] if parent else host.vdis[disk["key"]]
     image = forest.get(uuid)
     if image is None:
@@ -74,7 +76,7 @@ def test_states_scenario_covers_every_state_the_agent_classifies(tmp_path):
     for disk in disks(SimHost(str(tmp_path / "h"), "states")):
         declared.update(state for state in (disk["expect"], disk["expect_parent"]) if state)
     assert declared == {"leaf", "leaf_coalesceable", "snapshot_present", "hidden_parent", "coalesceable",
-                        "garbage", "orphan", "excluded", "not_vhd"}
+                        "garbage", "orphan", "excluded", "scan_error", "not_cow"}
 
 
 def test_records_describe_the_files(tmp_path):

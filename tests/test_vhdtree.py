@@ -133,7 +133,7 @@ def classified(records=RECORDS, facts=FACTS, policy=None):
 def test_every_state_with_its_reason():
     nodes, states = classified()
     assert {uuid: state for uuid, (state, _) in states.items()} == EXPECTED
-    assert set(EXPECTED.values()) == set(model.STATES) - {model.NOT_VHD}
+    assert set(EXPECTED.values()) == set(model.STATES) - {model.NOT_COW}
     for uuid, (state, reason) in states.items():
         assert bool(reason) == (state != model.LEAF_COALESCEABLE), uuid
     assert "gone" in states["lost"][1]

@@ -18,6 +18,7 @@ from . import __version__, history, model
 
 SR_LABELS = ("host", "sr_uuid", "sr_name", "sr_type")
 VDI_LABELS = ("host", "sr_uuid", "vdi_uuid", "vm_uuid", "vm_name")
+COW_FORMATS = (model.VHD, model.QCOW2)
 
 # VHDs a VM writes to: the ones whose chain length matters (snapshots and hidden parents are left
 # out to bound the number of series).
@@ -136,11 +137,15 @@ class InspectionCollector(object):
                       SR_LABELS + ("shared",))
         running = _gauge("xcoalesce_sr_gc_running", "1 when the SR's garbage collector was running at the last "
                          "inspection (SM's GC lock held, or a cleanup process).", SR_LABELS)
-        skipped = _gauge("xcoalesce_sr_skipped_vdis", "VDIs on the SR that are not VHD (raw, qcow2), left alone.",
+        skipped = _gauge("xcoalesce_sr_skipped_vdis", "Raw VDIs on the SR (not copy-on-write images), left alone.",
                          SR_LABELS)
-        scan_errors = _gauge("xcoalesce_sr_scan_errors", "VHDs on the SR that vhd-util could not read at the "
-                             "last inspection.", SR_LABELS)
-        states = _gauge("xcoalesce_sr_vhds", "VHDs on the SR by leaf-coalesce state.", SR_LABELS + ("state",))
+        by_format = _gauge("xcoalesce_sr_reclaimable_by_format_bytes", "Bytes a leaf coalesce of every "
+                           "leaf-coalesceable VDI on the SR would free now, by image format (vhd, qcow2).",
+                           SR_LABELS + ("format",))
+        scan_errors = _gauge("xcoalesce_sr_scan_errors", "Images on the SR that vhd-util or the QCOW2 reader "
+                             "could not read at the last inspection.", SR_LABELS)
+        states = _gauge("xcoalesce_sr_vhds", "Images (VHD, QCOW2) on the SR by leaf-coalesce state.",
+                        SR_LABELS + ("state",))
         marked = _gauge("xcoalesce_leftover_marks", "VDIs on the SR carrying the agent's mark of a leaf-coalesce "
                         "flag it set and has not undone: left by an interrupted run (or a run in progress).",
                         SR_LABELS)
@@ -149,22 +154,26 @@ class InspectionCollector(object):
             info.add_metric(labels + ["true" if sr.shared else "false"], 1)
             running.add_metric(labels, 1 if sr.gc_running else 0)
             skipped.add_metric(labels, sr.skipped_vdis or 0)
+            for image_format in COW_FORMATS:
+                by_format.add_metric(labels + [image_format], sum(
+                    vdi.reclaimable_bytes or 0 for vdi in sr.vdis or () if (vdi.format or model.VHD) == image_format))
             scan_errors.add_metric(labels, len(sr.errors or ()))
             marked.add_metric(labels, len(sr.leftover_marks or ()))
             counts = sr.state_counts()
             for state in model.STATES:
                 states.add_metric(labels + [state], counts[state])
-        for family in (info, running, skipped, scan_errors, states, marked):
+        for family in (info, running, skipped, by_format, scan_errors, states, marked):
             yield family
 
         reclaimable = _gauge("xcoalesce_vdi_reclaimable_bytes", "Bytes a leaf coalesce of the VDI would free "
-                             "now; only VDIs with something to reclaim.", VDI_LABELS)
+                             "now; only VDIs with something to reclaim.", VDI_LABELS + ("format",))
         chains = _gauge("xcoalesce_vdi_chain_length", "VHDs from the VDI up to its root, itself included; "
                         "VDIs a VM writes to (leaves) only.", VDI_LABELS)
         for sr in srs:
             for vdi in sr.vdis or ():
                 if vdi.reclaimable_bytes:
-                    reclaimable.add_metric(_vdi_labels(host, sr, vdi), vdi.reclaimable_bytes)
+                    reclaimable.add_metric(_vdi_labels(host, sr, vdi) + [vdi.format or model.VHD],
+                                           vdi.reclaimable_bytes)
                 if vdi.state in LEAF_STATES and not vdi.hidden:
                     chains.add_metric(_vdi_labels(host, sr, vdi), vdi.chain_length or 0)
         yield reclaimable

@@ -297,6 +297,9 @@ SCHEMA = (
     # The local xapi answers in seconds; after an hour it is hung.
     Key("xapi", "timeout_seconds", number(1, HOUR), 60.0),
     Key("tools", "vhd_util", absolute_path, "/usr/bin/vhd-util"),
+    # QCOW2 cluster bitmaps: SM's helper (XCP-ng 8.3), else qemu-img map; neither need be installed.
+    Key("tools", "qcow2_helper", absolute_path, "/opt/xensource/libexec/qcow2_helper"),
+    Key("tools", "qemu_img", absolute_path, "/usr/bin/qemu-img"),
     Key("tools", "path", search_path, "/usr/sbin:/usr/bin:/sbin:/bin"),
     # A vhd-util scan of the largest LVM SR takes minutes; after an hour it is hung.
     Key("tools", "timeout_seconds", number(1, HOUR), 300.0),

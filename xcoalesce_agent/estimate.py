@@ -82,3 +82,49 @@ def lvm_inner_merge(child_lv_size, parent_lv_size, child_blocks, new_blocks):
     (and is deflated again to its VHD rounded to the extent); the child LV is removed."""
     grown = round_up(parent_lv_size + new_blocks * BLOCK_COST, EXTENT_SIZE)
     return Estimate(child_lv_size + parent_lv_size - grown, child_blocks * BLOCK_SIZE, grown - parent_lv_size)
+
+
+def count_clusters(bitmap):
+    """Clusters set in a QCOW2 cluster bitmap (qcow2meta's bit order; the count does not care)."""
+    return bin(int.from_bytes(bitmap, "little")).count("1")
+
+
+def clusters_missing_from_parent(child_bitmap, parent_bitmap, l2_entries):
+    """(clusters the child has and the parent lacks, L2 tables the parent needs for them): one L2
+    table maps `l2_entries` clusters (a multiple of 8, so a whole number of bitmap bytes)."""
+    length = max(len(child_bitmap), len(parent_bitmap))
+    child, parent = child_bitmap.ljust(length, b"\0"), parent_bitmap.ljust(length, b"\0")
+    new = int.from_bytes(child, "little") & ~int.from_bytes(parent, "little")
+    span = l2_entries // 8
+    tables = sum(1 for first in range(0, length, span)
+                 if child[first:first + span].strip(b"\0") and not parent[first:first + span].strip(b"\0"))
+    return bin(new).count("1"), tables
+
+
+def qcow2_growth(parent_end, new_clusters, new_tables, cluster_size, refcounts_per_block):
+    """Bytes a QCOW2 image ending at `parent_end` grows by when a commit writes `new_clusters` data
+    clusters into it: each one, one cluster per new L2 table, and a refcount block each time the
+    image's clusters pass what its refcount blocks cover (every new cluster appended at its end)."""
+    used = -(-parent_end // cluster_size)
+    added = new_clusters + new_tables
+    if not added:
+        return 0
+    blocks = -(-used // refcounts_per_block)
+    total = used + added
+    while -(-total // refcounts_per_block) > blocks:
+        more = -(-total // refcounts_per_block) - blocks
+        blocks += more
+        total += more
+    return total * cluster_size - parent_end
+
+
+def qcow2_file_merge(leaf_size, leaf_clusters, cluster_size, growth):
+    """Leaf coalesce of a QCOW2 image on a file SR: the parent grows first, then the leaf goes."""
+    return Estimate(leaf_size - growth, leaf_clusters * cluster_size, growth)
+
+
+def qcow2_lvm_merge(leaf_lv_size, parent_lv_size, parent_end, leaf_clusters, cluster_size, growth):
+    """Leaf coalesce of a QCOW2 image on an LVM SR: the parent LV (never deflated) is extended only
+    as far as the grown image needs, to the extent; the leaf LV goes."""
+    extension = max(0, round_up(parent_end + growth, EXTENT_SIZE) - parent_lv_size)
+    return Estimate(leaf_lv_size - extension, leaf_clusters * cluster_size, extension)

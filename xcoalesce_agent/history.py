@@ -20,6 +20,8 @@ import os
 
 RUN_FIELDS = ("vm_uuid", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "started", "finished")
+# Written when the run has them: a log written before they existed stays readable.
+OPTIONAL_FIELDS = ("format",)
 STRATEGIES = ("gc", "live", "plugin")
 RESULTS = ("success", "failed", "skipped")
 
@@ -100,7 +102,8 @@ class RunHistory(object):
     def record(self, run):
         """Append one finished run to the log and count it into the totals on disk."""
         check_run(run)
-        line = (json.dumps({name: run[name] for name in RUN_FIELDS}, sort_keys=True) + "\n").encode("utf-8")
+        fields = RUN_FIELDS + tuple(name for name in OPTIONAL_FIELDS if name in run)
+        line = (json.dumps({name: run[name] for name in fields}, sort_keys=True) + "\n").encode("utf-8")
         _make_dirs(self.state_dir)
         with _Locked(self._lock_path):
             totals = self._read_totals()

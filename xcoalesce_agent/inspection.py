@@ -1,5 +1,5 @@
-"""One inspection of this host: its SRs; the VMs using each VDI; then per SR: scan → that SR's
-VDI records → classify → estimate.
+"""One inspection of this host: its SRs; the VMs using each VDI; then per SR: scan (`vhd-util` for
+VHDs, qcow2images for QCOW2 images) → that SR's VDI records → classify → estimate.
 
 Memory holds the VDI users of the host, the reports made so far and one SR's scan and VDI
 records at a time, whatever the number of SRs. Per-SR and per-image failures are recorded in the
@@ -13,15 +13,16 @@ import logging
 import os
 import time
 
-from . import estimate, inventory, lvmread, marks, model, smgc, vhdmeta, vhdtree, vhdutil, xapi
+from . import estimate, inventory, lvmread, marks, model, qcow2images, qcow2meta, smgc, vhdmeta, vhdtree, vhdutil
+from . import xapi
 from .errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
 
 FILE_SR_TYPES = ("ext", "nfs", "smb")
 LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
-NOT_VHD_TYPES = {"aio": "raw", "raw": "raw", "qcow2": "qcow2"}
-VHD_BLOCKS = "vhd-blocks"   # SM's sm_config key: a hidden LVHD parent's bitmap (vhdmeta.decode_vhd_blocks)
+NOT_COW_TYPES = {"aio": "raw", "raw": "raw"}
+VHD_BLOCKS = "vhd-blocks"   # SM's sm_config key: a hidden LVM parent's bitmap (VHD or QCOW2), or "skipped"
 
 # The fields an inspection reads of each class: only these are decoded from xapi's answers.
 RECORD_FIELDS = {
@@ -172,6 +173,7 @@ class _Inspector(object):
         self.tools = tools
         self.bitmaps = bitmaps
         self.errors = []
+        self._volumes = {}   # the current LVM SR's LVs (lvm_volumes)
 
     def records(self, class_name, where=None):
         """(ref, record) of `class_name` from xapi, with only the fields an inspection reads."""
@@ -218,32 +220,70 @@ class _Inspector(object):
                                 vhdtree.LV_PREFIX + uuid)
         return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
 
-    def read_bitmaps(self, sr, nodes, vhd_blocks):
+    def lvm_volumes(self, sr):
+        """{LV name: lvmread.LogicalVolume} of the SR's volume group: one `vgs` and one `lvs` per SR
+        and inspection, or the error that kept them unread (recorded once)."""
+        if sr["uuid"] not in self._volumes:
+            vg_name = vhdutil.lvm_vg_name(sr["uuid"])
+            try:
+                extent_size, pe_starts = lvmread.parse_vgs(self.tools.run_lvm("vgs", lvmread.vgs_arguments(vg_name)))
+                volumes = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
+                                            extent_size, pe_starts)
+            except (vhdutil.VhdUtilError, lvmread.LvmReportError) as error:
+                self.error("lvs", sr, "its LVs cannot be listed: {}".format(error))
+                volumes = error
+            self._volumes = {sr["uuid"]: volumes}
+        return self._volumes[sr["uuid"]]
+
+    def image_source(self, sr):
+        """The qcow2images.ImageSource of the SR, or the error that kept its LVs unlisted."""
+        if sr["type"] not in LVM_SR_TYPES:
+            return qcow2images.ImageSource(sr_dir=os.path.join(self.config.storage.sr_mount_dir, sr["uuid"]))
+        volumes = self.lvm_volumes(sr)
+        if isinstance(volumes, Exception):
+            return volumes
+        return qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]), volumes=volumes,
+                                       device_dir=self.config.storage.lvm_device_dir)
+
+    def read_bitmaps(self, sr, nodes, vhd_blocks, source):
         """{uuid: bitmap, or the exception that kept it unread} of these nodes.
 
-        A hidden VHD's comes from the cache when it has it; on an LVM SR, a hidden parent's from
+        A hidden image's comes from the cache when it has it; on an LVM SR, a hidden parent's from
         SM's `sm_config:vhd-blocks` when that holds a well-formed bitmap (`vhd_blocks`: {uuid:
-        value}). The others are read with `vhd-util read -B` where the device exists (the LV is
-        active here), from the PV extents where it does not (lvmread).
+        value}). The others are read with the tools (VHD: `vhd-util read -B`; QCOW2: the helper or
+        qemu-img) where the image has a path (a file, an LV active here), from the image's own
+        tables where it has none (through the PV) or where no QCOW2 tool is installed.
         """
         lvm = sr["type"] in LVM_SR_TYPES
         bitmaps, keys, wanted = {}, {}, {}
         for node in nodes:
-            path = self.image_path(sr, node.uuid)
+            qcow2 = node.record.qcow2
+            path = source.path(node.uuid) if qcow2 else self.image_path(sr, node.uuid)
             if node.record.hidden:
                 if node.uuid in vhd_blocks:
                     try:
-                        bitmaps[node.uuid] = vhdmeta.decode_vhd_blocks(vhd_blocks[node.uuid],
-                                                                       node.record.virtual_size)
+                        bitmaps[node.uuid] = _decode_vhd_blocks(vhd_blocks[node.uuid], node.record)
                         continue
-                    except vhdmeta.VhdMetadataError as error:
-                        LOG.debug("SR %s: VHD %s: %s; reading the VHD instead", sr["uuid"], node.uuid, error)
+                    except (vhdmeta.VhdMetadataError, qcow2meta.Qcow2Error) as error:
+                        LOG.debug("SR %s: %s: %s; reading the image instead", sr["uuid"], node.uuid, error)
                 keys[node.uuid] = self.cache_key(sr, node, path, lvm)
                 cached = self.bitmaps.get(keys[node.uuid]) if keys[node.uuid] is not None else None
                 if cached is not None:
                     bitmaps[node.uuid] = cached
                     continue
             wanted[path] = node
+        vhds = {path: node for path, node in wanted.items() if not node.record.qcow2}
+        read = self.read_vhd_bitmaps(sr, vhds, lvm)
+        read.update((path, self.read_qcow2_bitmap(source, node)) for path, node in sorted(wanted.items())
+                    if node.record.qcow2)
+        for path, node in wanted.items():
+            bitmaps[node.uuid] = read[path]
+            if keys.get(node.uuid) is not None and not isinstance(read[path], Exception):
+                self.bitmaps.put(keys[node.uuid], read[path])
+        return bitmaps
+
+    def read_vhd_bitmaps(self, sr, wanted, lvm):
+        """{path: bitmap or exception} of VHDs: `read -B` where the path exists, else the PV."""
         on_device = sorted(path for path in wanted if not lvm or os.path.exists(path))
         read = self.tools.read_bitmaps([(path, wanted[path].record.virtual_size) for path in on_device])
         missed = {node.uuid: read.get(path) for path, node in wanted.items()
@@ -251,14 +291,27 @@ class _Inspector(object):
         if lvm and missed:
             read.update(self.read_through_pv(sr, {uuid: (self.image_path(sr, uuid), error)
                                                   for uuid, error in missed.items()}, wanted))
-        for path, node in wanted.items():
-            bitmaps[node.uuid] = read[path]
-            if keys.get(node.uuid) is not None and not isinstance(read[path], Exception):
-                self.bitmaps.put(keys[node.uuid], read[path])
-        return bitmaps
+        return read
+
+    def read_qcow2_bitmap(self, source, node):
+        """A QCOW2 image's own cluster bitmap, or the exception that kept it unread."""
+        header = node.record.qcow2
+        try:
+            if source.on_device(node.uuid):
+                bitmap = self.tools.qcow2_bitmap(source.path(node.uuid), header)
+                if bitmap is not None:
+                    return bitmap
+            return source.bitmap(node.uuid, header)
+        except vhdutil.VhdUtilError as error:
+            return error
+        except qcow2meta.Qcow2Error as error:
+            return qcow2meta.Qcow2Error("{}: {}".format(node.uuid, error))
+        except OSError as error:
+            return qcow2meta.Qcow2Error("{}: cannot be read: {}".format(
+                node.uuid, os.strerror(error.errno) if error.errno else error))
 
     def cache_key(self, sr, node, path, lvm):
-        """What a hidden VHD's cached bitmap is kept under: it changes when a child merges into it.
+        """What a hidden image's cached bitmap is kept under: it changes when a child merges into it.
 
         A file's mtime is part of it; an LV's device (when there is one) has no meaningful mtime.
         """
@@ -271,17 +324,13 @@ class _Inspector(object):
     def read_through_pv(self, sr, missed, wanted):
         """{path: bitmap or exception} of LVs `read -B` did not read ({uuid: (path, its error or None)}).
 
-        One `lvs` and one `vgs` for the SR; an LV that `lvs` shows active here keeps the error of
-        `read -B` on its device, the others are read from their PV extents.
+        The SR's `lvs` and `vgs`; an LV that `lvs` shows active here keeps the error of `read -B` on
+        its device, the others are read from their PV extents.
         """
         vg_name = vhdutil.lvm_vg_name(sr["uuid"])
-        try:
-            extent_size, pe_starts = lvmread.parse_vgs(self.tools.run_lvm("vgs", lvmread.vgs_arguments(vg_name)))
-            volumes = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
-                                        extent_size, pe_starts)
-        except (vhdutil.VhdUtilError, lvmread.LvmReportError) as error:
-            self.error("bitmap", sr, "inactive LVs cannot be read: {}".format(error))
-            return {path: error_ or error for path, error_ in missed.values()}
+        volumes = self.lvm_volumes(sr)
+        if isinstance(volumes, Exception):
+            return {path: error_ or volumes for path, error_ in missed.values()}
         results = {}
         with lvmread.PhysicalVolumes() as physical:
             for uuid, (path, device_error) in sorted(missed.items()):
@@ -299,7 +348,7 @@ class _Inspector(object):
         return results
 
     def join_vdis(self, sr_ref, users, report):
-        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of non-VHD VDIs], {image: vhd-blocks}) of
+        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of raw VDIs], {image: vhd-blocks}) of
         the SR's VDI records (vhd-blocks: SM's `sm_config:vhd-blocks`, kept on LVM SRs only).
 
         The records stream from xapi and go: only what classification and the report use is kept.
@@ -313,9 +362,9 @@ class _Inspector(object):
                 report.leftover_marks.append(marks.reported_mark(vdi["uuid"], other_config))
             sm_config = vdi.get("sm_config") or {}
             vdi_type = sm_config.get("vdi_type", "vhd")
-            if vdi_type in NOT_VHD_TYPES:
+            if vdi_type in NOT_COW_TYPES:
                 report.skipped_vdis += 1
-                reports.append(_not_vhd_report(vdi, vm, NOT_VHD_TYPES[vdi_type]))
+                reports.append(_not_cow_report(vdi, vm, NOT_COW_TYPES[vdi_type]))
                 continue
             image_uuid = vdi.get("location") or vdi["uuid"]
             names[image_uuid] = (vdi["name_label"], vm)
@@ -345,14 +394,32 @@ class _Inspector(object):
             report.vdis = reports
             return report
         report.errors.extend(scan.errors)
-        nodes = vhdtree.build_forest(scan.records)
+        source = self.image_source(sr)
+        if isinstance(source, Exception):
+            report.errors.append("QCOW2 images not listed: {}".format(source))
+            source = qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]))
+        with source:
+            try:
+                records = scan.records + source.records()
+            except OSError as error:
+                report.errors.append("QCOW2 images not listed: {}".format(
+                    os.strerror(error.errno) if error.errno else error))
+                records = scan.records
+            nodes = vhdtree.build_forest(records)
+            self.classify_and_estimate(sr, nodes, facts, names, vhd_blocks, source, report, reports)
+        reports.sort(key=lambda item: (item.vm_name == "", item.vm_name, item.name == "", item.name, item.uuid))
+        report.vdis = reports
+        vhdtree.unlink(nodes)
+        return report
+
+    def classify_and_estimate(self, sr, nodes, facts, names, vhd_blocks, source, report, reports):
+        """A VdiReport per image of the SR's forest, appended to `reports`; the SR's totals."""
         policy = vhdtree.Policy(sr.get("other_config"), self.config.coalesce.exclude_vdis,
                                 self.config.coalesce.exclude_vms, self.config.coalesce.exclude_tag)
         states = vhdtree.classify(nodes, facts, policy)
-        lvm = sr["type"] in LVM_SR_TYPES
         merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
                                                                                model.COALESCEABLE)]
-        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks)
+        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks, source)
         for uuid, node in nodes.items():
             state, reason = states[uuid]
             name, vm = names.get(uuid, ("", NO_VM))
@@ -361,26 +428,22 @@ class _Inspector(object):
                 chain_length=node.chain_length, state=state, reason=reason,
                 reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=node.record.size,
                 virtual_size_bytes=node.record.virtual_size, parent_uuid=node.record.parent_uuid,
-                hidden=node.record.hidden)
+                hidden=node.record.hidden, format=node.record.image_format)
             if node.record.error:
                 report.errors.append("{}: {}".format(uuid, node.record.error))
             elif state == model.LEAF_COALESCEABLE:
-                self.estimate_leaf(sr, node, lvm, bitmaps, vdi_report, report)
+                self.estimate_leaf(sr, node, source, bitmaps, vdi_report, report)
             elif state == model.GARBAGE:
                 report.gc_pending_bytes += node.record.size
             elif state == model.COALESCEABLE:
-                merge = self.merge(sr, node, lvm, bitmaps, report, leaf=False)
+                merge = self.merge(sr, node, source, bitmaps, report, leaf=False)
                 if isinstance(merge, estimate.Estimate):
                     report.gc_pending_bytes += max(0, merge.freed_bytes)
             report.longest_chain = max(report.longest_chain, node.chain_length)
             reports.append(vdi_report)
-        reports.sort(key=lambda item: (item.vm_name == "", item.vm_name, item.name == "", item.name, item.uuid))
-        report.vdis = reports
-        vhdtree.unlink(nodes)
-        return report
 
-    def estimate_leaf(self, sr, node, lvm, bitmaps, vdi_report, report):
-        merge = self.merge(sr, node, lvm, bitmaps, report, leaf=True)
+    def estimate_leaf(self, sr, node, source, bitmaps, vdi_report, report):
+        merge = self.merge(sr, node, source, bitmaps, report, leaf=True)
         if isinstance(merge, Exception):
             vdi_report.state = model.SCAN_ERROR
             vdi_report.reason = "its block bitmaps could not be read: {}".format(merge)
@@ -391,7 +454,7 @@ class _Inspector(object):
         report.reclaimable_bytes += vdi_report.reclaimable_bytes
         report.merge_free_bytes = max(report.merge_free_bytes, merge.merge_free_bytes)
 
-    def merge(self, sr, node, lvm, bitmaps, report, leaf):
+    def merge(self, sr, node, source, bitmaps, report, leaf):
         """The Estimate of merging `node` into its parent, or the error that prevented it."""
         child_bitmap, parent_bitmap = bitmaps[node.uuid], bitmaps[node.parent.uuid]
         for error in (child_bitmap, parent_bitmap):
@@ -399,20 +462,55 @@ class _Inspector(object):
                 report.errors.append(str(error))
                 self.error("bitmap", sr, str(error))
                 return error
+        child, parent = node.record, node.parent.record
+        lvm = sr["type"] in LVM_SR_TYPES
+        if child.qcow2:
+            return self.qcow2_merge(sr, node, source, child_bitmap, parent_bitmap, report)
         child_blocks = estimate.count_blocks(child_bitmap)
         new_blocks = estimate.blocks_missing_from_parent(child_bitmap, parent_bitmap)
-        child, parent = node.record, node.parent.record
         if not lvm:
             return estimate.file_merge(child.size, child_blocks, new_blocks)
         if leaf:
             return estimate.lvm_leaf_merge(child.size, parent.size, child.virtual_size, child_blocks)
         return estimate.lvm_inner_merge(child.size, parent.size, child_blocks, new_blocks)
 
+    def qcow2_merge(self, sr, node, source, child_bitmap, parent_bitmap, report):
+        """A QCOW2 commit of `node` into its parent: the parent grows by the clusters it lacks (and
+        the L2 tables and refcount blocks they need), then the child goes. SM's coalesce size is
+        what both images map (popcount of child OR parent) x cluster size, as its live test reads it."""
+        child, parent = node.record, node.parent.record
+        header = parent.qcow2
+        grid = qcow2meta.regrid(child_bitmap, child.qcow2, header.cluster_bits)
+        new_clusters, new_tables = estimate.clusters_missing_from_parent(grid, parent_bitmap, header.l2_entries)
+        mapped = estimate.count_clusters(grid) + estimate.count_clusters(parent_bitmap) - new_clusters
+        if sr["type"] not in LVM_SR_TYPES:
+            growth = estimate.qcow2_growth(parent.size, new_clusters, new_tables, header.cluster_size,
+                                           header.refcounts_per_block)
+            return estimate.qcow2_file_merge(child.size, mapped, header.cluster_size, growth)
+        try:
+            end = source.image_end(parent.uuid, header)
+        except (qcow2meta.Qcow2Error, OSError) as error:
+            message = "{}: its end cannot be read: {}".format(parent.uuid, error)
+            report.errors.append(message)
+            self.error("bitmap", sr, message)
+            return qcow2meta.Qcow2Error(message)
+        growth = estimate.qcow2_growth(end, new_clusters, new_tables, header.cluster_size, header.refcounts_per_block)
+        return estimate.qcow2_lvm_merge(child.size, parent.size, end, mapped, header.cluster_size, growth)
 
-def _not_vhd_report(vdi, vm, kind):
+
+def _decode_vhd_blocks(value, record):
+    """SM's `sm_config:vhd-blocks` of a hidden image, in the bitmap order its format's reader gives."""
+    if record.qcow2 is None:
+        return vhdmeta.decode_vhd_blocks(value, record.virtual_size)
+    if not record.qcow2.whole_helper_bitmap():
+        raise qcow2meta.Qcow2Error("sm-config:vhd-blocks leaves out the last clusters of this image")
+    return qcow2meta.decode_vhd_blocks(value, record.qcow2)
+
+
+def _not_cow_report(vdi, vm, kind):
     return model.VdiReport(
         uuid=vdi["uuid"], name=vdi["name_label"], vm_uuid=vm.uuid, vm_name=vm.name,
-        chain_length=0, state=model.NOT_VHD, reason="{} VDI: vhd-util does not read it; left alone".format(kind),
+        chain_length=0, state=model.NOT_COW, reason="{} VDI: not a copy-on-write image; left alone".format(kind),
         reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
         physical_bytes=int(vdi.get("physical_utilisation") or 0), virtual_size_bytes=int(vdi.get("virtual_size") or 0),
-        parent_uuid="", hidden=False)
+        parent_uuid="", hidden=False, format=model.RAW)

@@ -205,6 +205,13 @@ def read_bitmap(volumes, lv, virtual_size):
     return bitmap
 
 
+def lv_reader(volumes, lv):
+    """A `read(offset, length)` of `lv`'s bytes from its PV extents (fewer bytes past its end)."""
+    if lv.problem:
+        raise vhdmeta.VhdMetadataError("{}: {}".format(lv.name, lv.problem))
+    return _Window(volumes, lv).read
+
+
 class _Window(object):
     """Reads of one LV in aligned pieces, the last piece kept: the footer and the header that
     follows it come from one read."""

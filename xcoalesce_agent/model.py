@@ -3,7 +3,7 @@
 Nothing here does I/O; `to_dict()` gives the stable JSON shape of `--report --json`.
 """
 
-# What a VHD is, as far as leaf coalesce is concerned.
+# What an image (VHD or QCOW2) is, as far as leaf coalesce is concerned.
 LEAF = "leaf"                            # writable leaf with no parent: nothing to merge
 LEAF_COALESCEABLE = "leaf_coalesceable"  # leaf whose parent has no other child: leaf coalesce frees space
 SNAPSHOT_PRESENT = "snapshot_present"    # leaf whose parent still has other children (snapshots)
@@ -14,11 +14,15 @@ COALESCEABLE = "coalesceable"            # hidden VHD the GC merges on its own
 GARBAGE = "garbage"                      # hidden VHD with no live descendant: the GC deletes it
 ORPHAN = "orphan"                        # its parent is missing
 EXCLUDED = "excluded"                    # leaf-coalesceable, but excluded by policy
-SCAN_ERROR = "scan_error"                # vhd-util could not read it
-NOT_VHD = "not_vhd"                      # raw or qcow2 VDI: skipped, never guessed at
+SCAN_ERROR = "scan_error"                # its image (or its parent's) could not be read
+NOT_COW = "not_cow"                      # raw VDI, not a copy-on-write image: skipped, never guessed at
 
 STATES = (LEAF, LEAF_COALESCEABLE, SNAPSHOT_PRESENT, SNAPSHOT, HIDDEN_PARENT, COALESCEABLE,
-          GARBAGE, ORPHAN, EXCLUDED, SCAN_ERROR, NOT_VHD)
+          GARBAGE, ORPHAN, EXCLUDED, SCAN_ERROR, NOT_COW)
+
+# Image formats (VdiReport.format): SM's copy-on-write images, and raw VDIs (NOT_COW).
+VHD, QCOW2, RAW = "vhd", "qcow2", "raw"
+FORMATS = (VHD, QCOW2, RAW)
 
 MAX_CHAIN_LENGTH = 30
 
@@ -62,10 +66,10 @@ def _plain(value):
 
 
 class VdiReport(_Record):
-    """One VHD of an SR (a VDI, or a hidden VHD that no VDI record names)."""
+    """One image of an SR (a VDI, or a hidden image that no VDI record names)."""
 
     FIELDS = (
-        "uuid",               # VDI UUID (the VHD's name)
+        "uuid",               # VDI UUID (the image's name)
         "name",               # VDI name_label, "" for VHDs xapi does not know
         "vm_uuid",            # VM using it through a VBD, "" when none
         "vm_name",
@@ -79,6 +83,7 @@ class VdiReport(_Record):
         "virtual_size_bytes",
         "parent_uuid",        # "" for a root
         "hidden",
+        "format",             # one of FORMATS
     )
     __slots__ = FIELDS
 
@@ -99,7 +104,7 @@ class SrReport(_Record):
         "longest_chain",
         "gc_running",             # SM's GC runs on this SR now (its lock held, or a cleanup process)
         "gc_running_seconds",     # for how long, 0 when not running
-        "skipped_vdis",           # non-VHD VDIs, counted and left alone
+        "skipped_vdis",           # raw VDIs (not copy-on-write), counted and left alone
         "errors",                 # per-image scan errors, one line each
         "vdis",                   # [VdiReport]
         "leftover_marks",         # [{vdi_uuid, set, replaced, host, at, leaf_coalesce}]: the agent's marks

@@ -181,6 +181,7 @@ def _entry(sr, vdi, vm):
         "vm_power_state": vm.get("power_state", "") if vm else "",
         "vdi_uuid": vdi.uuid,
         "vdi_name": vdi.name or "",
+        "format": vdi.format or "vhd",
         "sr_uuid": sr.uuid,
         "sr_type": sr.type,
         "chain_length": vdi.chain_length,

@@ -19,7 +19,9 @@ def human_bytes(value):
 
 
 def _vdi_label(vdi):
-    return "{} ({})".format(cell(vdi.name), one_line(vdi.uuid[:8])) if vdi.name else one_line(vdi.uuid)
+    """Name and short UUID (the UUID alone when nameless), marked `[qcow2]` for a QCOW2 image."""
+    label = "{} ({})".format(cell(vdi.name), one_line(vdi.uuid[:8])) if vdi.name else one_line(vdi.uuid)
+    return label + " [qcow2]" if vdi.format == model.QCOW2 else label
 
 
 def _sr_heading(sr):
@@ -51,9 +53,9 @@ def render_text(inspection):
         rows = [COLUMNS] + [(cell(vdi.vm_name) or "-", _vdi_label(vdi), str(vdi.chain_length), vdi.state,
                              human_bytes(vdi.reclaimable_bytes) if vdi.state == model.LEAF_COALESCEABLE else "-",
                              cell(vdi.reason, MESSAGE_WIDTH)) for vdi in sr.vdis or ()]
-        lines.extend(table(rows, "  ") if len(rows) > 1 else ["  no VHDs"])
+        lines.extend(table(rows, "  ") if len(rows) > 1 else ["  no VHD or QCOW2 images"])
         if sr.skipped_vdis:
-            lines.append("  {} non-VHD {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))
+            lines.append("  {} raw {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))
         lines.extend("  error: {}".format(cell(error, MESSAGE_WIDTH)) for error in sr.errors or ())
         lines.extend(one_line(_mark_line(mark)) for mark in sr.leftover_marks or ())
         lines.append("")

@@ -77,7 +77,8 @@ def _release_force(session, steps):
 def _run_record(entry, started):
     return {
         "vm_uuid": entry["vm_uuid"], "vm_name": entry["vm_name"], "vdi_uuid": entry["vdi_uuid"],
-        "sr_uuid": entry["sr_uuid"], "strategy": entry["strategy"], "result": entry["result"],
+        "format": entry["format"], "sr_uuid": entry["sr_uuid"], "strategy": entry["strategy"],
+        "result": entry["result"],
         "reason": entry["reason"], "estimated_bytes": entry["estimated_bytes"], "reclaimed_bytes": 0,
         "merge_bytes": entry["merge_bytes"], "frozen_seconds": None,
         "predicted_freeze_seconds": entry["predicted_freeze_seconds"], "started": started, "finished": started,

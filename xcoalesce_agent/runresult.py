@@ -6,7 +6,7 @@ from .printable import MESSAGE_WIDTH, cell, one_line, table
 from .report import human_bytes
 
 JSON_FIELDS = ("vm_uuid", "vm_name", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
-               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "merge_bytes")
+               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "merge_bytes", "format")
 
 
 def render_json(runs, dry_run=False):

@@ -24,17 +24,21 @@ class ScanOutputError(ValueError):
 
 
 class ScanRecord(object):
-    """One line of `vhd-util scan`: an image, or an image it could not read (`error` set)."""
+    """One image of an SR: a line of `vhd-util scan`, or a QCOW2 image (`image_format` "qcow2",
+    its qcow2meta.Header in `qcow2`); `error` set when it could not be read."""
 
-    __slots__ = ("uuid", "virtual_size", "size", "hidden", "parent_uuid", "error")
+    __slots__ = ("uuid", "virtual_size", "size", "hidden", "parent_uuid", "error", "image_format", "qcow2")
 
-    def __init__(self, uuid, virtual_size=0, size=0, hidden=False, parent_uuid="", error=""):
+    def __init__(self, uuid, virtual_size=0, size=0, hidden=False, parent_uuid="", error="", image_format="vhd",
+                 qcow2=None):
         self.uuid = uuid
         self.virtual_size = virtual_size
         self.size = size
         self.hidden = hidden
         self.parent_uuid = parent_uuid
         self.error = error
+        self.image_format = image_format
+        self.qcow2 = qcow2
 
     def __repr__(self):
         return "ScanRecord({!r}, hidden={}, parent={!r}{})".format(
@@ -242,11 +246,16 @@ def _short(uuid):
 def _classify_node(node, facts, live, policy, sr_exclusion):
     record = node.record
     if record.error:
-        return model.SCAN_ERROR, "vhd-util could not read it ({})".format(record.error)
+        if record.image_format == "vhd":
+            return model.SCAN_ERROR, "vhd-util could not read it ({})".format(record.error)
+        return model.SCAN_ERROR, "its QCOW2 image could not be read: {}".format(record.error)
     if record.parent_uuid and node.parent is None:
         return model.ORPHAN, "its parent {} is missing".format(record.parent_uuid)
     if node.parent is not None and node.parent.record.error:
         return model.SCAN_ERROR, "its parent {} could not be read".format(record.parent_uuid)
+    if node.parent is not None and node.parent.record.image_format != record.image_format:
+        return model.SCAN_ERROR, "a chain is one format: this {} image's parent {} is {}".format(
+            record.image_format.upper(), _short(record.parent_uuid), node.parent.record.image_format.upper())
     if _in_loop(node):
         return model.SCAN_ERROR, "its parent chain loops back on itself"
     if record.hidden:

@@ -6,11 +6,13 @@ else that goes wrong with one run is a `VhdUtilError`, which the caller records 
 """
 import binascii
 import errno
+import json
 import os
+import stat
 import subprocess
 import tempfile
 
-from . import vhdtree
+from . import qcow2meta, vhdtree
 from .errors import HostUnreachable
 
 LVM_VG_PREFIX = "VG_XenStorage-"
@@ -26,9 +28,11 @@ class VhdUtil(object):
 
     def __init__(self, config):
         self.binary = config.tools.vhd_util
+        self.qcow2_helper = config.tools.qcow2_helper
+        self.qemu_img = config.tools.qemu_img
         self.timeout = config.tools.timeout_seconds
         self.environment = dict(os.environ, PATH=config.tools.path, LC_ALL="C")
-        self.spawned = 0      # runs of vhd-util
+        self.spawned = 0      # runs of vhd-util, qcow2_helper and qemu-img
         self.forked = 0       # processes this one started (a batch's shell runs several vhd-util)
 
     def run(self, args):
@@ -66,6 +70,27 @@ class VhdUtil(object):
             raise VhdUtilError("`{}` failed (exit {}): {}".format(
                 what, _exit_status(process.returncode), _first_line(stderr, stdout)))
         return stdout
+
+    def qcow2_bitmap(self, path, header):
+        """The QCOW2 image's own cluster bitmap (qcow2meta's order) from `qcow2_helper bitmap PATH`
+        where it is installed and prints every cluster, else from `qemu-img map` of the image alone;
+        None when neither is installed. A failed run raises VhdUtilError."""
+        helper = header.whole_helper_bitmap() and os.access(self.qcow2_helper, os.X_OK)
+        if helper:
+            command = [self.qcow2_helper, "bitmap", path]
+        elif os.access(self.qemu_img, os.X_OK):
+            command = [self.qemu_img, "map", "-U", "--output=json", qemu_image_alone(path)]
+        else:
+            return None
+        what = " ".join(command)
+        output = self._run_command(command, what)
+        self.spawned += 1
+        try:
+            if helper:
+                return qcow2meta.helper_bitmap(output, header, "`{}`".format(what))
+            return qcow2meta.map_bitmap(output.decode("utf-8", "replace"), header)
+        except qcow2meta.Qcow2Error as error:
+            raise VhdUtilError("{}: {}".format(path, error)) from None
 
     def scan_file_sr(self, sr_dir):
         """Scan records of every `*.vhd` in a file SR's directory."""
@@ -147,6 +172,17 @@ def _checked_bitmap(path, virtual_size, output):
         raise VhdUtilError("`vhd-util read -B -n {}` printed {} bytes where a {}-byte bitmap was expected: {}"
                            .format(path, len(output), expected, _first_line(output)))
     return output
+
+
+def qemu_image_alone(path):
+    """qemu's name of the QCOW2 image at `path` without its backing chain, opened as a file or as a
+    block device (an LV)."""
+    try:
+        driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        driver = "file"
+    return "json:" + json.dumps({"driver": "qcow2", "file": {"driver": driver, "filename": path}, "backing": None},
+                                separators=(",", ":"))
 
 
 def lvm_vg_name(sr_uuid):
