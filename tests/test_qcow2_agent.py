@@ -5,6 +5,7 @@ simulated host's file SR: states, reasons, formats and estimates equal to what a
 `qemu-img commit` frees, and hostile images each a reason, none written to. The others run the
 agent end to end on the simulated host's `qcow2` scenario, and skip while it has none.
 """
+import re
 import hashlib
 import json
 import os
@@ -98,8 +99,8 @@ def test_without_qcow2_tools_the_images_own_tables_give_the_same_figures(qcow2_d
     cache = inspection.BitmapCache()
     first = inspection.inspect(settings, bitmaps=cache)
     no_tools = tmp_path / "agent.conf"
-    text = open(host.agent_conf).read().replace("[tools]\n", "[tools]\nqemu_img = /nonexistent/qemu-img\n"
-                                                "qcow2_helper = /nonexistent/qcow2_helper\n", 1)
+    text = open(host.agent_conf).read().replace("[tools]\n", "[tools]\nqemu_img = /nonexistent/qemu-img\n", 1)
+    text = re.sub(r"(?m)^qcow2_helper = .*$", "qcow2_helper = /nonexistent/qcow2_helper", text)
     no_tools.write_text(text)
     own = inspection.inspect(config.load(str(no_tools)), bitmaps=inspection.BitmapCache())
     figures = [[(vdi.uuid, vdi.state, vdi.reclaimable_bytes) for vdi in sr.vdis] for sr in first.srs]
@@ -172,10 +173,11 @@ def report_json(host):
 
 
 def qcow2_files(host, document):
-    """{VDI uuid: path} of the QCOW2 images of the file SRs."""
+    """{VDI uuid: path} of the readable QCOW2 images of the file SRs (the hostile ones left out: no
+    tool may follow a backing loop)."""
     return {vdi["uuid"]: os.path.join(host.state_dir, "sr-mount", sr["uuid"], vdi["uuid"] + ".qcow2")
             for sr in document["srs"] if sr["type"] not in inspection.LVM_SR_TYPES
-            for vdi in sr["vdis"] if vdi["format"] == "qcow2"}
+            for vdi in sr["vdis"] if vdi["format"] == "qcow2" and vdi["state"] not in (model.SCAN_ERROR, model.ORPHAN)}
 
 
 def test_report_names_every_qcow2_vdi_with_its_state_and_estimate(qcow2_host):
@@ -211,8 +213,11 @@ def test_now_frees_each_qcow2_estimate_and_keeps_every_guest_disk(qcow2_host, tm
     lengths = {vdi["uuid"]: vdi["chain_length"] for sr in after["srs"] for vdi in sr["vdis"]}
     for run in runs:
         slack = 4 * MIB if run["vdi_uuid"] in lvm else CLUSTER
-        assert abs(run["reclaimed_bytes"] - run["estimated_bytes"]) <= slack, run
         assert lengths[run["vdi_uuid"]] < chains[run["vdi_uuid"]]
+        if lengths[run["vdi_uuid"]] == chains[run["vdi_uuid"]] - 1:
+            assert abs(run["reclaimed_bytes"] - run["estimated_bytes"]) <= slack, run
+        else:   # the GC also merged a hidden parent of the chain: more is freed than the leaf's estimate
+            assert run["reclaimed_bytes"] >= run["estimated_bytes"] - slack, run
     for path in qcow2_files(qcow2_host, after).values():
         subprocess.check_call(["qemu-img", "check", "-U", path], stdout=subprocess.DEVNULL)
     for vdi_uuid, raw in saved.items():

@@ -32,6 +32,7 @@ inventory = {root}/xensource-inventory
 
 [tools]
 vhd_util = {root}/bin/vhd-util
+qcow2_helper = {root}/bin/qcow2_helper
 path = {root}/bin:{path}
 
 [storage]
