@@ -79,6 +79,8 @@ class VdiReport(_Record):
         "virtual_size_bytes",
         "parent_uuid",        # "" for a root
         "hidden",
+        "gc",                 # SM's GC on this VHD (gcaccount.py): {kind, message, time, figures, source,
+                              # signals}, None when neither SMlog nor xapi says anything of it
     )
     __slots__ = FIELDS
 
@@ -102,6 +104,8 @@ class SrReport(_Record):
         "skipped_vdis",           # non-VHD VDIs, counted and left alone
         "errors",                 # per-image scan errors, one line each
         "vdis",                   # [VdiReport]
+        "gc",                     # SM's GC of the SR (gcaccount.py): last_run {started, finished, result,
+                                  # merged, errors}, last_success, runs_total, results, failures, signals, ...
     )
     __slots__ = FIELDS
 
@@ -122,6 +126,7 @@ class Inspection(_Record):
         "srs",                    # [SrReport]
         "skipped_srs",            # [{"uuid", "name", "type", "reason"}]: not ours, not VHD, detached
         "errors",                 # [{"stage", "message"}]: what went wrong, per stage
+        "smlog",                  # the SMlog reader's health (smlogfile.py), None when not read
     )
     __slots__ = FIELDS
 
