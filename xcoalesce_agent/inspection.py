@@ -225,7 +225,7 @@ class _Inspector(object):
             if message.get("cls") == "SR" and message.get("obj_uuid") in uuids:
                 self.signals.messages.setdefault(message["obj_uuid"], []).append(
                     dict(message, ref=ref, time=_unix_time(message.get("timestamp"))))
-        for ref, sr in ours:
+        for _, sr in ours:
             message_ref = (sr.get("sm_config") or {}).get(gcaccount.GC_NO_SPACE_KEY)
             if message_ref:
                 message = self.live_message(message_ref, messages)

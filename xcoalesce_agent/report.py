@@ -56,7 +56,8 @@ def gc_reason(vdi, now=None):
         text = "GC had no space at {}: SR free {}, the merge needs {}".format(
             when, human_bytes(figures["free_bytes"]), human_bytes(figures.get("needed_bytes") or 0))
     else:
-        words = {smlog.GAVE_UP: "GC gave up", smlog.NO_SPACE: "GC had no space", smlog.TIMED_OUT: "GC's merge timed out",
+        words = {smlog.GAVE_UP: "GC gave up", smlog.NO_SPACE: "GC had no space",
+                 smlog.TIMED_OUT: "GC's merge timed out",
                  smlog.FAILED: "GC's merge failed", smlog.PAUSE_FAILED: "GC could not pause the VDI",
                  smlog.UNPAUSE_FAILED: "GC could not unpause the VDI (its VM lost the disk)",
                  smlog.DISABLED: "GC skips it", smlog.CONCURRENT_CHANGE: "GC stopped as the chain changed"}

@@ -24,7 +24,8 @@ MERGED = "merged"
 KINDS = (GAVE_UP, NO_SPACE, TIMED_OUT, FAILED, PAUSE_FAILED, UNPAUSE_FAILED, DISABLED, CONCURRENT_CHANGE, MERGED)
 
 # How a run ended: `result` of an SR's last run.
-RUNNING, SUCCESS, PARTIAL, RUN_FAILED, ABORTED, SKIPPED = "running", "success", "partial", "failed", "aborted", "skipped"
+RUNNING, SUCCESS, PARTIAL, RUN_FAILED = "running", "success", "partial", "failed"
+ABORTED, SKIPPED = "aborted", "skipped"
 RESULTS = (RUNNING, SUCCESS, PARTIAL, RUN_FAILED, ABORTED, SKIPPED)
 
 # Bounds on what the state keeps, whatever the log holds.
@@ -58,7 +59,8 @@ _PATTERNS = (
     ("sr_disabled", re.compile(r"^(GC is disabled for this SR, abort|Coalesce disabled for this SR|"
                                r"Leaf-coalesce disabled for this SR)$")),
     ("concurrent", re.compile(r"^(The VDI appears to have been concurrently (?:deleted|snapshotted)|"
-                              r"The VDI tree appears to have been altered since|The VDI is no longer leaf-coalesceable)")),
+                              r"The VDI tree appears to have been altered since|"
+                              r"The VDI is no longer leaf-coalesceable)")),
     ("skip", re.compile(r"^(?:Leaf-coalesce failed on {}|Coalesce failed), skipping".format(_VDI))),
     ("reason", re.compile(r"^(Max iterations \(\d+\) exceeded|No progress made for \d+ iterations|"
                           r"Unexpected bump in size, compared to minimum achieved)$")),
