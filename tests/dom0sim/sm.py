@@ -42,7 +42,7 @@ import traceback
 import uuid as uuidlib
 import zlib
 
-from tests.dom0sim import lvm, vhdfile
+from tests.dom0sim import lvm, smlogfile, vhdfile
 from tests.dom0sim.xapi import tasks, vm, wire
 from tests.dom0sim.xapi.errors import XapiError
 
@@ -811,6 +811,10 @@ def get_generation(name):
             name, ", ".join(sorted(GENERATIONS)))) from None
 
 
+class CommandException(SmError):
+    """A command SM runs failed (util.CommandException)."""
+
+
 class Aborted(SmError):
     """The GC was told to stop (SM stopping): cleanup.py's AbortException."""
 
@@ -903,22 +907,22 @@ class GcPass(object):
         if garbage:
             self.log("Found {} VDIs for deletion:".format(len(garbage)))
             for image in garbage:
-                self.log("  {}".format(image.uuid))
+                self.log("  {}".format(self.sm.label(image)))
             if not self.dry_run:
                 for image in garbage:
-                    self.log("Deleting unlinked VDI {}".format(image.uuid))
+                    self.log("Deleting unlinked VDI {}".format(self.sm.label(image)))
                     self.delete(image)
             forest = self.scan()
         candidate = self.find_coalesceable(forest)
         if candidate is not None:
-            self.log("Coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            self.log("Coalescing {} -> {}".format(self.sm.label(candidate), self.sm.label(candidate.parent)))
             if not self.dry_run:
                 self.coalesce(candidate)
             self.done += 1
             return
         candidate = self.find_leaf_coalesceable(forest)
         if candidate is not None:
-            self.log("Leaf-coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            self.log("Leaf-coalescing {} -> {}".format(self.sm.label(candidate), self.sm.label(candidate.parent)))
             if not self.dry_run:
                 self.coalesce_leaf(candidate)
             self.done += 1
@@ -972,11 +976,12 @@ class GcPass(object):
             if candidate.uuid in self.failed:
                 continue
             if self.store.extra_for_coalesce(candidate) <= free:
-                self.log("Coalesce candidate: {} (tree height {})".format(candidate.uuid, candidate.root().height()))
+                self.log("Coalesce candidate: {} (tree height {})".format(self.sm.label(candidate),
+                                                                          candidate.root().height()))
                 self.no_space.pop(candidate.uuid, None)
                 return candidate
             self.no_space[candidate.uuid] = candidate
-            self.log("No space to coalesce {} (free space: {})".format(candidate.uuid, free))
+            self.log("No space to coalesce {} (free space: {})".format(self.sm.label(candidate), free))
         return None
 
     def find_leaf_coalesceable(self, forest):
@@ -997,10 +1002,10 @@ class GcPass(object):
                 if self.can_live_coalesce(candidate):
                     needed = needed_live
             if needed <= free:
-                self.log("Leaf-coalesce candidate: {}".format(candidate.uuid))
+                self.log("Leaf-coalesce candidate: {}".format(self.sm.label(candidate)))
                 self.no_space.pop(candidate.uuid, None)
                 return candidate
-            self.log("No space to leaf-coalesce {} (free space: {})".format(candidate.uuid, free))
+            self.log("No space to leaf-coalesce {} (free space: {})".format(self.sm.label(candidate), free))
             if needed_live <= free:
                 self.log("...but enough space if skip snap-coalesce")
                 self.set_leaf_coalesce(candidate.uuid, "offline")
@@ -1012,13 +1017,13 @@ class GcPass(object):
         if record is None:
             return False
         if record["on_boot"] == "reset":
-            self.log("Skipping reset-on-boot {}".format(image.uuid))
+            self.log("Skipping reset-on-boot {}".format(self.sm.label(image)))
             return False
         if record["allow_caching"]:
-            self.log("Skipping allow_caching=true {}".format(image.uuid))
+            self.log("Skipping allow_caching=true {}".format(self.sm.label(image)))
             return False
         if record["other_config"].get(LEAF_COALESCE_KEY) == "false":
-            self.log("Leaf-coalesce disabled for {}".format(image.uuid))
+            self.log("Leaf-coalesce disabled for {}".format(self.sm.label(image)))
             return False
         return True
 
@@ -1062,7 +1067,8 @@ class GcPass(object):
             raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(image.uuid)
-            self.log("Coalesce failed, skipping: {}".format(exc))
+            self.sm.log_exception("coalesce", exc)
+            self.log("Coalesce failed, skipping")
 
     def coalesce_onto_parent(self, image):
         """_doCoalesce: the parent made writable and inflated, the merge, the parent deflated, read-only
@@ -1075,7 +1081,10 @@ class GcPass(object):
                 if extra > 0:
                     self.store.inflate(parent.uuid, parent.lv_size + extra)
             try:
+                with self.sm.smlog.child():
+                    self.log("  Running VHD coalesce on {}".format(self.sm.label(image)))
                 self.sm.timed_merge(self.sr_uuid, image.path)
+                self.log("  Child process completed successfully")
             finally:
                 self.store.deflate(parent.uuid)
         finally:
@@ -1109,13 +1118,14 @@ class GcPass(object):
             raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(vdi_uuid)
-            self.log("Leaf-coalesce failed on {}, skipping: {}".format(vdi_uuid, exc))
+            self.sm.log_exception("leaf-coalesce", exc)
+            self.log("Leaf-coalesce failed on {}, skipping".format(self.sm.label(image) if image else vdi_uuid[:8]))
         finally:
             self.set_leaf_coalesce(vdi_uuid, None)
 
     def snapshot_coalesce(self, image):
         """Single-snapshot the leaf, coalesce the temporary snapshot away; the leaf as it is now, or None."""
-        self.log("Single-snapshotting {}".format(image.uuid))
+        self.log("Single-snapshotting {}".format(self.sm.label(image)))
         self.sm.step("gc.before-snapshot")
         temp_uuid = self.sm.internal_snapshot(self.sr_uuid, image)
         self.log("Single-snapshot returned: {}".format(self.records.vdi_ref(temp_uuid)))
@@ -1124,7 +1134,7 @@ class GcPass(object):
         if temp is None or not temp.is_coalesceable():
             self.log("The VDI appears to have been concurrently snapshotted")
             return None
-        self.log("Coalescing parent {}".format(temp_uuid))
+        self.log("Coalescing parent {}".format(self.sm.label(temp)))
         self.coalesce(temp)
         leaf = self.scan().get(image.uuid)
         if leaf is None or not leaf.is_leaf_coalesceable():
@@ -1154,10 +1164,15 @@ class GcPass(object):
             self.set_hidden(parent.uuid, False)
             try:
                 self.sm.timed_merge(self.sr_uuid, image.path, timeout)
-            except SmError:
+            except SmError as exc:
+                if str(exc) == "Timed out":
+                    self.sm.log_exception("_doCoalesceLeaf", exc)
+                    self.log("*** UNDO LEAF-COALESCE")
                 self.set_hidden(parent.uuid, True)
                 self.store.deflate(parent.uuid)
                 self.store.set_readonly(parent.uuid, True)
+                if str(exc) == "Timed out":
+                    self.log("*** leaf-coalesce undo successful")
                 raise
             self.store.rename(vdi_uuid, old_uuid)
             self.store.rename(parent.uuid, vdi_uuid)
@@ -1321,9 +1336,11 @@ class StorageManager(object):
         self.unit_dir = os.path.join(self.run_dir, "systemd", "units")
         self.cleanup_path = os.path.join(self.state_dir, "bin", "cleanup")
         self.log_path = os.path.join(self.state_dir, "SMlog")
+        self.smlog = smlogfile.SmLog(self.log_path)   # smlog.max_bytes: rotate past that size
+        self._unpause_faults = set()
+        self._coalesce_faults = {}
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self._log_lock = threading.Lock()
         self._gcs = {}              # sr_uuid -> the thread of its SMGC unit or background GC
         self._io_locks = {}
         self._vdi_locks = {}
@@ -1342,11 +1359,16 @@ class StorageManager(object):
     # -- small services --
 
     def log(self, text, ident="SMGC"):
-        line = "{}.{:03d} {}: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), int(time.time() * 1000) % 1000,
-                                             ident, threading.current_thread().name, text)
-        with self._log_lock:
-            with open(self.log_path, "a") as handle:
-                handle.write(line)
+        """A message SM logs through syslog into SMlog (smlogfile.py: the real format, rotation)."""
+        self.smlog.write(text, ident)
+
+    def log_exception(self, tag, exc):
+        """cleanup.py's Util.logException into SMlog."""
+        self.smlog.exception(tag, exc)
+
+    def label(self, image):
+        """A VHD as SM's GC prints it (8 hex digits of its UUID and its sizes)."""
+        return smlogfile.label(image, lvm=image.lv_size is not None)
 
     def sm_log(self, text):
         """A line SM's util.SMlog writes (ident SM)."""
@@ -1475,7 +1497,6 @@ class StorageManager(object):
         ref = self.records.vdi_ref(vdi_uuid)
         busy = self.vdi_lock(vdi_uuid)
         if not busy.acquire(not failfast):
-            self.log("Failed to pause VDI {}".format(vdi_uuid))
             raise SmError("Failed to pause VDI {}".format(vdi_uuid))
         busy.release()
         with self.io_lock(vdi_uuid):
@@ -1491,6 +1512,29 @@ class StorageManager(object):
                     self.records.set_map_key("VDI", ref, "sm_config", "paused", None)
                 if vm_uuid:
                     self.db.thaw_io(vm_uuid)
+        if vdi_uuid in self._unpause_faults:
+            self._unpause_faults.discard(vdi_uuid)
+            self.report_unpause_failure(vdi_uuid)
+
+    def fail_unpause(self, vdi_uuid):
+        """Fault: the next unpause of the VDI's tapdisk fails (its VM would lose the disk; here its I/O goes
+        on, so nothing else is at stake): SM logs it, raises "failed to unpause tapdisk" and skips the merge."""
+        self._unpause_faults.add(vdi_uuid)
+
+    def report_unpause_failure(self, vdi_uuid):
+        """VDI._report_tapdisk_unpause_error, then the SMException that stops the merge."""
+        sr_uuid = self.db.get_field("SR", self.db.get_field("VDI", self.records.vdi_ref(vdi_uuid), "SR"), "uuid")
+        self.log("ERROR: Failed to unpause VDI {}".format(vdi_uuid[:8]))
+        self.db.create("message", uuid=str(uuidlib.uuid4()), name="failed to unpause tapdisk", priority=4, cls="SR",
+                       obj_uuid=sr_uuid, timestamp=wire.now(),
+                       body="Failed to unpause tapdisk for VDI {}, VMs using this tapdisk have lost access to the "
+                            "corresponding disk(s)".format(vdi_uuid))
+        raise SmError("Failed to unpause VDIs")
+
+    def fail_coalesce(self, sr_uuid, message="Input/output error"):
+        """Fault: the next merge on the SR fails as `vhd-util coalesce` failing does (CommandException,
+        reported as an I/O error)."""
+        self._coalesce_faults[sr_uuid] = message
 
     def internal_snapshot(self, sr_uuid, image):
         """VDI.snapshot(leaf, {"type": "internal"}): the leaf is paused (sm_config:paused, its VM's I/O
@@ -1522,6 +1566,10 @@ class StorageManager(object):
         file SR running out of room stops it part-way with ENOSPC, reported as SM reports it.
         """
         start = time.monotonic()
+        failure = self._coalesce_faults.pop(sr_uuid, None)
+        if failure is not None:
+            self.report_coalesce_error(sr_uuid, errno.EIO)
+            raise CommandException(failure)
         try:
             merged = self.merge_within_room(sr_uuid, child_path) * vhdfile.SECTOR_SIZE
         except OutOfRoom as exc:
@@ -1578,7 +1626,7 @@ class StorageManager(object):
         sr_ref = self.records.sr_ref(sr_uuid)
         if self.coalesce_error_message_due(sr_ref):
             self.db.create("message", uuid=str(uuidlib.uuid4()), name=name, priority=3, cls="SR",
-                           obj_uuid=sr_uuid, body=body)
+                           obj_uuid=sr_uuid, body=body, timestamp=wire.now())
 
     def coalesce_error_message_due(self, sr_ref):
         """SR other-config:coalesce-error-rate messages per minute (0: every time, < 0: never); the time
@@ -1669,7 +1717,7 @@ class StorageManager(object):
             if message is None or not self.db.exists("message", message):
                 self.log("Could not coalesce due to a lack of space in SR {}".format(sr_uuid))
                 message = self.db.create("message", uuid=str(uuidlib.uuid4()), name="SM_GC_NO_SPACE", priority=3,
-                                         cls="SR", obj_uuid=sr_uuid,
+                                         cls="SR", obj_uuid=sr_uuid, timestamp=wire.now(),
                                          body="Unable to perform data coalesce due to a lack of space in SR "
                                               + sr_uuid)
                 self.records.set_map_key("SR", sr_ref, "sm_config", GC_NO_SPACE_KEY, message)
@@ -1788,8 +1836,8 @@ class StorageManager(object):
                     raise
                 traceback.print_exc()   # the unit's stderr: the journal, not SMlog
                 return 1
-            self.log("gc: EXCEPTION {}, {}".format(type(exc).__name__, exc))
-            self.log("* * * * * SR {}: ERROR".format(sr_uuid))
+            self.log_exception("gc", exc)
+            self.log("* * * * * SR {}: ERROR\n".format(sr_uuid))
             return 1
         finally:
             self._gc_ran.add(sr_uuid)
