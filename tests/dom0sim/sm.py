@@ -1183,6 +1183,7 @@ class GcPass(object):
         with self.sm.sr_lock(self.sr_uuid):
             self.store.remove(old_uuid)
             self.sm.update_vdi(self.sr_uuid, vdi_uuid)
+        self.sm.unpaused(vdi_uuid)
 
     def set_hidden(self, uuid, hidden):
         with vhdfile.Vhd.open(self.store.path(uuid), writable=True) as vhd:
@@ -1512,17 +1513,18 @@ class StorageManager(object):
                     self.records.set_map_key("VDI", ref, "sm_config", "paused", None)
                 if vm_uuid:
                     self.db.thaw_io(vm_uuid)
-        if vdi_uuid in self._unpause_faults:
-            self._unpause_faults.discard(vdi_uuid)
-            self.report_unpause_failure(vdi_uuid)
 
     def fail_unpause(self, vdi_uuid):
-        """Fault: the next unpause of the VDI's tapdisk fails (its VM would lose the disk; here its I/O goes
-        on, so nothing else is at stake): SM logs it, raises "failed to unpause tapdisk" and skips the merge."""
+        """Fault: the unpause of the VDI's tapdisk after its next live leaf coalesce fails (its VM would
+        lose the disk; here its I/O goes on, so nothing else is at stake): the merge is done, SM logs the
+        failure, raises "failed to unpause tapdisk" and the leaf coalesce ends in an SMException."""
         self._unpause_faults.add(vdi_uuid)
 
-    def report_unpause_failure(self, vdi_uuid):
-        """VDI._report_tapdisk_unpause_error, then the SMException that stops the merge."""
+    def unpaused(self, vdi_uuid):
+        """After a live leaf coalesce: the unpause fault of the VDI, when one was set (fail_unpause)."""
+        if vdi_uuid not in self._unpause_faults:
+            return
+        self._unpause_faults.discard(vdi_uuid)
         sr_uuid = self.db.get_field("SR", self.db.get_field("VDI", self.records.vdi_ref(vdi_uuid), "SR"), "uuid")
         self.log("ERROR: Failed to unpause VDI {}".format(vdi_uuid[:8]))
         self.db.create("message", uuid=str(uuidlib.uuid4()), name="failed to unpause tapdisk", priority=4, cls="SR",
