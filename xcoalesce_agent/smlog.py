@@ -251,18 +251,25 @@ class GcLog(object):
         run["candidate"], run["outcome"] = None, None
 
     def _finish(self, run, stamp, result=None):
+        """The run ended; a failure or abort logged after it said it was exiting amends its result."""
         self._close_candidate(run, stamp)
         run["ended"] = True
         last = self._last_run(run)
-        if last["result"] == RUNNING or result in (RUN_FAILED, ABORTED):
-            if result is None:
-                result = PARTIAL if last["errors"] or run.get("failures") else SUCCESS
-            last["result"] = result
-            last["finished"] = stamp
-            sr = self._sr(run["sr"])
-            sr["results"][result] = sr["results"].get(result, 0) + 1
-            if result == SUCCESS:
-                sr["last_success"] = stamp
+        sr = self._sr(run["sr"])
+        if last["result"] != RUNNING:
+            if result not in (RUN_FAILED, ABORTED) or last["result"] == result:
+                return
+            sr["results"][last["result"]] -= 1
+            if last["result"] == SUCCESS:
+                sr["last_success"] = run.get("previous_success")
+        elif result is None:
+            result = PARTIAL if last["errors"] or run.get("failures") else SUCCESS
+        last["result"] = result
+        last["finished"] = stamp
+        sr["results"][result] = sr["results"].get(result, 0) + 1
+        if result == SUCCESS:
+            run["previous_success"] = sr.get("last_success")
+            sr["last_success"] = stamp
 
     # -- what lines say --
 

@@ -21,6 +21,8 @@ MAX_BYTES_PER_READ = 128 << 20
 CHUNK_BYTES = 4 << 20
 MAX_LINE_BYTES = 64 << 10
 ROTATED_SUFFIX = ".1"
+# A file's first bytes tell it from another that got the same inode number (a file replaced whole).
+HEAD_BYTES = 64
 
 OK, MISSING, UNREADABLE = "ok", "missing", "unreadable"
 
@@ -102,6 +104,11 @@ class Follower(object):
             inode = os.fstat(stream.fileno()).st_ino
             if inode != position["inode"]:   # replaced between stat and open: its start next time
                 return {"inode": inode, "offset": 0, "skip": False}
+            head = stream.read(HEAD_BYTES).decode("latin-1")
+            saved = position.get("head", "")
+            if offset and not (head.startswith(saved) or saved.startswith(head)):
+                self.health["truncations"] += 1   # another file under the same inode number
+                offset, skip = 0, False
             stream.seek(offset)
             pending = b""
             while budget > 0:
@@ -131,7 +138,7 @@ class Follower(object):
                     offset += end + 1
                 pending = data[end + 1:]
             self.health["behind_bytes"] = max(0, os.fstat(stream.fileno()).st_size - offset)
-        return {"inode": inode, "offset": offset, "skip": skip}
+        return {"inode": inode, "offset": offset, "skip": skip, "head": head}
 
     def _feed(self, log, data, cut=False):
         """Complete lines (joined by newlines, without the last one) into the log."""
