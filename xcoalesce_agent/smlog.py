@@ -72,6 +72,10 @@ _SM_PATTERNS = (
     ("coalesce_error", re.compile(r"^Coalesce failed on SR ({}): (.*)$".format(_UUID))),
     ("sr_no_space", re.compile(r"^Could not coalesce due to a lack of space in SR ({})$".format(_UUID))),
 )
+# One match tells the lines the reader acts on from the others (most of them), and which pattern is theirs.
+_ANY = re.compile("|".join("(?P<{}>{})".format(name, pattern.pattern[1:]) for name, pattern in _PATTERNS + (
+    ("block", re.compile(r"^\*~\*~\*~")), ("iteration", _ITERATION), ("size", _SIZE_LINE))))
+_BY_NAME = dict(_PATTERNS)
 _SWITCHES = {"GC is disabled for this SR, abort": "gc", "Coalesce disabled for this SR": "coalesce",
              "Leaf-coalesce disabled for this SR": "leaf-coalesce", "Leaf-coalesce disabled for": "leaf-coalesce",
              "Skipping reset-on-boot": "on-boot=reset", "Skipping allow_caching=true": "allow-caching"}
@@ -106,6 +110,7 @@ class GcLog(object):
         self.state = state if _well_formed(state) else new_state()
         self.now = time.time() if now is None else now
         self._stamps = {}
+        self._open_blocks = sum(1 for run in self.state["pids"].values() if run.get("exception") is not None)
 
     # -- lines --
 
@@ -113,21 +118,26 @@ class GcLog(object):
         """One line of text (no newline); unreadable lines are counted."""
         counts = self.state["lines"]
         counts["read"] += 1
-        match = _LINE.match(line)
-        if match is None:
-            counts["unreadable"] += 1
-            return
-        ident = match.group(6)
-        if ident not in ("SMGC", "SM"):
-            return
-        stamp_key = match.group(1, 2, 3, 4, 5)
-        stamp = self._stamps.get(stamp_key)
+        stamp = self._stamps.get(line[:15])
         if stamp is None:
+            match = _LINE.match(line)
+            if match is None:
+                counts["unreadable"] += 1
+                return
             if len(self._stamps) > 4096:
                 self._stamps.clear()
-            stamp = parse_time(match.group(1).encode("ascii"), *stamp_key[1:], now=self.now)
-            self._stamps[stamp_key] = stamp
-        self.feed(ident, int(match.group(7)), stamp, match.group(8) or "")
+            stamp = parse_time(match.group(1).encode("ascii"), *match.group(2, 3, 4, 5), now=self.now)
+            self._stamps[line[:15]] = stamp
+        # `Mon DD HH:MM:SS host IDENT: [pid] text`, the stamp known good
+        opening = line.find(": [", 16)
+        closing = line.find("]", opening + 3)
+        ident = line[line.rfind(" ", 15, opening) + 1:opening]
+        pid = line[opening + 3:closing]
+        if opening < 0 or closing < 0 or not pid.isdigit() or line[15:16] != " ":
+            counts["unreadable"] += 1
+            return
+        if ident == "SMGC" or ident == "SM":
+            self.feed(ident, pid, stamp, line[closing + 2:])
 
     def feed(self, ident, pid, stamp, text):
         """One record: SMGC or SM ident, pid, unix time, text."""
@@ -135,39 +145,42 @@ class GcLog(object):
         if ident == "SM":
             self._sm_line(text, stamp)
             return
-        if text.startswith("=== SR "):
-            match = _PATTERNS[0][1].match(text)
-            if match:
-                self._start(key, match.group(1), stamp)
-                return
+        found = _ANY.match(text)
+        if found is None and not self._open_blocks:
+            return
+        name = found.lastgroup if found is not None else None
+        if name == "start":
+            self._start(key, _BY_NAME["start"].match(text).group(1), stamp)
+            return
         run = self._run_of(key, stamp)
         if run is None:
             return
         if run.get("exception") is not None and self._in_exception(run, text, stamp):
             return
-        for name, pattern in _PATTERNS[1:]:
-            match = pattern.match(text)
-            if match is not None:
-                getattr(self, "_on_" + name)(run, match, stamp)
-                return
-        if text.startswith("*~*~*~"):
-            run["exception"] = {"lines": 0}
+        if name is None:
             return
-        match = _ITERATION.match(text)
-        if match:
-            tracker = run.setdefault("tracker", {})
-            tracker["rounds"] = int(match.group(1))
-            return
-        match = _SIZE_LINE.match(text)
-        if match and "tracker" in run:
-            run["tracker"][match.group(1).lower()] = int(float(match.group(2)))
+        if name == "block":
+            self._set_block(run, {"lines": 0})
+        elif name == "iteration":
+            run.setdefault("tracker", {})["rounds"] = int(_ITERATION.match(text).group(1))
+        elif name == "size":
+            if "tracker" in run:
+                match = _SIZE_LINE.match(text)
+                run["tracker"][match.group(1).lower()] = int(float(match.group(2)))
+        else:
+            getattr(self, "_on_" + name)(run, _BY_NAME[name].match(text), stamp)
+
+    def _set_block(self, run, block):
+        """Open (a dict) or close (None) the run's exception block, whose lines are not in _ANY."""
+        self._open_blocks += (block is not None) - (run.get("exception") is not None)
+        run["exception"] = block
 
     def _in_exception(self, run, text, stamp):
         """True while the line belongs to the open exception block of the run."""
         block = run["exception"]
         block["lines"] += 1
         if text.startswith("*~*~*~") or block["lines"] > 200:
-            run["exception"] = None
+            self._set_block(run, None)
             return True
         match = _EXCEPTION.match(text)
         if match and "tag" not in block:
@@ -176,7 +189,7 @@ class GcLog(object):
             return True
         if not text or text[0] in " *" or text.startswith("Traceback"):
             return True
-        run["exception"] = None   # no closing line: the block ended without it
+        self._set_block(run, None)   # no closing line: the block ended without it
         return False
 
     def _sm_line(self, text, stamp):
@@ -200,11 +213,10 @@ class GcLog(object):
 
     def _start(self, key, sr_uuid, stamp):
         pids = self.state["pids"]
-        if key in pids:
-            self._finish(pids.pop(key), stamp)
-        if len(pids) >= MAX_OPEN_RUNS:
-            oldest = min(pids, key=lambda pid: pids[pid]["last"])
-            self._finish(pids.pop(oldest), stamp)
+        while key in pids or len(pids) >= MAX_OPEN_RUNS:   # the pid's earlier run, else the one started first
+            run = pids.pop(key if key in pids else next(iter(pids)))
+            self._set_block(run, None)
+            self._finish(run, stamp)
         sr = self._sr(sr_uuid)
         sr["runs_total"] = sr.get("runs_total", 0) + 1
         sr["last_run"] = {"started": stamp, "finished": None, "result": RUNNING, "merged": 0, "errors": []}
@@ -275,9 +287,9 @@ class GcLog(object):
 
     def _outcome(self, run, vdi, kind, message, stamp, figures):
         sr = self._sr(run["sr"])
-        vdis = sr["vdis"]
-        if vdi not in vdis and len(vdis) >= MAX_VDIS_PER_SR:
-            del vdis[min(vdis, key=lambda key: vdis[key]["time"])]
+        vdis = sr["vdis"]   # oldest first: an outcome moves to the end, the oldest goes past the cap
+        if vdis.pop(vdi, None) is None and len(vdis) >= MAX_VDIS_PER_SR:
+            del vdis[next(iter(vdis))]
         vdis[vdi] = {"kind": kind, "message": message[:MAX_TEXT], "time": stamp, "figures": figures}
         if kind != MERGED and kind != DISABLED:
             sr["failures"][kind] = sr["failures"].get(kind, 0) + 1

@@ -18,7 +18,7 @@ LOG = logging.getLogger(__name__)
 
 STATE_FILE = "smlog.json"
 MAX_BYTES_PER_READ = 128 << 20
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 512 << 10
 MAX_LINE_BYTES = 64 << 10
 ROTATED_SUFFIX = ".1"
 # A file's first bytes tell it from another that got the same inode number (a file replaced whole).
@@ -120,9 +120,11 @@ class Follower(object):
                 data = pending + chunk
                 end = data.rfind(b"\n")
                 if end < 0:
-                    if len(data) > MAX_LINE_BYTES:   # one line longer than any SM writes: cut
-                        if not skip:
-                            self._feed(log, data[:MAX_LINE_BYTES], cut=True)
+                    if skip:   # more of a line already cut
+                        offset += len(data)
+                        pending = b""
+                    elif len(data) > MAX_LINE_BYTES:   # one line longer than any SM writes: cut
+                        self._feed(log, data[:MAX_LINE_BYTES], cut=True)
                         offset += len(data)
                         pending, skip = b"", True
                     else:
