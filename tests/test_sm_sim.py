@@ -2,6 +2,7 @@
 that keep every disk's content, the speed log, the coalesce-leaf plugin's rules and messages."""
 import hashlib
 import os
+import re
 import subprocess
 import time
 
@@ -163,7 +164,7 @@ def test_live_leaf_coalesce_keeps_content_uuid_and_frees_the_right_bytes(sim_hos
     assert not host.db.find("VDI", uuid=parent.uuid)
     frozen = intervals(host, kind="io-frozen")
     assert len(frozen) == 1 and frozen[0].end is not None
-    assert "Leaf-coalescing {}".format(host.vdis["disk"]) in smlog(host)
+    assert "Leaf-coalescing {}".format(host.vdis["disk"][:8]) in smlog(host)
 
 
 def test_a_live_merge_over_the_timeout_is_abandoned_unchanged(sim_host, xapi_session):
@@ -172,7 +173,9 @@ def test_a_live_merge_over_the_timeout_is_abandoned_unchanged(sim_host, xapi_ses
     path = host.vdi_path("disk")
     before = vhdfile.chain_digest(path)
     scan(xapi_session(host), host)
-    assert "Leaf-coalesce failed on {}, skipping: Timed out".format(host.vdis["disk"]) in smlog(host)
+    log = smlog(host)
+    assert "_doCoalesceLeaf: EXCEPTION <class 'util.SMException'>, Timed out" in log
+    assert "Leaf-coalesce failed on {}".format(host.vdis["disk"][:8]) in log
     assert vhdfile.chain_digest(path) == before
     trees = forest(host)
     assert trees.get(host.vdis["disk"]).is_leaf_coalesceable() and trees.get(host.parents["disk"]).hidden
@@ -315,7 +318,7 @@ def test_no_space_to_leaf_coalesce_raises_sm_gc_no_space(sim_host, xapi_session)
     session = xapi_session(host)
     scan(session, host)
     assert len(forest(host).images) == 3
-    assert "No space to leaf-coalesce {}".format(host.vdis["disk"]) in smlog(host)
+    assert "No space to leaf-coalesce {}".format(host.vdis["disk"][:8]) in smlog(host)
     messages = session.xenapi.message.get_all_records()
     assert [(m["name"], m["cls"], m["obj_uuid"]) for m in messages.values()] == [
         ("SM_GC_NO_SPACE", "SR", host.srs["sr"])]
@@ -374,12 +377,12 @@ def test_running_out_of_room_mid_merge_fails_it_and_changes_no_content(sim_host,
     log = smlog(host)
     assert "Coalesce failed on SR {}: No space left on device (Run out of space while coalescing.)".format(
         sr_uuid) in log
-    assert "Leaf-coalesce failed on {}, skipping".format(vdi_uuid) in log
+    assert "Leaf-coalesce failed on {}".format(vdi_uuid[:8]) in log
     frozen = intervals(host, kind="io-frozen")
     assert len(frozen) == 1 and frozen[0].end is not None
     assert "paused" not in host.db.get("VDI", host.vdi_ref("disk"))["sm_config"]
     scan(session, host)  # the next GC sees the SR full
-    assert "No space to leaf-coalesce {}".format(vdi_uuid) in smlog(host)
+    assert "No space to leaf-coalesce {}".format(vdi_uuid[:8]) in smlog(host)
     assert vhdfile.chain_digest(path) == before
     messages = sorted((m["name"], m["obj_uuid"]) for m in session.xenapi.message.get_all_records().values())
     assert messages == [("No space left on device", sr_uuid), ("SM_GC_NO_SPACE", sr_uuid)]
@@ -527,7 +530,8 @@ def test_plugin_of_sm_4_1_waits_for_the_running_gc_before_suspending(sim_host, x
     assert list(forest(host).images) == [host.vdis["disk"]]
     assert session.xenapi.VM.get_power_state(host.vm_ref("vm")) == "Running"
     log = smlog(host)
-    assert log.index("GC process exiting", log.index("[smgc-")) < log.index("Suspending VM")
+    unit_pid = re.search(r"SMGC: \[(\d+)\] === SR {}: gc ===".format(host.srs["sr"]), log).group(1)
+    assert log.index("[{}] GC process exiting".format(unit_pid)) < log.index("Suspending VM")
     # the running GC merged the leaf; the plugin still set force, and no merge was left to delete it
     assert host.db.get_field("VDI", host.vdi_ref("disk"), "other_config") == {"leaf-coalesce": "force"}
 
@@ -695,6 +699,6 @@ def test_pause_fails_fast_on_a_busy_vdi_and_the_merge_is_skipped(sim_host, xapi_
         scan(xapi_session(host), host)
     log = smlog(host)
     assert "Failed to pause VDI {}".format(host.vdis["disk"]) in log
-    assert "Leaf-coalesce failed on {}, skipping".format(host.vdis["disk"]) in log
+    assert "Leaf-coalesce failed on {}".format(host.vdis["disk"][:8]) in log
     assert len(forest(host).images) == 2 and vhdfile.chain_digest(path) == before
     assert not intervals(host, kind="io-frozen")

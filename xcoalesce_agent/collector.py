@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from . import __version__, history, model
+from . import __version__, gcaccount, history, model, smlog
 
 SR_LABELS = ("host", "sr_uuid", "sr_name", "sr_type")
 VDI_LABELS = ("host", "sr_uuid", "vdi_uuid", "vm_uuid", "vm_name")
@@ -25,6 +25,10 @@ COW_FORMATS = (model.VHD, model.QCOW2)
 LEAF_STATES = (model.LEAF, model.LEAF_COALESCEABLE, model.SNAPSHOT_PRESENT, model.EXCLUDED)
 
 _FREEZE_BOUNDS = [repr(bound) for bound in history.FREEZE_BUCKETS] + ["+Inf"]
+
+# GC outcomes that keep a chain unmerged (every kind but `merged`); failures counted per kind.
+BLOCKING_KINDS = tuple(kind for kind in smlog.KINDS if kind != smlog.MERGED)
+GC_RESULTS = tuple(result for result in smlog.RESULTS if result != smlog.RUNNING)
 
 
 class AgentStatus(object):
@@ -178,11 +182,73 @@ class InspectionCollector(object):
                     chains.add_metric(_vdi_labels(host, sr, vdi), vdi.chain_length or 0)
         yield reclaimable
         yield chains
+        for family in _gc_families(host, srs):
+            yield family
+        for family in _smlog_families(host, inspection.smlog):
+            yield family
 
         duration = _gauge("xcoalesce_inspection_duration_seconds", "How long the last good inspection took.",
                           ("host",))
         duration.add_metric([host], inspection.duration_seconds or 0)
         yield duration
+
+
+def _gc_families(host, srs):
+    """SM's GC per SR, from SMlog (runs, failures, last run and success) and xapi (no space, tapdisk)."""
+    runs = CounterMetricFamily("xcoalesce_sr_gc_runs", "GC runs SMlog shows for the SR since the agent began "
+                               "reading it, by result.", labels=SR_LABELS + ("result",))
+    failures = CounterMetricFamily("xcoalesce_sr_gc_failures", "GC outcomes other than a merge SMlog shows for "
+                                   "the SR's VHDs, by kind.", labels=SR_LABELS + ("kind",))
+    last_run = _gauge("xcoalesce_sr_gc_last_run_timestamp_seconds", "When the SR's last GC run SMlog shows "
+                      "started (unix time); absent when none.", SR_LABELS)
+    last_success = _gauge("xcoalesce_sr_gc_last_success_timestamp_seconds", "When the SR's last GC run that "
+                          "left nothing failed ended (unix time); absent when none.", SR_LABELS)
+    blocked = _gauge("xcoalesce_sr_gc_blocked_vdis", "VHDs SM's GC should merge and did not, by the kind of "
+                     "its latest outcome.", SR_LABELS + ("kind",))
+    no_space = _gauge("xcoalesce_sr_gc_no_space", "1 while xapi holds SM's SM_GC_NO_SPACE message for the SR.",
+                      SR_LABELS)
+    unpause = _gauge("xcoalesce_sr_tapdisk_unpause_failures", "xapi's `failed to unpause tapdisk` messages of the "
+                     "SR of the last days: VMs lost access to a disk.", SR_LABELS)
+    for sr in srs:
+        labels = _sr_labels(host, sr)
+        gc = sr.gc or {}
+        for result in GC_RESULTS:
+            runs.add_metric(labels + [result], (gc.get("results") or {}).get(result, 0))
+        for kind in BLOCKING_KINDS:
+            failures.add_metric(labels + [kind], (gc.get("failures") or {}).get(kind, 0))
+        if gc.get("last_run"):
+            last_run.add_metric(labels, gc["last_run"]["started"])
+        if gc.get("last_success") is not None:
+            last_success.add_metric(labels, gc["last_success"])
+        counts = dict.fromkeys(BLOCKING_KINDS, 0)
+        for vdi in sr.vdis or ():
+            kind = gcaccount.blocked(vdi)
+            if kind is not None:
+                counts[kind] += 1
+        for kind in BLOCKING_KINDS:
+            blocked.add_metric(labels + [kind], counts[kind])
+        no_space.add_metric(labels, 1 if gc.get("no_space") else 0)
+        unpause.add_metric(labels, sum(1 for signal in gc.get("signals") or ()
+                                       if signal["name"] == gcaccount.UNPAUSE_MESSAGE))
+    return runs, failures, last_run, last_success, blocked, no_space, unpause
+
+
+def _smlog_families(host, health):
+    """The SMlog reader's health; absent when the inspection did not read SMlog."""
+    ok = _gauge("xcoalesce_smlog_reader_ok", "1 when the last inspection read SMlog, 0 when it was missing or "
+                "unreadable.", ("host", "path"))
+    lines = _gauge("xcoalesce_smlog_lines", "Lines of SMlog read since the agent began reading it, by what "
+                   "became of them (read, unreadable: not syslog's form, cut: too long, not_utf8).",
+                   ("host", "path", "state"))
+    behind = _gauge("xcoalesce_smlog_behind_bytes", "Bytes of SMlog left for the next inspection (past the cap "
+                    "of one read).", ("host", "path"))
+    if health:
+        labels = [host, health.get("path") or ""]
+        ok.add_metric(labels, 1 if health.get("status") == "ok" else 0)
+        for state, count in sorted((health.get("lines") or {}).items()):
+            lines.add_metric(labels + [state], count)
+        behind.add_metric(labels, health.get("behind_bytes") or 0)
+    return ok, lines, behind
 
 
 class StatusCollector(object):

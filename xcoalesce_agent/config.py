@@ -307,6 +307,8 @@ SCHEMA = (
     Key("storage", "speed_log_dir", absolute_path, "/run"),
     Key("storage", "sm_lock_dir", absolute_path, "/var/lock/sm"),
     Key("storage", "lvm_device_dir", absolute_path, "/dev"),
+    # Where SM logs its GC (rsyslog, facility LOCAL2); rotated to <path>.1 beside it.
+    Key("storage", "smlog_path", absolute_path, "/var/log/SMlog"),
     # From a second (tests, demos) to a day: /metrics must not go stale for longer.
     Key("inspection", "interval_seconds", number(1, DAY), 300.0),
     Key("web", "listen_address", listen_address, DEFAULT_LISTEN_ADDRESS),

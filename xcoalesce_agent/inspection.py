@@ -7,14 +7,18 @@ result; only an unreachable xapi or `vhd-util` raises. Bitmaps of hidden VHDs ar
 inspections: a hidden VHD changes only when a child is merged into it, which also changes its
 children.
 """
+import calendar
 import contextlib
 import gc
 import logging
 import os
 import time
+import xmlrpc.client
 
-from . import estimate, inventory, lvmread, marks, model, qcow2images, qcow2meta, smgc, vhdmeta, vhdtree, vhdutil
-from . import xapi
+import XenAPI
+
+from . import estimate, gcaccount, inventory, lvmread, marks, model, qcow2images, qcow2meta, smgc, smlogfile
+from . import vhdmeta, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -23,12 +27,15 @@ FILE_SR_TYPES = ("ext", "nfs", "smb")
 LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NOT_COW_TYPES = {"aio": "raw", "raw": "raw"}
 VHD_BLOCKS = "vhd-blocks"   # SM's sm_config key: a hidden LVM parent's bitmap (VHD or QCOW2), or "skipped"
+# How far back xapi's messages about the GC are read (the SM_GC_NO_SPACE of an SR is read whatever its age).
+GC_MESSAGE_WINDOW_SECONDS = 7 * 86400
 
 # The fields an inspection reads of each class: only these are decoded from xapi's answers.
 RECORD_FIELDS = {
     "pool": ("master",),
     "host": ("uuid", "name_label", "software_version"),
-    "SR": ("uuid", "name_label", "type", "shared", "physical_size", "physical_utilisation", "other_config"),
+    "SR": ("uuid", "name_label", "type", "shared", "physical_size", "physical_utilisation", "other_config",
+           "sm_config"),
     "PBD": ("host", "SR", "currently_attached"),
     "VDI": ("uuid", "name_label", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
             "sm_config", "physical_utilisation", "virtual_size"),
@@ -174,6 +181,7 @@ class _Inspector(object):
         self.bitmaps = bitmaps
         self.errors = []
         self._volumes = {}   # the current LVM SR's LVs (lvm_volumes)
+        self.signals = gcaccount.empty_signals()
 
     def records(self, class_name, where=None):
         """(ref, record) of `class_name` from xapi, with only the fields an inspection reads."""
@@ -192,10 +200,55 @@ class _Inspector(object):
         gcs = smgc.running_gcs(self.config, [sr["uuid"] for _, sr in ours])
         reports = [self.sr_report(ref, sr, users, gcs.get(sr["uuid"])) for ref, sr in ours]
         host = hosts[host_ref]
-        return model.Inspection(
+        result = model.Inspection(
             host={"uuid": host["uuid"], "name": host["name_label"],
                   "product_version": (host.get("software_version") or {}).get("product_version", "")},
             srs=reports, skipped_srs=skipped, errors=self.errors)
+        log, health = smlogfile.read(self.config)
+        result.smlog = dict(health, lines=dict(log.state["lines"]))
+        self.gc_signals(ours)
+        gcaccount.apply(result, log.state, self.signals)
+        return result
+
+    def gc_signals(self, ours):
+        """xapi's word on the GC beside SMlog's: the SRs' messages of the last days (one call), each SR's
+        live SM_GC_NO_SPACE, its GC task's progress (one call). The VDIs' flags came with their records."""
+        uuids = {sr["uuid"]: ref for ref, sr in ours}
+        since = xmlrpc.client.DateTime(time.strftime("%Y%m%dT%H:%M:%SZ",
+                                                     time.gmtime(time.time() - GC_MESSAGE_WINDOW_SECONDS)))
+        api = self.session.xenapi
+        try:
+            messages = api.message.get_since(since)
+            gc_tasks = api.task.get_all_records_where('field "name__label" = "{}"'.format(smgc.GC_TASK_LABEL))
+        except (XenAPI.Failure,) + xapi.TRANSPORT_ERRORS as error:
+            self.errors.append({"stage": "gc-signals", "message": "xapi's GC messages and tasks: {}".format(
+                xapi.describe(error))})
+            return
+        for ref, message in messages.items():
+            if message.get("cls") == "SR" and message.get("obj_uuid") in uuids:
+                self.signals.messages.setdefault(message["obj_uuid"], []).append(
+                    dict(message, ref=ref, time=_unix_time(message.get("timestamp"))))
+        for _, sr in ours:
+            message_ref = (sr.get("sm_config") or {}).get(gcaccount.GC_NO_SPACE_KEY)
+            if message_ref:
+                message = self.live_message(message_ref, messages)
+                if message is not None and message.get("name") == gcaccount.NO_SPACE_MESSAGE:
+                    self.signals.sr_no_space[sr["uuid"]] = {"ref": message_ref, "body": message.get("body", ""),
+                                                            "time": _unix_time(message.get("timestamp"))}
+        by_ref = {ref: uuid for uuid, ref in uuids.items()}
+        for task in gc_tasks.values():
+            sr_uuid = by_ref.get((task.get("other_config") or {}).get("applies_to"))
+            if sr_uuid is not None and task.get("status") == "pending":
+                self.signals.task_progress[sr_uuid] = float(task.get("progress") or 0.0)
+
+    def live_message(self, ref, messages):
+        """The message `ref` if xapi still has it (SM destroys SM_GC_NO_SPACE once space is back)."""
+        if ref in messages:
+            return messages[ref]
+        try:
+            return self.session.xenapi.message.get_record(ref)
+        except (XenAPI.Failure,) + xapi.TRANSPORT_ERRORS:
+            return None
 
     def vdi_users(self):
         """`vdi_users` of xapi's VMs and VBDs: the VBD records are folded in as they stream."""
@@ -368,6 +421,11 @@ class _Inspector(object):
                 continue
             image_uuid = vdi.get("location") or vdi["uuid"]
             names[image_uuid] = (vdi["name_label"], vm)
+            if sm_config.get(gcaccount.GC_NO_SPACE_KEY):
+                self.signals.vdi_no_space[image_uuid] = sm_config[gcaccount.GC_NO_SPACE_KEY]
+            leaf_flag = (vdi.get("other_config") or {}).get("leaf-coalesce", "")
+            if leaf_flag:
+                self.signals.leaf_coalesce[image_uuid] = leaf_flag
             if lvm and VHD_BLOCKS in sm_config:
                 vhd_blocks[image_uuid] = sm_config[VHD_BLOCKS]
             facts[image_uuid] = vhdtree.VdiFacts(
@@ -505,6 +563,15 @@ def _decode_vhd_blocks(value, record):
     if not record.qcow2.whole_helper_bitmap():
         raise qcow2meta.Qcow2Error("sm-config:vhd-blocks leaves out the last clusters of this image")
     return qcow2meta.decode_vhd_blocks(value, record.qcow2)
+
+
+def _unix_time(value):
+    """Unix time of an xapi date (`20240102T16:01:16Z`), None when it is not one."""
+    text = getattr(value, "value", value)
+    try:
+        return float(calendar.timegm(time.strptime(str(text).replace("-", ""), "%Y%m%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
 
 
 def _not_cow_report(vdi, vm, kind):

@@ -16,7 +16,7 @@ def write_json(path, value):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(value, stream, sort_keys=True)
+        stream.write(json.dumps(value, sort_keys=True))   # one shot: the C encoder, not json.dump's Python one
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, path)

@@ -84,6 +84,8 @@ class VdiReport(_Record):
         "parent_uuid",        # "" for a root
         "hidden",
         "format",             # one of FORMATS
+        "gc",                 # SM's GC on this VHD (gcaccount.py): {kind, message, time, figures, source,
+                              # signals}, None when neither SMlog nor xapi says anything of it
     )
     __slots__ = FIELDS
 
@@ -109,6 +111,8 @@ class SrReport(_Record):
         "vdis",                   # [VdiReport]
         "leftover_marks",         # [{vdi_uuid, set, replaced, host, at, leaf_coalesce}]: the agent's marks
                                   # (marks.py) on VDIs, left by an interrupted run or one in progress
+        "gc",                     # SM's GC of the SR (gcaccount.py): last_run {started, finished, result,
+                                  # merged, errors}, last_success, runs_total, results, failures, signals, ...
     )
     __slots__ = FIELDS
 
@@ -129,6 +133,7 @@ class Inspection(_Record):
         "srs",                    # [SrReport]
         "skipped_srs",            # [{"uuid", "name", "type", "reason"}]: not ours, not VHD, detached
         "errors",                 # [{"stage", "message"}]: what went wrong, per stage
+        "smlog",                  # the SMlog reader's health (smlogfile.py), None when not read
     )
     __slots__ = FIELDS
 

@@ -1,7 +1,8 @@
 """`--report`: a table per SR with totals, or the inspection as JSON with stable keys. Pure."""
 import json
+import time
 
-from . import model
+from . import gcaccount, model, smlog
 from .printable import MESSAGE_WIDTH, cell, one_line, table
 
 COLUMNS = ("VM", "VDI", "CHAIN", "STATE", "RECLAIMABLE", "REASON")
@@ -45,14 +46,67 @@ def _mark_line(mark):
         mark["replaced"] if mark["replaced"] is not None else "(unset)", mark.get("at", "?"))
 
 
+def _when(stamp, now):
+    """`14:02` today, `Jan 02 14:02` before, in local time."""
+    if stamp is None:
+        return "?"
+    shown = time.localtime(stamp)
+    return time.strftime("%H:%M" if time.localtime(now)[:3] == shown[:3] else "%b %d %H:%M", shown)
+
+
+def gc_reason(vdi, now=None):
+    """For a chain SM should have merged and did not, the GC's latest outcome in a sentence, else ""."""
+    kind = gcaccount.blocked(vdi)
+    if kind is None:
+        return ""
+    now = time.time() if now is None else now
+    gc = vdi.gc
+    figures, when = gc["figures"], _when(gc["time"], now)
+    if kind == smlog.GAVE_UP and "start_bytes" in figures and "final_bytes" in figures:
+        text = "GC gave up at {}: leaf grew {} -> {}{}".format(
+            when, human_bytes(figures["start_bytes"]), human_bytes(figures["final_bytes"]),
+            " over {} rounds".format(figures["rounds"]) if "rounds" in figures else "")
+    elif kind == smlog.NO_SPACE and "free_bytes" in figures:
+        text = "GC had no space at {}: SR free {}, the merge needs {}".format(
+            when, human_bytes(figures["free_bytes"]), human_bytes(figures.get("needed_bytes") or 0))
+    else:
+        words = {smlog.GAVE_UP: "GC gave up", smlog.NO_SPACE: "GC had no space",
+                 smlog.TIMED_OUT: "GC's merge timed out",
+                 smlog.FAILED: "GC's merge failed", smlog.PAUSE_FAILED: "GC could not pause the VDI",
+                 smlog.UNPAUSE_FAILED: "GC could not unpause the VDI (its VM lost the disk)",
+                 smlog.DISABLED: "GC skips it", smlog.CONCURRENT_CHANGE: "GC stopped as the chain changed"}
+        text = "{} at {}: {}".format(words[kind], when, gc["message"])
+    if any(signal["name"] == gcaccount.NO_SPACE_MESSAGE for signal in gc["signals"]) and kind != smlog.NO_SPACE:
+        text += "; xapi: SM_GC_NO_SPACE"
+    return text
+
+
+def _gc_heading(sr, now):
+    gc = sr.gc or {}
+    run = gc.get("last_run")
+    if not run:
+        return []
+    line = "  last GC run {} at {}: {}, {} merged".format(
+        "started" if run["result"] == smlog.RUNNING else "ended", _when(run["finished"] or run["started"], now),
+        run["result"], run["merged"])
+    if gc.get("last_success") is not None:
+        line += "; last success {}".format(_when(gc["last_success"], now))
+    lines = [line] + ["  GC error: {}".format(cell(error, MESSAGE_WIDTH)) for error in run["errors"]]
+    lines.extend("  xapi: {}: {}".format(cell(signal["name"]), cell(signal["body"], MESSAGE_WIDTH))
+                 for signal in gc.get("signals") or ())
+    return lines
+
+
 def render_text(inspection):
     host = inspection.host or {}
     lines = ["Host {} ({})".format(cell(host.get("name", "")), one_line(host.get("uuid", ""))), ""]
+    now = time.time()
     for sr in inspection.srs or ():
         lines.append(_sr_heading(sr))
+        lines.extend(_gc_heading(sr, now))
         rows = [COLUMNS] + [(cell(vdi.vm_name) or "-", _vdi_label(vdi), str(vdi.chain_length), vdi.state,
                              human_bytes(vdi.reclaimable_bytes) if vdi.state == model.LEAF_COALESCEABLE else "-",
-                             cell(vdi.reason, MESSAGE_WIDTH)) for vdi in sr.vdis or ()]
+                             cell(gc_reason(vdi, now) or vdi.reason, MESSAGE_WIDTH)) for vdi in sr.vdis or ()]
         lines.extend(table(rows, "  ") if len(rows) > 1 else ["  no VHD or QCOW2 images"])
         if sr.skipped_vdis:
             lines.append("  {} raw {} skipped".format(sr.skipped_vdis, "VDI" if sr.skipped_vdis == 1 else "VDIs"))

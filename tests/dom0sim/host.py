@@ -40,6 +40,7 @@ sr_mount_dir = {root}/sr-mount
 speed_log_dir = {root}/run
 sm_lock_dir = {root}/lock/sm
 lvm_device_dir = {root}/lvm
+smlog_path = {root}/SMlog
 
 [coalesce]
 mode = report

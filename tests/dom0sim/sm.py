@@ -43,7 +43,7 @@ import traceback
 import uuid as uuidlib
 import zlib
 
-from tests.dom0sim import lvm, vhdfile
+from tests.dom0sim import lvm, smlogfile, vhdfile
 from tests.dom0sim.xapi import tasks, vm, wire
 from tests.dom0sim.xapi.errors import XapiError
 
@@ -860,6 +860,10 @@ def get_generation(name):
             name, ", ".join(sorted(GENERATIONS)))) from None
 
 
+class CommandException(SmError):
+    """A command SM runs failed (util.CommandException)."""
+
+
 class Aborted(SmError):
     """The GC was told to stop (SM stopping): cleanup.py's AbortException."""
 
@@ -952,22 +956,22 @@ class GcPass(object):
         if garbage:
             self.log("Found {} VDIs for deletion:".format(len(garbage)))
             for image in garbage:
-                self.log("  {}".format(image.uuid))
+                self.log("  {}".format(self.sm.label(image)))
             if not self.dry_run:
                 for image in garbage:
-                    self.log("Deleting unlinked VDI {}".format(image.uuid))
+                    self.log("Deleting unlinked VDI {}".format(self.sm.label(image)))
                     self.delete(image)
             forest = self.scan()
         candidate = self.find_coalesceable(forest)
         if candidate is not None:
-            self.log("Coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            self.log("Coalescing {} -> {}".format(self.sm.label(candidate), self.sm.label(candidate.parent)))
             if not self.dry_run:
                 self.coalesce(candidate)
             self.done += 1
             return
         candidate = self.find_leaf_coalesceable(forest)
         if candidate is not None:
-            self.log("Leaf-coalescing {} -> {}".format(candidate.uuid, candidate.parent.uuid))
+            self.log("Leaf-coalescing {} -> {}".format(self.sm.label(candidate), self.sm.label(candidate.parent)))
             if not self.dry_run:
                 self.coalesce_leaf(candidate)
             self.done += 1
@@ -1021,11 +1025,12 @@ class GcPass(object):
             if candidate.uuid in self.failed:
                 continue
             if self.store.extra_for_coalesce(candidate) <= free:
-                self.log("Coalesce candidate: {} (tree height {})".format(candidate.uuid, candidate.root().height()))
+                self.log("Coalesce candidate: {} (tree height {})".format(self.sm.label(candidate),
+                                                                          candidate.root().height()))
                 self.no_space.pop(candidate.uuid, None)
                 return candidate
             self.no_space[candidate.uuid] = candidate
-            self.log("No space to coalesce {} (free space: {})".format(candidate.uuid, free))
+            self.log("No space to coalesce {} (free space: {})".format(self.sm.label(candidate), free))
         return None
 
     def find_leaf_coalesceable(self, forest):
@@ -1046,10 +1051,10 @@ class GcPass(object):
                 if self.can_live_coalesce(candidate):
                     needed = needed_live
             if needed <= free:
-                self.log("Leaf-coalesce candidate: {}".format(candidate.uuid))
+                self.log("Leaf-coalesce candidate: {}".format(self.sm.label(candidate)))
                 self.no_space.pop(candidate.uuid, None)
                 return candidate
-            self.log("No space to leaf-coalesce {} (free space: {})".format(candidate.uuid, free))
+            self.log("No space to leaf-coalesce {} (free space: {})".format(self.sm.label(candidate), free))
             if needed_live <= free:
                 self.log("...but enough space if skip snap-coalesce")
                 self.set_leaf_coalesce(candidate.uuid, "offline")
@@ -1061,13 +1066,13 @@ class GcPass(object):
         if record is None:
             return False
         if record["on_boot"] == "reset":
-            self.log("Skipping reset-on-boot {}".format(image.uuid))
+            self.log("Skipping reset-on-boot {}".format(self.sm.label(image)))
             return False
         if record["allow_caching"]:
-            self.log("Skipping allow_caching=true {}".format(image.uuid))
+            self.log("Skipping allow_caching=true {}".format(self.sm.label(image)))
             return False
         if record["other_config"].get(LEAF_COALESCE_KEY) == "false":
-            self.log("Leaf-coalesce disabled for {}".format(image.uuid))
+            self.log("Leaf-coalesce disabled for {}".format(self.sm.label(image)))
             return False
         return True
 
@@ -1111,7 +1116,8 @@ class GcPass(object):
             raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(image.uuid)
-            self.log("Coalesce failed, skipping: {}".format(exc))
+            self.sm.log_exception("coalesce", exc)
+            self.log("Coalesce failed, skipping")
 
     def coalesce_onto_parent(self, image):
         """_doCoalesce: the parent made writable and inflated, the merge, the parent deflated, read-only
@@ -1124,7 +1130,10 @@ class GcPass(object):
                 if extra > 0:
                     self.store.inflate(parent.uuid, parent.lv_size + extra)
             try:
+                with self.sm.smlog.child():
+                    self.log("  Running VHD coalesce on {}".format(self.sm.label(image)))
                 self.sm.timed_merge(self.sr_uuid, image.path)
+                self.log("  Child process completed successfully")
             finally:
                 self.store.deflate(parent.uuid)
         finally:
@@ -1158,13 +1167,14 @@ class GcPass(object):
             raise
         except (SmError, lvm.LvmError, vhdfile.VhdError, OSError) as exc:
             self.failed.add(vdi_uuid)
-            self.log("Leaf-coalesce failed on {}, skipping: {}".format(vdi_uuid, exc))
+            self.sm.log_exception("leaf-coalesce", exc)
+            self.log("Leaf-coalesce failed on {}, skipping".format(self.sm.label(image) if image else vdi_uuid[:8]))
         finally:
             self.set_leaf_coalesce(vdi_uuid, None)
 
     def snapshot_coalesce(self, image):
         """Single-snapshot the leaf, coalesce the temporary snapshot away; the leaf as it is now, or None."""
-        self.log("Single-snapshotting {}".format(image.uuid))
+        self.log("Single-snapshotting {}".format(self.sm.label(image)))
         self.sm.step("gc.before-snapshot")
         temp_uuid = self.sm.internal_snapshot(self.sr_uuid, image)
         self.log("Single-snapshot returned: {}".format(self.records.vdi_ref(temp_uuid)))
@@ -1173,7 +1183,7 @@ class GcPass(object):
         if temp is None or not temp.is_coalesceable():
             self.log("The VDI appears to have been concurrently snapshotted")
             return None
-        self.log("Coalescing parent {}".format(temp_uuid))
+        self.log("Coalescing parent {}".format(self.sm.label(temp)))
         self.coalesce(temp)
         leaf = self.scan().get(image.uuid)
         if leaf is None or not leaf.is_leaf_coalesceable():
@@ -1203,10 +1213,15 @@ class GcPass(object):
             self.set_hidden(parent.uuid, False)
             try:
                 self.sm.timed_merge(self.sr_uuid, image.path, timeout)
-            except SmError:
+            except SmError as exc:
+                if str(exc) == "Timed out":
+                    self.sm.log_exception("_doCoalesceLeaf", exc)
+                    self.log("*** UNDO LEAF-COALESCE")
                 self.set_hidden(parent.uuid, True)
                 self.store.deflate(parent.uuid)
                 self.store.set_readonly(parent.uuid, True)
+                if str(exc) == "Timed out":
+                    self.log("*** leaf-coalesce undo successful")
                 raise
             self.store.rename(vdi_uuid, old_uuid)
             self.store.rename(parent.uuid, vdi_uuid)
@@ -1217,6 +1232,7 @@ class GcPass(object):
         with self.sm.sr_lock(self.sr_uuid):
             self.store.remove(old_uuid)
             self.sm.update_vdi(self.sr_uuid, vdi_uuid)
+        self.sm.unpaused(vdi_uuid)
 
     def set_hidden(self, uuid, hidden):
         self.store.set_hidden(uuid, hidden)
@@ -1369,9 +1385,11 @@ class StorageManager(object):
         self.unit_dir = os.path.join(self.run_dir, "systemd", "units")
         self.cleanup_path = os.path.join(self.state_dir, "bin", "cleanup")
         self.log_path = os.path.join(self.state_dir, "SMlog")
+        self.smlog = smlogfile.SmLog(self.log_path)   # smlog.max_bytes: rotate past that size
+        self._unpause_faults = set()
+        self._coalesce_faults = {}
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self._log_lock = threading.Lock()
         self._gcs = {}              # sr_uuid -> the thread of its SMGC unit or background GC
         self._io_locks = {}
         self._vdi_locks = {}
@@ -1390,11 +1408,16 @@ class StorageManager(object):
     # -- small services --
 
     def log(self, text, ident="SMGC"):
-        line = "{}.{:03d} {}: [{}] {}\n".format(time.strftime("%b %d %H:%M:%S"), int(time.time() * 1000) % 1000,
-                                             ident, threading.current_thread().name, text)
-        with self._log_lock:
-            with open(self.log_path, "a") as handle:
-                handle.write(line)
+        """A message SM logs through syslog into SMlog (smlogfile.py: the real format, rotation)."""
+        self.smlog.write(text, ident)
+
+    def log_exception(self, tag, exc):
+        """cleanup.py's Util.logException into SMlog."""
+        self.smlog.exception(tag, exc)
+
+    def label(self, image):
+        """A VHD as SM's GC prints it (8 hex digits of its UUID and its sizes)."""
+        return smlogfile.label(image, lvm=image.lv_size is not None)
 
     def sm_log(self, text):
         """A line SM's util.SMlog writes (ident SM)."""
@@ -1522,7 +1545,6 @@ class StorageManager(object):
         ref = self.records.vdi_ref(vdi_uuid)
         busy = self.vdi_lock(vdi_uuid)
         if not busy.acquire(not failfast):
-            self.log("Failed to pause VDI {}".format(vdi_uuid))
             raise SmError("Failed to pause VDI {}".format(vdi_uuid))
         busy.release()
         with self.io_lock(vdi_uuid):
@@ -1538,6 +1560,30 @@ class StorageManager(object):
                     self.records.set_map_key("VDI", ref, "sm_config", "paused", None)
                 if vm_uuid:
                     self.db.thaw_io(vm_uuid)
+
+    def fail_unpause(self, vdi_uuid):
+        """Fault: the unpause of the VDI's tapdisk after its next live leaf coalesce fails (its VM would
+        lose the disk; here its I/O goes on, so nothing else is at stake): the merge is done, SM logs the
+        failure, raises "failed to unpause tapdisk" and the leaf coalesce ends in an SMException."""
+        self._unpause_faults.add(vdi_uuid)
+
+    def unpaused(self, vdi_uuid):
+        """After a live leaf coalesce: the unpause fault of the VDI, when one was set (fail_unpause)."""
+        if vdi_uuid not in self._unpause_faults:
+            return
+        self._unpause_faults.discard(vdi_uuid)
+        sr_uuid = self.db.get_field("SR", self.db.get_field("VDI", self.records.vdi_ref(vdi_uuid), "SR"), "uuid")
+        self.log("ERROR: Failed to unpause VDI {}".format(vdi_uuid[:8]))
+        self.db.create("message", uuid=str(uuidlib.uuid4()), name="failed to unpause tapdisk", priority=4, cls="SR",
+                       obj_uuid=sr_uuid, timestamp=wire.now(),
+                       body="Failed to unpause tapdisk for VDI {}, VMs using this tapdisk have lost access to the "
+                            "corresponding disk(s)".format(vdi_uuid))
+        raise SmError("Failed to unpause VDIs")
+
+    def fail_coalesce(self, sr_uuid, message="Input/output error"):
+        """Fault: the next merge on the SR fails as `vhd-util coalesce` failing does (CommandException,
+        reported as an I/O error)."""
+        self._coalesce_faults[sr_uuid] = message
 
     def internal_snapshot(self, sr_uuid, image):
         """VDI.snapshot(leaf, {"type": "internal"}): the leaf is paused (sm_config:paused, its VM's I/O
@@ -1568,6 +1614,10 @@ class StorageManager(object):
         file SR running out of room stops it part-way with ENOSPC, reported as SM reports it.
         """
         start = time.monotonic()
+        failure = self._coalesce_faults.pop(sr_uuid, None)
+        if failure is not None:
+            self.report_coalesce_error(sr_uuid, errno.EIO)
+            raise CommandException(failure)
         try:
             merged = self.merge_within_room(sr_uuid, child_path)
         except OutOfRoom as exc:
@@ -1624,7 +1674,7 @@ class StorageManager(object):
         sr_ref = self.records.sr_ref(sr_uuid)
         if self.coalesce_error_message_due(sr_ref):
             self.db.create("message", uuid=str(uuidlib.uuid4()), name=name, priority=3, cls="SR",
-                           obj_uuid=sr_uuid, body=body)
+                           obj_uuid=sr_uuid, body=body, timestamp=wire.now())
 
     def coalesce_error_message_due(self, sr_ref):
         """SR other-config:coalesce-error-rate messages per minute (0: every time, < 0: never); the time
@@ -1716,7 +1766,7 @@ class StorageManager(object):
             if message is None or not self.db.exists("message", message):
                 self.log("Could not coalesce due to a lack of space in SR {}".format(sr_uuid))
                 message = self.db.create("message", uuid=str(uuidlib.uuid4()), name="SM_GC_NO_SPACE", priority=3,
-                                         cls="SR", obj_uuid=sr_uuid,
+                                         cls="SR", obj_uuid=sr_uuid, timestamp=wire.now(),
                                          body="Unable to perform data coalesce due to a lack of space in SR "
                                               + sr_uuid)
                 self.records.set_map_key("SR", sr_ref, "sm_config", GC_NO_SPACE_KEY, message)
@@ -1835,8 +1885,8 @@ class StorageManager(object):
                     raise
                 traceback.print_exc()   # the unit's stderr: the journal, not SMlog
                 return 1
-            self.log("gc: EXCEPTION {}, {}".format(type(exc).__name__, exc))
-            self.log("* * * * * SR {}: ERROR".format(sr_uuid))
+            self.log_exception("gc", exc)
+            self.log("* * * * * SR {}: ERROR\n".format(sr_uuid))
             return 1
         finally:
             self._gc_ran.add(sr_uuid)

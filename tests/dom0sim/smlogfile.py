@@ -1,0 +1,114 @@
+"""`/var/log/SMlog` as rsyslog writes it for SM on a real host: `Mon DD HH:MM:SS host IDENT: [pid] text`,
+each newline of a message its own record, rotated to `SMlog.1` (the older one gzipped) past a size.
+
+SM's processes are the simulated SM's threads: each gets a pid of its own, and `child()` stands for the
+process SM forks to run a VHD coalesce. `label(image)` prints a VHD as SM's GC does.
+"""
+import gzip
+import os
+import shutil
+import threading
+import time
+import traceback
+
+HOSTNAME = "xcp-ng-sim"
+FIRST_PID = 3802739
+PREFIX = (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+BANNER = "*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*"
+# The classes SM's exceptions have, by the simulated SM's exception names.
+EXCEPTION_CLASSES = {"SmError": "util.SMException", "CommandException": "util.CommandException",
+                     "Aborted": "cleanup.AbortException",
+                     "OutOfRoom": "util.CommandException", "OSError": "util.CommandException",
+                     "VhdError": "util.CommandException", "LvmError": "util.CommandException"}
+
+
+def num2str(number):
+    """SM's Util.num2str: `65.000G`, `1.200M`, bytes below 1 KiB as they are."""
+    for suffix, size in PREFIX:
+        if number >= size:
+            return "%.3f%s" % (float(number) / size, suffix)
+    return "%s" % number
+
+
+def label(image, lvm=False):
+    """str(VDI) of SM's GC: `*85ff84a8(65.000G/1.200G/1.201G)` on file SRs,
+    `*85ff84a8[VHD](65.000G//1.200G/1.204G|a)` on LVM SRs (`*`: hidden)."""
+    hidden = "*" if image.hidden else ""
+    allocated = num2str(image.allocated_size) if not image.scan_error else "?"
+    if lvm:
+        return "%s%s[VHD](%s/%s/%s/%s|%s)" % (hidden, image.uuid[:8], num2str(image.virtual_size),
+                                              num2str(image.vhd_size), allocated, num2str(image.lv_size or 0), "a")
+    return "%s%s(%s/%s/%s)" % (hidden, image.uuid[:8], num2str(image.virtual_size), num2str(image.vhd_size),
+                               allocated)
+
+
+class SmLog(object):
+    """The log file; `max_bytes` (None: no limit) makes it rotate as Dom0's logrotate does."""
+
+    def __init__(self, path, max_bytes=None, hostname=HOSTNAME):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.hostname = hostname
+        self.rotations = 0
+        self._lock = threading.Lock()
+        self._pids = {}
+        self._children = {}
+
+    def pid(self):
+        """The pid of the calling thread's process (its forked child's while `child()` lasts)."""
+        ident = threading.current_thread().ident
+        with self._lock:
+            if ident in self._children:
+                return self._children[ident]
+            if ident not in self._pids:
+                self._pids[ident] = FIRST_PID + 7 * len(self._pids)
+            return self._pids[ident]
+
+    def child(self):
+        """A context in which the thread logs as the child SM forks (runAbortable)."""
+        log = self
+
+        class _Child(object):
+            def __enter__(self):
+                pid = log.pid() + 1
+                with log._lock:
+                    log._children[threading.current_thread().ident] = pid
+                return pid
+
+            def __exit__(self, *exc_info):
+                with log._lock:
+                    log._children.pop(threading.current_thread().ident, None)
+        return _Child()
+
+    def write(self, text, ident="SMGC"):
+        """One message: a record per line, as syslog splits it."""
+        now = time.localtime()
+        head = "{} {:>2} {} {} {}: [{}] ".format(time.strftime("%b", now), now.tm_mday, time.strftime("%H:%M:%S", now),
+                                                 self.hostname, ident, self.pid())
+        data = "".join(head + line + "\n" for line in text.split("\n"))
+        with self._lock:
+            with open(self.path, "a") as handle:
+                handle.write(data)
+                size = handle.tell()
+            if self.max_bytes is not None and size >= self.max_bytes:
+                self.rotate()
+
+    def rotate(self):
+        """logrotate: SMlog.1 goes to SMlog.2.gz, SMlog to SMlog.1, a new SMlog."""
+        rotated = self.path + ".1"
+        if os.path.exists(rotated):
+            with open(rotated, "rb") as source, gzip.open(self.path + ".2.gz", "wb") as target:
+                shutil.copyfileobj(source, target)
+        os.rename(self.path, rotated)
+        open(self.path, "a").close()
+        self.rotations += 1
+
+    def exception(self, tag, exc):
+        """Util.logException: the banner, `<tag>: EXCEPTION <class '...'>, message`, the traceback."""
+        name = type(exc).__name__
+        cls = EXCEPTION_CLASSES.get(name, "{}.{}".format(type(exc).__module__, name))
+        trace = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""
+        for line in (BANNER, "         ***********************", "         *  E X C E P T I O N  *",
+                     "         ***********************", "{}: EXCEPTION <class '{}'>, {}".format(tag, cls, exc),
+                     trace, BANNER):
+            self.write(line)

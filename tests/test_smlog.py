@@ -1,0 +1,170 @@
+"""The SMlog reader: the GC's words from public excerpts, and a file that fights back (garbage, huge
+lines, bytes that are not UTF-8, truncation, rotation, replacement) read without a crash in bounded memory."""
+import os
+import resource
+
+from xcoalesce_agent import config, smlog, smlogfile
+
+SR = "4659a1b2-0000-4000-8000-000000000001"
+LEAF = "1234abcd-0000-4000-8000-000000000009"
+BANNER = "*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*~*"
+
+
+def lines(pid, *texts, ident="SMGC", stamp="Jan  2 16:01:16"):
+    return ["{} host {}: [{}] {}".format(stamp, ident, pid, text) for text in texts]
+
+
+def exception(pid, tag, cls, message):
+    return lines(pid, BANNER, "         ***********************", "         *  E X C E P T I O N  *",
+                 "         ***********************", "{}: EXCEPTION <class '{}'>, {}".format(tag, cls, message),
+                 '  File "/opt/xensource/sm/cleanup.py", line 1, in coalesce', "    self._coalesce(vdi)", "", BANNER)
+
+
+def feed(*groups):
+    log = smlog.GcLog(now=1767369700.0)
+    for group in groups:
+        for line in group:
+            log.feed_line(line)
+    return log.state
+
+
+def test_the_public_excerpts_give_a_failed_coalesce_with_its_exception():
+    state = feed(lines(3802739, "=== SR {}: gc ===".format(SR),
+                       "Coalescing *85ff84a8[VHD](65.000G///33.836G|n) -> *cf4a78da[VHD](65.000G//64.1G/65.1G|n)"),
+                 lines(3802740, "  Running VHD coalesce on *85ff84a8[VHD](65.000G///33.836G|n)"),
+                 exception(3802739, "coalesce", "util.CommandException", "No such file or directory"),
+                 lines(3802739, "Coalesce failed, skipping", "GC process exiting, no work left"))
+    sr = state["srs"][SR]
+    outcome = sr["vdis"]["85ff84a8"]
+    assert outcome["kind"] == "failed"
+    assert outcome["figures"] == {"exception": "util.CommandException", "error": "No such file or directory"}
+    assert sr["last_run"]["result"] == "partial" and sr["failures"] == {"failed": 1}
+
+
+def test_gave_up_keeps_sms_sizes_and_rounds():
+    state = feed(lines(7, "=== SR {}: gc ===".format(SR), "Leaf-coalescing 1234abcd(10.000G/1.200G/1.2G) -> "
+                       "*cf4a78da(10G/5G/5G)", "Aborted coalesce",
+                       "Iteration: 1 -- Initial size 1288490188 --> Final size 1300000000",
+                       "Iteration: 10 -- Initial size 1388490188 --> Final size 1395864371",
+                       "Max iterations (10) exceeded", "Starting size was         1288490188",
+                       "Final size was            1395864371", "Minimum size achieved was 1288490188"),
+                 exception(7, "leaf-coalesce", "util.SMException", "VDI {} could not be coalesced".format(LEAF)),
+                 lines(7, "Leaf-coalesce failed on 1234abcd(10.000G/1.200G/1.2G), skipping"))
+    outcome = state["srs"][SR]["vdis"][LEAF]
+    assert outcome["kind"] == "gave_up"
+    assert {key: outcome["figures"][key] for key in ("start_bytes", "final_bytes", "rounds", "reason")} == {
+        "start_bytes": 1288490188, "final_bytes": 1395864371, "rounds": 10, "reason": "Max iterations (10) exceeded"}
+
+
+def test_space_timeouts_pauses_switches_and_merges():
+    state = feed(lines(9, "=== SR {}: gc ===".format(SR),
+                       "No space to leaf-coalesce 99998888[VHD](10.000G//1.2G/1.3G|a) (free space: 4194304)",
+                       "...but enough space if skip snap-coalesce",
+                       "Skipping reset-on-boot 77776666(1G/1M/1M)",
+                       "Leaf-coalescing 55554444(1G/1M/1M) -> *33332222(1G/1M/1M)"),
+                 exception(9, "_doCoalesceLeaf", "util.SMException", "Timed out"),
+                 lines(9, "*** UNDO LEAF-COALESCE", "*** leaf-coalesce undo successful"),
+                 exception(9, "leaf-coalesce", "util.SMException", "Timed out"),
+                 lines(9, "Leaf-coalescing 11110000(1G/1M/1M) -> *33332222(1G/1M/1M)"),
+                 exception(9, "leaf-coalesce", "util.SMException", "Failed to pause VDI 11110000(1G/1M/1M)"),
+                 lines(9, "Coalescing *aaaabbbb(1G/1M/1M) -> *33332222(1G/1M/1M)",
+                       "The VDI tree appears to have been altered since",
+                       "Coalescing *ccccdddd(1G/1M/1M) -> *33332222(1G/1M/1M)", "No work, exiting",
+                       "GC process exiting, no work left"),
+                 lines(9, "Could not coalesce due to a lack of space in SR {}".format(SR), ident="SM"))
+    vdis = state["srs"][SR]["vdis"]
+    assert vdis["99998888"]["kind"] == "no_space"
+    assert vdis["99998888"]["figures"] == {"free_bytes": 4194304, "fits_without_snapshot_coalesce": True}
+    assert vdis["77776666"]["figures"] == {"switch": "on-boot=reset"}
+    assert [vdis[key]["kind"] for key in ("55554444", "11110000", "aaaabbbb", "ccccdddd")] == [
+        "timed_out", "pause_failed", "concurrent_change", "merged"]
+    assert state["srs"][SR]["last_run"]["merged"] == 1
+
+
+def test_a_fatal_gc_error_fails_the_run_after_it_said_it_was_exiting():
+    state = feed(lines(5, "=== SR {}: gc ===".format(SR), "GC process exiting, no work left"),
+                 exception(5, "gc", "util.SMException", "Parent VDI x of y not found"),
+                 lines(5, "* * * * * SR {}: ERROR".format(SR), ""))
+    run = state["srs"][SR]["last_run"]
+    assert run["result"] == "failed" and run["errors"] == ["util.SMException: Parent VDI x of y not found"]
+    assert state["srs"][SR]["last_success"] is None and state["srs"][SR]["results"] == {"success": 0, "failed": 1}
+
+
+def test_garbage_is_counted_never_fatal():
+    state = feed(["", "x" * 70000, "\ufffd\ufffd not syslog", "Jan  2 16:01:16 host SMGC: [12] unknown words",
+                  "Jan  2 16:01:16 host SMGC: [abc] not a pid", "Foo 99 99:99:99"])
+    assert state["lines"]["unreadable"] == 5 and state["srs"] == {}
+
+
+def make_config(tmp_path, log_path):
+    conf = tmp_path / "agent.conf"
+    conf.write_text("[agent]\nstate_dir = {}\n[storage]\nsmlog_path = {}\n".format(tmp_path / "state", log_path))
+    return config.load(str(conf))
+
+
+def run_line(pid, sr=SR):
+    return "Jan  2 16:01:16 host SMGC: [{}] === SR {}: gc ===\n".format(pid, sr).encode("ascii")
+
+
+def test_hostile_files_are_read_in_bounded_memory_and_every_bad_line_counted(tmp_path):
+    path = tmp_path / "SMlog"
+    huge = b"Jan  2 16:01:16 host SMGC: [1] " + b"y" * (1 << 20) + b"\n"
+    with open(str(path), "wb") as stream:
+        stream.write(run_line(1) + huge + b"\xff\xfe\xfd bad bytes\n" + huge * 3 + run_line(2) + b"no newline")
+    conf = make_config(tmp_path, str(path))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    log, health = smlogfile.read(conf)
+    counts = log.state["lines"]
+    assert counts["cut"] == 4 and counts["not_utf8"] == 1 and counts["unreadable"] >= 1
+    assert log.state["srs"][SR]["runs_total"] == 2 and health["status"] == "ok"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024   # KiB: a few chunks at most
+    # one line of garbage with no newline at all, larger than any chunk
+    with open(str(path), "ab") as stream:
+        stream.write(b"z" * (9 << 20))
+    log, health = smlogfile.read(conf)
+    assert log.state["lines"]["cut"] == 5 and health["behind_bytes"] == 0
+
+
+def test_truncation_rotation_and_replacement(tmp_path):
+    path = str(tmp_path / "SMlog")
+    conf = make_config(tmp_path, path)
+    with open(path, "wb") as stream:
+        stream.write(run_line(1))
+    assert smlogfile.read(conf)[0].state["srs"][SR]["runs_total"] == 1
+    with open(path, "wb") as stream:   # truncated (copytruncate), then written again
+        stream.write(b"")
+    smlogfile.read(conf)
+    with open(path, "ab") as stream:
+        stream.write(run_line(2))
+    log, health = smlogfile.read(conf)
+    assert log.state["srs"][SR]["runs_total"] == 2 and health["truncations"] == 1
+    with open(path, "ab") as stream:   # written, then rotated before the next inspection
+        stream.write(run_line(3))
+    os.rename(path, path + ".1")
+    with open(path + ".2.gz", "wb") as stream:
+        stream.write(run_line(99) * 3)   # never read
+    with open(path, "wb") as stream:
+        stream.write(run_line(4))
+    log, health = smlogfile.read(conf)
+    assert log.state["srs"][SR]["runs_total"] == 4 and health["rotations"] == 1
+    os.unlink(path)
+    log, health = smlogfile.read(conf)
+    assert health["status"] == "missing" and log.state["srs"][SR]["runs_total"] == 4
+    replacement = path + ".new"   # a file replaced whole (rename over it)
+    with open(replacement, "wb") as stream:
+        stream.write(run_line(5) + run_line(6))
+    os.rename(replacement, path)
+    log, health = smlogfile.read(conf)
+    assert log.state["srs"][SR]["runs_total"] == 6 and health["status"] == "ok"
+
+
+def test_a_corrupt_state_file_starts_afresh(tmp_path):
+    path = str(tmp_path / "SMlog")
+    conf = make_config(tmp_path, path)
+    with open(path, "wb") as stream:
+        stream.write(run_line(1))
+    os.makedirs(conf.agent.state_dir)
+    with open(smlogfile.state_path(conf), "w") as stream:
+        stream.write('{"file": {"inode": "x"}, "log": [1, 2]')
+    log, health = smlogfile.read(conf)
+    assert log.state["srs"][SR]["runs_total"] == 1 and health["status"] == "ok"
