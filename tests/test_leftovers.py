@@ -154,7 +154,7 @@ def leftover_gauge(host):
 def test_another_hosts_marks_wait_for_quiet_and_an_admins_flag_is_left(host):
     """The old master left a hold on `idle-root`, a forced `db-data` and the `db` VM suspended by the
     plugin; an administrator has since set `app-root` to `false` over the agent's own `force`."""
-    configure(host, gc_wait_seconds=0.5)  # how long `--repair` waits for the GC that holds the hold back
+    configure(host, gc_wait_seconds=1)  # how long `--repair` waits for the GC that holds the hold back
     db = host.db
     set_other_config(host, "VDI", host.vdi_ref("idle-root"), **{
         "leaf-coalesce": "false", marks.VDI_MARK_KEY: marks.vdi_mark("false", None, OTHER_HOST)})

@@ -160,7 +160,8 @@ def states():
         vm("orphaned", [disk("orphan", "broken", 16, expect="orphan",
                              steps=[write(0, 4), snapshot("s"), write(0, 2), lose_parent()])]),
         vm("formats", [disk("raw-disk", "lvm", 16, vdi_type="aio", expect="not_cow"),
-                       disk("qcow2-disk", "qcow", 16, vdi_type="qcow2", expect="scan_error")]),
+                       disk("qcow2-disk", "qcow", 16, vdi_type="qcow2", hostile="truncated-header",
+                            expect="scan_error")]),
     ]
     loose = [garbage_file("broken", "0badf11e-0000-4000-8000-000000000000.vhd")]
     return pool("states", srs, vms, loose=loose, description=states.__doc__)
