@@ -24,7 +24,9 @@ def busy_pool():
     with SM's live rule (whole seconds at that speed under half its 0.05 s limit) only a leaf under
     1 s merges live, so SM snapshot-coalesces it. The agent predicts 6 s for SM's GC to do so (one
     round's pause and SM's 5 s live limit, as it cannot know this SM's limit) and over 1 s for its own
-    live merge: a maximum of 10 s lets both run, one of 0.5 s neither."""
+    live merge: a maximum of 60 s lets both run, one of 0.5 s neither. (The leaf the GC gives up on
+    grows with the time its rounds take, which a loaded machine stretches; within the 512 MiB disk,
+    its live merge stays under 60 s.)"""
     scenario = sc.busy(speed_mib=SPEED_MIB, writes_mib_s=0.0, leaf_mib=SPEED_MIB, disk_mib=512, live_timeout=0.05)
     scenario["vms"].append(sc.vm("quiet", [sc.disk("quiet-root", "ext", 32, steps=KEEP_SNAPSHOT)]))
     return scenario
@@ -43,7 +45,7 @@ def settle(host):
     wait_for(lambda: host.sm.wait_idle(5), timeout=60, what="the simulated GCs to finish")
 
 
-@pytest.mark.parametrize("max_freeze", [10.0, 0.5])
+@pytest.mark.parametrize("max_freeze", [60.0, 0.5])
 def test_a_vm_writing_faster_than_the_merge(sim_host, max_freeze):
     host = sim_host(busy_pool())
     configure(host, max_freeze_seconds=max_freeze)
@@ -63,11 +65,11 @@ def test_a_vm_writing_faster_than_the_merge(sim_host, max_freeze):
     document = json.loads(stdout)
     assert agent.returncode == 0, stderr
     (run,) = document["runs"]
-    if max_freeze == 10.0:
+    if max_freeze == 60.0:
         with open(host.sm.log_path) as stream:
             log = stream.read()
         assert "VDI {} could not be coalesced".format(host.vdis["busy-leaf"]) in log  # the GC pass gave up
-        assert (run["strategy"], run["result"]) == ("live", "success"), run
+        assert (run["strategy"], run["result"]) == ("live", "success"), run["reason"]
         assert 1.0 <= run["predicted_freeze_seconds"] <= max_freeze
         assert 0 < run["frozen_seconds"] <= max_freeze and downtime(host, "busy-db") <= max_freeze
         assert chain_parent(host, "busy-leaf") == ""
