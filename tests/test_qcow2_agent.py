@@ -6,6 +6,7 @@ simulated host's file SR: states, reasons, formats and estimates equal to what a
 agent end to end on the simulated host's `qcow2` scenario, and skip while it has none.
 """
 import re
+import contextlib
 import hashlib
 import json
 import os
@@ -172,12 +173,26 @@ def report_json(host):
     return json.loads(stdout)
 
 
-def qcow2_files(host, document):
-    """{VDI uuid: path} of the readable QCOW2 images of the file SRs (the hostile ones left out: no
-    tool may follow a backing loop)."""
-    return {vdi["uuid"]: os.path.join(host.state_dir, "sr-mount", sr["uuid"], vdi["uuid"] + ".qcow2")
-            for sr in document["srs"] if sr["type"] not in inspection.LVM_SR_TYPES
-            for vdi in sr["vdis"] if vdi["format"] == "qcow2" and vdi["state"] not in (model.SCAN_ERROR, model.ORPHAN)}
+def qcow2_images(document):
+    """{VDI uuid: SR uuid} of the readable QCOW2 images (the hostile ones left out: no tool may follow
+    a backing loop)."""
+    return {vdi["uuid"]: sr["uuid"] for sr in document["srs"] for vdi in sr["vdis"]
+            if vdi["format"] == "qcow2" and vdi["state"] not in (model.SCAN_ERROR, model.ORPHAN)}
+
+
+@contextlib.contextmanager
+def readable(host, sr_uuid, vdi_uuid):
+    """The image's path; on an LVM SR its chain is held active for the look, as a test may (the agent
+    never activates an LV)."""
+    store = host.store(next(key for key, uuid in host.srs.items() if uuid == sr_uuid))
+    names = [store.lv_name(uuid) for uuid in store.chain(vdi_uuid)] if store.lvm else []
+    if names:
+        store.vg.activate(names, "test")
+    try:
+        yield store.path(vdi_uuid)
+    finally:
+        if names:
+            store.vg.deactivate(names, "test")
 
 
 def test_report_names_every_qcow2_vdi_with_its_state_and_estimate(qcow2_host):
@@ -194,16 +209,18 @@ def test_report_names_every_qcow2_vdi_with_its_state_and_estimate(qcow2_host):
 
 def test_now_frees_each_qcow2_estimate_and_keeps_every_guest_disk(qcow2_host, tmp_path):
     before = report_json(qcow2_host)
-    images = qcow2_files(qcow2_host, before)
+    images = qcow2_images(before)
     visible = {vdi["uuid"] for sr in before["srs"] for vdi in sr["vdis"] if not vdi["hidden"]}
     saved = {}
-    for vdi_uuid, path in sorted(images.items()):
+    for vdi_uuid, sr_uuid in sorted(images.items()):
         if vdi_uuid not in visible:
             continue
         saved[vdi_uuid] = str(tmp_path / (vdi_uuid + ".raw"))
-        subprocess.check_call(["qemu-img", "convert", "-U", "-O", "raw", path, saved[vdi_uuid]])
+        with readable(qcow2_host, sr_uuid, vdi_uuid) as path:
+            subprocess.check_call(["qemu-img", "convert", "-U", "-O", "raw", path, saved[vdi_uuid]])
     chains = {vdi["uuid"]: vdi["chain_length"] for sr in before["srs"] for vdi in sr["vdis"]}
     lvm = {vdi["uuid"] for sr in before["srs"] if sr["type"] in inspection.LVM_SR_TYPES for vdi in sr["vdis"]}
+    assert saved.keys() & lvm and saved.keys() - lvm   # guest contents kept on both kinds of SR
     configure(qcow2_host, max_freeze_seconds=60)
     code, document, stderr = run_now(qcow2_host, timeout=600)
     assert code == 0, stderr
@@ -218,10 +235,11 @@ def test_now_frees_each_qcow2_estimate_and_keeps_every_guest_disk(qcow2_host, tm
             assert abs(run["reclaimed_bytes"] - run["estimated_bytes"]) <= slack, run
         else:   # the GC also merged a hidden parent of the chain: more is freed than the leaf's estimate
             assert run["reclaimed_bytes"] >= run["estimated_bytes"] - slack, run
-    for path in qcow2_files(qcow2_host, after).values():
-        subprocess.check_call(["qemu-img", "check", "-U", path], stdout=subprocess.DEVNULL)
-    for vdi_uuid, raw in saved.items():
-        if vdi_uuid in lengths and os.path.exists(images[vdi_uuid]):
-            subprocess.check_call(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", raw, images[vdi_uuid]],
-                                  stdout=subprocess.DEVNULL)
+    for vdi_uuid, sr_uuid in sorted(qcow2_images(after).items()):
+        with readable(qcow2_host, sr_uuid, vdi_uuid) as path:
+            subprocess.check_call(["qemu-img", "check", "-U", path], stdout=subprocess.DEVNULL)
+            if vdi_uuid in saved:
+                subprocess.check_call(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", saved[vdi_uuid], path],
+                                      stdout=subprocess.DEVNULL)
+    assert set(saved) <= set(qcow2_images(after))
     shutil.rmtree(str(tmp_path), ignore_errors=True)
