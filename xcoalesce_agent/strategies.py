@@ -183,11 +183,11 @@ def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None, started=
     limit = config.coalesce.plugin_timeout_seconds
     vm_name = session.xenapi.VM.get_name_label(session.xenapi.VM.get_by_uuid(vm_uuid))
     progress.step("plugin for VM {}".format(vm_name))
-    begun = time.monotonic()
     task = session.xenapi.Async.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
     try:
         if started is not None:
             started(task)
+        begun = time.monotonic()
 
         def look():
             progress.update(None, progress.waited(time.monotonic() - begun, limit))
