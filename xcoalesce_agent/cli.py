@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from . import __version__, config as config_module, stopping
+from . import __version__, config as config_module, progress, stopping
 from .errors import AgentError, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .printable import OneLineFormatter, one_line
 
@@ -92,9 +92,23 @@ def setup_logging(level):
     root.setLevel(level.upper())
 
 
+def setup_progress(config, service):
+    """Progress on stderr: redrawn in place on a terminal, else (and always for the service) INFO
+    lines every progress_log_seconds."""
+    if sys.stderr.isatty() and not service:
+        reporter = progress.install(progress.TerminalProgress(sys.stderr))
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(reporter)
+    else:
+        progress.install(progress.LogProgress(config.agent.progress_log_seconds))
+
+
 def report(config, as_json):
     from . import inspection, report as report_module
-    result = inspection.inspect(config)
+    try:
+        result = inspection.inspect(config)
+    finally:
+        progress.done()
     sys.stdout.write(report_module.render_json(result) if as_json else report_module.render_text(result))
     for error in result.errors or ():
         logging.warning("%s: %s", error["stage"], error["message"])
@@ -104,6 +118,14 @@ def report(config, as_json):
 def dispatch(args):
     config = config_module.load(args.config)
     setup_logging(args.log_level or config.agent.log_level)
+    setup_progress(config, service=not (args.report or args.now or args.repair))
+    try:
+        return run_mode(config, args)
+    finally:
+        progress.done()
+
+
+def run_mode(config, args):
     if args.report:
         return report(config, args.json)
     if args.now:

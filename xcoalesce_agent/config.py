@@ -292,6 +292,8 @@ DAY = 86400
 SCHEMA = (
     Key("agent", "state_dir", absolute_path, "/var/lib/xcoalesce-agent"),
     Key("agent", "log_level", choice(LOG_LEVELS), "info"),
+    # Off a terminal, how often a long step (a GC wait, the plugin, an inspection) logs where it is.
+    Key("agent", "progress_log_seconds", number(1, HOUR), 30.0),
     Key("xapi", "socket", absolute_path, "/var/lib/xcp/xapi"),
     Key("xapi", "inventory", absolute_path, "/etc/xensource-inventory"),
     # The local xapi answers in seconds; after an hour it is hung.

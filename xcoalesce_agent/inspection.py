@@ -17,8 +17,8 @@ import xmlrpc.client
 
 import XenAPI
 
-from . import estimate, gcaccount, inventory, lvmread, marks, model, qcow2images, qcow2meta, smgc, smlogfile
-from . import vhdmeta, vhdtree, vhdutil, xapi
+from . import estimate, gcaccount, inventory, lvmread, marks, model, progress, qcow2images
+from . import qcow2meta, smgc, smlogfile, vhdmeta, vhdtree, vhdutil, xapi
 from .errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -198,7 +198,11 @@ class _Inspector(object):
         ours, skipped = select_srs(host_ref, master == host_ref, srs, pbds)
         users = self.vdi_users()
         gcs = smgc.running_gcs(self.config, [sr["uuid"] for _, sr in ours])
-        reports = [self.sr_report(ref, sr, users, gcs.get(sr["uuid"])) for ref, sr in ours]
+        reports = []
+        for number, (ref, sr) in enumerate(ours, 1):
+            progress.step("inspecting SR {}/{} {}".format(number, len(ours), sr["name_label"]))
+            reports.append(self.sr_report(ref, sr, users, gcs.get(sr["uuid"])))
+        progress.done()
         host = hosts[host_ref]
         result = model.Inspection(
             host={"uuid": host["uuid"], "name": host["name_label"],

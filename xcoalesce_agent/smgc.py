@@ -20,7 +20,9 @@ import shutil
 import subprocess
 import time
 
-from . import stopping
+import XenAPI
+
+from . import progress, stopping
 
 LOG = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ GC_LOCKS = ("gc_active", "running")
 PROC_LOCKS = "/proc/locks"
 PROC_DIR = "/proc"
 POLL_SECONDS = 0.1
+# While waiting, how often the GC task's progress is read from xapi.
+TASK_PROGRESS_SECONDS = 1.0
 # After SR.scan, how long the GC may take to show up before it is taken as already done.
 GC_START_SECONDS = 1.0
 SYSTEMCTL_TIMEOUT_SECONDS = 10
@@ -159,12 +163,20 @@ def unit_state(config, sr_uuid):
     return state if state in UNIT_RUNNING_STATES else ""
 
 
-def gc_task_pending(session, sr_uuid):
-    """True while xapi holds a pending "Garbage Collection" task of the SR."""
+def gc_task_progress(session, sr_uuid):
+    """The `progress` (0 to 1) of the SR's pending "Garbage Collection" task in xapi, or None
+    when there is none."""
     sr_ref = session.xenapi.SR.get_by_uuid(sr_uuid)
     tasks = session.xenapi.task.get_all_records_where(
         'field "name__label" = "{}" and field "status" = "pending"'.format(GC_TASK_LABEL))
-    return any((task.get("other_config") or {}).get("applies_to") == sr_ref for task in tasks.values())
+    fractions = [float(task.get("progress") or 0.0) for task in tasks.values()
+                 if (task.get("other_config") or {}).get("applies_to") == sr_ref]
+    return max(fractions) if fractions else None
+
+
+def gc_task_pending(session, sr_uuid):
+    """True while xapi holds a pending "Garbage Collection" task of the SR."""
+    return gc_task_progress(session, sr_uuid) is not None
 
 
 # ---- what the agent asks -------------------------------------------------------------------
@@ -220,15 +232,45 @@ def gc_running(config, session, sr_uuid):
 def wait_gc_idle(config, session, sr_uuid, timeout):
     """Wait (bounded, and no longer once the agent is stopping) until the SR's GC is not running;
     True if it is idle."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
     busy = gc_activity(config, session, sr_uuid)
     if busy:
         LOG.info("SR %s: waiting up to %g s for the storage manager's GC to finish (%s)", sr_uuid, timeout, busy)
-        while gc_running(config, session, sr_uuid):
-            if time.monotonic() >= deadline or stopping.requested():
-                return False
-            stopping.sleep(POLL_SECONDS)
+        progress.step("waiting for the GC of SR {}".format(_sr_name(session, sr_uuid)))
+        task_look = progress.Throttle(TASK_PROGRESS_SECONDS)
+        fraction = None
+        try:
+            while gc_running(config, session, sr_uuid):
+                elapsed = time.monotonic() - started
+                if elapsed >= timeout or stopping.requested():
+                    return False
+                if task_look.due():
+                    fraction = gc_task_progress(session, sr_uuid)
+                progress.update(None, _gc_wait_detail(fraction, elapsed, timeout))
+                stopping.sleep(POLL_SECONDS)
+        finally:
+            progress.done()
     return True
+
+
+def _gc_wait_detail(fraction, elapsed, timeout):
+    """`task 40%, about 30 s left, 20 s of at most 3600 s`: what is known of a GC being waited for."""
+    parts = []
+    if fraction is not None:
+        parts.append("task {:.0f}%".format(100.0 * fraction))
+        left = progress.time_left(elapsed, fraction)
+        if left is not None:
+            parts.append("about {:.0f} s left".format(left))
+    parts.append(progress.waited(elapsed, timeout))
+    return ", ".join(parts)
+
+
+def _sr_name(session, sr_uuid):
+    """The SR's name for people, else its UUID."""
+    try:
+        return session.xenapi.SR.get_name_label(session.xenapi.SR.get_by_uuid(sr_uuid)) or sr_uuid
+    except XenAPI.Failure:  # a name only decorates the progress line
+        return sr_uuid
 
 
 def require_gc_idle(config, session, sr_uuid):

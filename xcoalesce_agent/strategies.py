@@ -9,7 +9,7 @@ from xml.parsers.expat import ExpatError
 
 import XenAPI
 
-from . import inventory, journal as journal_module, marks, planner, stopping
+from . import inventory, journal as journal_module, marks, planner, progress, stopping
 from .smgc import POLL_SECONDS, GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
 from .xapi import NULL_REF, describe
 
@@ -181,11 +181,20 @@ def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None, started=
     is called as soon as the task exists; the task is polled (`watch()` is called at each look,
     the last one after it ended) and destroyed at the end (xapi drops a running task when it ends)."""
     limit = config.coalesce.plugin_timeout_seconds
+    vm_name = session.xenapi.VM.get_name_label(session.xenapi.VM.get_by_uuid(vm_uuid))
+    progress.step("plugin for VM {}".format(vm_name))
     task = session.xenapi.Async.host.call_plugin(host_ref, PLUGIN, PLUGIN_FUNCTION, {"vm_uuid": vm_uuid})
     try:
         if started is not None:
             started(task)
-        status = _task_status(session, task, time.monotonic() + limit, watch)
+        begun = time.monotonic()
+
+        def look():
+            progress.update(None, progress.waited(time.monotonic() - begun, limit))
+            if watch is not None:
+                watch()
+
+        status = _task_status(session, task, begun + limit, look)
         if status in UNFINISHED:
             status, unfinished = _cancel(session, task, limit)
             if status in UNFINISHED:
@@ -196,6 +205,7 @@ def call_plugin_bounded(config, session, host_ref, vm_uuid, watch=None, started=
             raise XenAPI.Failure(session.xenapi.task.get_error_info(task))
         raise PluginUnfinished("the plugin's task was {} by someone else".format(status))
     finally:
+        progress.done()
         try:
             session.xenapi.task.destroy(task)
         except XenAPI.Failure as error:
