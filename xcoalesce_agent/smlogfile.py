@@ -18,8 +18,10 @@ from . import jsonfile, smlog
 LOG = logging.getLogger(__name__)
 
 STATE_FILE = "smlog.json"
+# The state is written SR by SR (file, log, srs): its text is never whole in memory.
+STATE_LARGE_LEVELS = 3
 MAX_BYTES_PER_READ = 128 << 20
-CHUNK_BYTES = 512 << 10
+CHUNK_BYTES = 256 << 10
 MAX_LINE_BYTES = 64 << 10
 ROTATED_SUFFIX = ".1"
 # A file's first bytes tell it from another that got the same inode number (a file replaced whole).
@@ -44,7 +46,8 @@ def read(config, now=None, max_bytes=MAX_BYTES_PER_READ):
     log = smlog.GcLog(saved.get("log"), now=now)
     follower.read(log, max_bytes)
     try:
-        jsonfile.write_json(path, {"file": follower.position, "log": log.state, "health": follower.health})
+        jsonfile.write_json(path, {"file": follower.position, "log": log.state, "health": follower.health},
+                            large_levels=STATE_LARGE_LEVELS)
     except OSError as error:
         LOG.debug("cannot keep where SMlog was read in %s: %s", path, error)
     return log, follower.health
