@@ -18,6 +18,10 @@ MIB = 1 << 20
 FIRST_READ_BYTES = 100 * MIB
 INCREMENT_BYTES = 1 * MIB
 VDIS = 2000   # leaves the GC works on, again and again
+# The targets: first read CPU s, incremental read CPU s, peak RSS increase MB (of either read).
+TARGET_FIRST_CPU = 2.0
+TARGET_INCREMENT_CPU = 0.050
+TARGET_RSS_MB = 5.0
 
 MEASURE = """
 import json, resource, sys, time
@@ -113,4 +117,13 @@ def run():
                      "{:.0f}".format(increment["cpu"] * 1000)),
                     ("incremental read: wall ms", "{:.0f}".format(increment["wall"] * 1000)),
                     ("incremental read: peak RSS increase MB", "{:.1f}".format(increment["rss_kib"] / 1024.0))]
+    rss_mb = max(first["rss_kib"], increment["rss_kib"]) / 1024.0
+    figures += [verdict("first read CPU < {} s".format(TARGET_FIRST_CPU), first["cpu"] < TARGET_FIRST_CPU),
+                verdict("incremental read CPU < {:.0f} ms".format(TARGET_INCREMENT_CPU * 1000),
+                        increment["cpu"] < TARGET_INCREMENT_CPU),
+                verdict("peak RSS increase < {} MB".format(TARGET_RSS_MB), rss_mb < TARGET_RSS_MB)]
     return figures
+
+
+def verdict(target, met):
+    return ("target: " + target, "met" if met else "NOT MET")

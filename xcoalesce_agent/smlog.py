@@ -46,36 +46,54 @@ _FULL = re.compile(_UUID)
 _VDI = r"(\*?(?:{}|[0-9a-f]{{8}})(?:\[[A-Z]+\])?(?:\([^)]*\))?(?:\[RAW\])?)".format(_UUID)
 _VDI_KEY = re.compile(r"\*?({}|[0-9a-f]{{8}})".format(_UUID))
 _EXCEPTION = re.compile(r"^(\S+): EXCEPTION (?:<(?:class|type) '([^']*)'>|(\S+)), ?(.*)$")
-_SIZE_LINE = re.compile(r"^(Starting|Final|Minimum) size (?:was|achieved was) +(\d+(?:\.\d+)?)$")
-_ITERATION = re.compile(r"^Iteration: (\d+) -- Initial size (\d+) --> Final size (\d+)$")
-_PATTERNS = (
-    ("start", re.compile(r"^=== SR ({}): gc ===$".format(_UUID))),
-    ("candidate", re.compile(r"^(?:Leaf-)?[Cc]oalescing {} -> ".format(_VDI))),
-    ("no_space", re.compile(r"^No space to (?:leaf-)?coalesce {} \(free space: (-?\d+)\)$".format(_VDI))),
-    ("offline_fits", re.compile(r"^\.\.\.but enough space if skip snap-coalesce$")),
-    ("unpause_failed", re.compile(r"^ERROR: Failed to unpause VDI {}".format(_VDI))),
-    ("vdi_disabled", re.compile(r"^(Leaf-coalesce disabled for|Skipping reset-on-boot|Skipping allow_caching=true) "
-                                + _VDI)),
-    ("sr_disabled", re.compile(r"^(GC is disabled for this SR, abort|Coalesce disabled for this SR|"
-                               r"Leaf-coalesce disabled for this SR)$")),
-    ("concurrent", re.compile(r"^(The VDI appears to have been concurrently (?:deleted|snapshotted)|"
-                              r"The VDI tree appears to have been altered since|"
-                              r"The VDI is no longer leaf-coalesceable)")),
-    ("skip", re.compile(r"^(?:Leaf-coalesce failed on {}|Coalesce failed), skipping".format(_VDI))),
-    ("reason", re.compile(r"^(Max iterations \(\d+\) exceeded|No progress made for \d+ iterations|"
-                          r"Unexpected bump in size, compared to minimum achieved)$")),
-    ("end", re.compile(r"^(No work, exiting|GC process exiting, no work left|SR no longer attached, exiting|"
-                       r"Another GC instance already active, exiting|Aborted|Term requested)$")),
-    ("error", re.compile(r"^\* \* \* \* \* SR ({}): ERROR$".format(_UUID))),
+# What the reader acts on, in the order SM's words are tried: (name, literal starts, pattern). The
+# starts let most lines (those nothing acts on) go by without a regex.
+_RULES = (
+    ("start", ("=== SR ",), r"=== SR ({}): gc ===$".format(_UUID)),
+    ("candidate", ("Leaf-coalescing ", "Leaf-Coalescing ", "Coalescing ", "coalescing "),
+     r"(?:Leaf-)?[Cc]oalescing {} -> ".format(_VDI)),
+    ("no_space", ("No space to ",), r"No space to (?:leaf-)?coalesce {} \(free space: (-?\d+)\)$".format(_VDI)),
+    ("offline_fits", ("...but ",), r"\.\.\.but enough space if skip snap-coalesce$"),
+    ("unpause_failed", ("ERROR: Failed to unpause VDI ",), r"ERROR: Failed to unpause VDI {}".format(_VDI)),
+    ("vdi_disabled", ("Leaf-coalesce disabled for ", "Skipping reset-on-boot ", "Skipping allow_caching=true "),
+     r"(Leaf-coalesce disabled for|Skipping reset-on-boot|Skipping allow_caching=true) " + _VDI),
+    ("sr_disabled", ("GC is disabled ", "Coalesce disabled ", "Leaf-coalesce disabled "),
+     r"(GC is disabled for this SR, abort|Coalesce disabled for this SR|Leaf-coalesce disabled for this SR)$"),
+    ("concurrent", ("The VDI ",), r"(The VDI appears to have been concurrently (?:deleted|snapshotted)|"
+                                  r"The VDI tree appears to have been altered since|"
+                                  r"The VDI is no longer leaf-coalesceable)"),
+    ("skip", ("Leaf-coalesce failed on ", "Coalesce failed, "),
+     r"(?:Leaf-coalesce failed on {}|Coalesce failed), skipping".format(_VDI)),
+    ("reason", ("Max iterations (", "No progress made ", "Unexpected bump "),
+     r"(Max iterations \(\d+\) exceeded|No progress made for \d+ iterations|"
+     r"Unexpected bump in size, compared to minimum achieved)$"),
+    ("end", ("No work, ", "GC process exiting, ", "SR no longer attached, ", "Another GC instance ", "Aborted",
+             "Term requested"),
+     r"(No work, exiting|GC process exiting, no work left|SR no longer attached, exiting|"
+     r"Another GC instance already active, exiting|Aborted|Term requested)$"),
+    ("error", ("* * * * * SR ",), r"\* \* \* \* \* SR ({}): ERROR$".format(_UUID)),
+    ("block", ("*~*~*~",), r"\*~\*~\*~"),
+    ("iteration", ("Iteration: ",), r"Iteration: (\d+) -- Initial size (\d+) --> Final size (\d+)$"),
+    ("size", ("Starting size ", "Final size ", "Minimum size "),
+     r"(Starting|Final|Minimum) size (?:was|achieved was) +(\d+(?:\.\d+)?)$"),
 )
+
+
+def _rules_by_head():
+    """The rules a line may match, by its first three characters (every literal start has at least three)."""
+    heads = {}
+    for name, starts, pattern in _RULES:
+        rule = (starts, name, re.compile(pattern))
+        for head in sorted({start[:3] for start in starts}):
+            heads.setdefault(head, []).append(rule)
+    return heads
+
+
+_RULES_BY_HEAD = _rules_by_head()
 _SM_PATTERNS = (
     ("coalesce_error", re.compile(r"^Coalesce failed on SR ({}): (.*)$".format(_UUID))),
     ("sr_no_space", re.compile(r"^Could not coalesce due to a lack of space in SR ({})$".format(_UUID))),
 )
-# One match tells the lines the reader acts on from the others (most of them), and which pattern is theirs.
-_ANY = re.compile("|".join("(?P<{}>{})".format(name, pattern.pattern[1:]) for name, pattern in _PATTERNS + (
-    ("block", re.compile(r"^\*~\*~\*~")), ("iteration", _ITERATION), ("size", _SIZE_LINE))))
-_BY_NAME = dict(_PATTERNS)
 _SWITCHES = {"GC is disabled for this SR, abort": "gc", "Coalesce disabled for this SR": "coalesce",
              "Leaf-coalesce disabled for this SR": "leaf-coalesce", "Leaf-coalesce disabled for": "leaf-coalesce",
              "Skipping reset-on-boot": "on-boot=reset", "Skipping allow_caching=true": "allow-caching"}
@@ -115,44 +133,65 @@ class GcLog(object):
     # -- lines --
 
     def feed_line(self, line):
-        """One line of text (no newline); unreadable lines are counted."""
-        counts = self.state["lines"]
-        counts["read"] += 1
-        stamp = self._stamps.get(line[:15])
-        if stamp is None:
-            match = _LINE.match(line)
-            if match is None:
-                counts["unreadable"] += 1
-                return
-            if len(self._stamps) > 4096:
-                self._stamps.clear()
-            stamp = parse_time(match.group(1).encode("ascii"), *match.group(2, 3, 4, 5), now=self.now)
-            self._stamps[line[:15]] = stamp
-        # `Mon DD HH:MM:SS host IDENT: [pid] text`, the stamp known good
-        opening = line.find(": [", 16)
-        closing = line.find("]", opening + 3)
-        ident = line[line.rfind(" ", 15, opening) + 1:opening]
-        pid = line[opening + 3:closing]
-        if opening < 0 or closing < 0 or not pid.isdigit() or line[15:16] != " ":
-            counts["unreadable"] += 1
-            return
-        if ident == "SMGC" or ident == "SM":
-            self.feed(ident, pid, stamp, line[closing + 2:])
+        """One line of text (no newline); an unreadable line is counted."""
+        self.feed_lines((line,))
 
-    def feed(self, ident, pid, stamp, text):
-        """One record: SMGC or SM ident, pid, unix time, text."""
-        key = str(pid)
-        if ident == "SM":
-            self._sm_line(text, stamp)
-            return
-        found = _ANY.match(text)
-        if found is None and not self._open_blocks:
-            return
-        name = found.lastgroup if found is not None else None
+    def feed_lines(self, lines):
+        """Lines of text (no newlines); unreadable lines are counted. The loop most of the reader's time
+        goes to: a GC line that matches no rule goes by without a call, unless an exception block is open."""
+        stamps, heads = self._stamps, _RULES_BY_HEAD
+        read = unreadable = 0
+        for line in lines:
+            read += 1
+            stamp = stamps.get(line[:15])
+            if stamp is None:
+                stamp = self._stamp(line)
+                if stamp is None:
+                    unreadable += 1
+                    continue
+            # `Mon DD HH:MM:SS host IDENT: [pid] text`, the stamp known good
+            opening = line.find(": [", 16)
+            closing = line.find("]", opening + 3)
+            pid = line[opening + 3:closing]
+            if opening < 0 or closing < 0 or not pid.isdigit() or line[15:16] != " ":
+                unreadable += 1
+                continue
+            ident = line[line.rfind(" ", 15, opening) + 1:opening]
+            if ident == "SMGC":
+                text = line[closing + 2:]
+                name = match = None
+                for starts, rule, pattern in heads.get(text[:3], ()):
+                    if text.startswith(starts):
+                        match = pattern.match(text)
+                        if match is not None:
+                            name = rule
+                            break
+                if name is not None or self._open_blocks:
+                    self._gc_line(pid, stamp, text, name, match)
+            elif ident == "SM":
+                self._sm_line(line[closing + 2:], stamp)
+        counts = self.state["lines"]
+        counts["read"] += read
+        counts["unreadable"] += unreadable
+
+    def _stamp(self, line):
+        """Unix time of the line's syslog stamp, None when the line is not in syslog's form."""
+        match = _LINE.match(line)
+        if match is None:
+            return None
+        if len(self._stamps) > 4096:
+            self._stamps.clear()
+        stamp = parse_time(match.group(1).encode("ascii"), *match.group(2, 3, 4, 5), now=self.now)
+        self._stamps[line[:15]] = stamp
+        return stamp
+
+    def _gc_line(self, pid, stamp, text, name, match):
+        """One line the GC (pid, a string of digits) logged at `stamp`: the rule it matched (name and
+        match), or None within an exception block."""
         if name == "start":
-            self._start(key, _BY_NAME["start"].match(text).group(1), stamp)
+            self._start(pid, match.group(1), stamp)
             return
-        run = self._run_of(key, stamp)
+        run = self._run_of(pid, stamp)
         if run is None:
             return
         if run.get("exception") is not None and self._in_exception(run, text, stamp):
@@ -162,16 +201,15 @@ class GcLog(object):
         if name == "block":
             self._set_block(run, {"lines": 0})
         elif name == "iteration":
-            run.setdefault("tracker", {})["rounds"] = int(_ITERATION.match(text).group(1))
+            run.setdefault("tracker", {})["rounds"] = int(match.group(1))
         elif name == "size":
             if "tracker" in run:
-                match = _SIZE_LINE.match(text)
                 run["tracker"][match.group(1).lower()] = int(float(match.group(2)))
         else:
-            getattr(self, "_on_" + name)(run, _BY_NAME[name].match(text), stamp)
+            getattr(self, "_on_" + name)(run, match, stamp)
 
     def _set_block(self, run, block):
-        """Open (a dict) or close (None) the run's exception block, whose lines are not in _ANY."""
+        """Open (a dict) or close (None) the run's exception block, whose lines match no rule."""
         self._open_blocks += (block is not None) - (run.get("exception") is not None)
         run["exception"] = block
 
@@ -232,7 +270,8 @@ class GcLog(object):
             if not recent:
                 return None
             run = max(recent, key=lambda item: item["last"])
-        run["last"] = max(run["last"], stamp)
+        if stamp > run["last"]:
+            run["last"] = stamp
         return run
 
     def _open_run_of_sr(self, sr_uuid):
@@ -241,10 +280,13 @@ class GcLog(object):
 
     def _sr(self, sr_uuid):
         srs = self.state["srs"]
-        if sr_uuid not in srs and len(srs) >= MAX_SRS:
-            oldest = min(srs, key=lambda uuid: (srs[uuid].get("last_run") or {}).get("started") or 0)
-            del srs[oldest]
-        return srs.setdefault(sr_uuid, {"vdis": {}, "failures": {}, "results": {}})
+        sr = srs.get(sr_uuid)
+        if sr is None:
+            if len(srs) >= MAX_SRS:
+                oldest = min(srs, key=lambda uuid: (srs[uuid].get("last_run") or {}).get("started") or 0)
+                del srs[oldest]
+            sr = srs[sr_uuid] = {"vdis": {}, "failures": {}, "results": {}}
+        return sr
 
     def _last_run(self, run):
         return self._sr(run["sr"])["last_run"]

@@ -11,20 +11,25 @@ lines not in syslog's form are counted.
 """
 import logging
 import os
+import re
 
 from . import jsonfile, smlog
 
 LOG = logging.getLogger(__name__)
 
 STATE_FILE = "smlog.json"
+# The state is written SR by SR (file, log, srs): its text is never whole in memory.
+STATE_LARGE_LEVELS = 3
 MAX_BYTES_PER_READ = 128 << 20
-CHUNK_BYTES = 512 << 10
+CHUNK_BYTES = 256 << 10
 MAX_LINE_BYTES = 64 << 10
 ROTATED_SUFFIX = ".1"
 # A file's first bytes tell it from another that got the same inode number (a file replaced whole).
 HEAD_BYTES = 64
 
 OK, MISSING, UNREADABLE = "ok", "missing", "unreadable"
+# A line not in syslog's form (`Mon DD HH:MM:SS ...`: spaces at 3 and 15) after a newline, found in bulk.
+_NOT_SYSLOG_AFTER_NEWLINE = re.compile(r"\n(?![^\n]{3} [^\n]{11} )")
 
 
 def state_path(config):
@@ -41,7 +46,8 @@ def read(config, now=None, max_bytes=MAX_BYTES_PER_READ):
     log = smlog.GcLog(saved.get("log"), now=now)
     follower.read(log, max_bytes)
     try:
-        jsonfile.write_json(path, {"file": follower.position, "log": log.state, "health": follower.health})
+        jsonfile.write_json(path, {"file": follower.position, "log": log.state, "health": follower.health},
+                            large_levels=STATE_LARGE_LEVELS)
     except OSError as error:
         LOG.debug("cannot keep where SMlog was read in %s: %s", path, error)
     return log, follower.health
@@ -148,8 +154,27 @@ class Follower(object):
         if cut:
             counts["cut"] += 1
         try:
-            lines = data.decode("utf-8").split("\n")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
+            self._feed_each(log, counts, data, None)
+            return
+        not_syslog = len(_NOT_SYSLOG_AFTER_NEWLINE.findall(text))
+        lines = text.split("\n")
+        del text
+        if max(map(len, lines)) > MAX_LINE_BYTES:
+            self._feed_each(log, counts, data, lines)
+            return
+        # Most lines are not the GC's: they are counted in bulk, only the GC's in syslog's form are parsed.
+        wanted = [line for line in lines if (" SMGC: [" in line or (" SM: [" in line and "oalesce" in line))
+                  and line[3:4] == " " and line[15:16] == " "]
+        log.feed_lines(wanted)
+        counts["read"] += len(lines) - len(wanted)
+        counts["unreadable"] += _not_syslog(lines[0]) + not_syslog
+
+    @staticmethod
+    def _feed_each(log, counts, data, lines):
+        """The careful way, line by line: bytes that are not UTF-8, lines cut at MAX_LINE_BYTES."""
+        if lines is None:
             lines = []
             for raw in data.split(b"\n"):
                 try:
@@ -157,17 +182,18 @@ class Follower(object):
                 except UnicodeDecodeError:
                     counts["not_utf8"] += 1
                     lines.append(raw.decode("utf-8", "replace"))
-        feed = log.feed_line
-        skipped = 0
+        wanted = []
         for line in lines:
             if len(line) > MAX_LINE_BYTES:
                 counts["cut"] += 1
                 line = line[:MAX_LINE_BYTES]
             if " SMGC: [" in line or (" SM: [" in line and "oalesce" in line):
-                feed(line)
-            elif line[3:4] == " " and line[15:16] == " ":
-                skipped += 1
-            else:
+                wanted.append(line)
+            elif _not_syslog(line):
                 counts["unreadable"] += 1
-                skipped += 1
-        counts["read"] += skipped
+        counts["read"] += len(lines) - len(wanted)
+        log.feed_lines(wanted)
+
+
+def _not_syslog(line):
+    return line[3:4] != " " or line[15:16] != " "
