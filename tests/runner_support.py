@@ -66,6 +66,15 @@ def virtual_contents(host, disk_key):
             store.vg.deactivate(names, "test")
 
 
+def journal_steps(host):
+    """The agent's open journal steps ([] when there is no readable journal)."""
+    try:
+        with open(os.path.join(host.state_dir, "agent-state", "journal.json")) as stream:
+            return json.load(stream)["steps"]
+    except (OSError, ValueError):
+        return []
+
+
 def digests(host):
     """The virtual contents of every disk that has a VHD chain."""
     return {key: virtual_contents(host, key) for key in host.parents}

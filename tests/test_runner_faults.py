@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from tests.agent_process import wait_for
-from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, other_configs,
-                                  power_states, run_now, small_scenario)
+from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, journal_steps,
+                                  other_configs, power_states, run_now, small_scenario)
 
 SM_GENERATIONS = ("3.2", "4.1")
 
@@ -20,14 +20,6 @@ def host(sim_host):
     started = sim_host(small_scenario())
     started.before = (digests(started), other_configs(started), power_states(started))
     return started
-
-
-def journal_steps(host):
-    try:
-        with open(os.path.join(host.state_dir, "agent-state", "journal.json")) as stream:
-            return json.load(stream)["steps"]
-    except (OSError, ValueError):
-        return []
 
 
 def step_seen(host, action, value=None):

@@ -3,7 +3,6 @@ gates (tests/dom0sim/sm.py): a GC started just before the plugin, a plugin still
 limit (xapi's task.cancel does not stop it), a GC seen only through its lock, 4.1's stale vhd-parent,
 and the freezes of snapshot-coalesce rounds."""
 import json
-import os
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ import pytest
 from tests.agent_process import wait_for
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, downtime,
-                                  other_configs, power_states, run_now, small_scenario)
+                                  journal_steps, other_configs, power_states, run_now, small_scenario)
 from xcoalesce_agent import config as config_module, runner
 
 SM_GENERATIONS = ("3.2", "4.1")
@@ -27,14 +26,6 @@ def start_agent(host, *args):
 def finish(agent):
     stdout, stderr = agent.communicate(timeout=120)
     return agent.returncode, json.loads(stdout) if stdout.strip() else None, stderr
-
-
-def journal_steps(host):
-    try:
-        with open(os.path.join(host.state_dir, "agent-state", "journal.json")) as stream:
-            return json.load(stream)["steps"]
-    except (OSError, ValueError):
-        return []
 
 
 def sm_log(host):

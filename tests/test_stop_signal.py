@@ -16,7 +16,7 @@ import pytest
 from tests.agent_process import Agent, wait_for
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import (KEEP_SNAPSHOT, REPOSITORY, agent_command, chain_parent, configure, digests,
-                                  other_configs, power_states)
+                                  journal_steps, other_configs, power_states)
 from tests.test_daemon import write_config
 from tests.test_daemon_schedule import OPEN_WINDOW, set_mode
 from xcoalesce_agent import history
@@ -37,14 +37,6 @@ def host(sim_host):
     configure(started, strategies="live", max_freeze_seconds=10 * MERGE_SECONDS)
     started.before = (digests(started), other_configs(started), power_states(started))
     return started
-
-
-def journal_steps(host):
-    try:
-        with open(os.path.join(host.state_dir, "agent-state", "journal.json")) as stream:
-            return json.load(stream)["steps"]
-    except (OSError, ValueError):
-        return []
 
 
 def forced_vdi(host):
