@@ -1,5 +1,6 @@
 """The configuration file: every key typed, every mistake named by file, line and key."""
 import os
+import re
 
 import pytest
 
@@ -163,18 +164,19 @@ def test_every_number_has_a_range_that_holds_its_default():
             assert key.parse(repr(key.default)) == key.default
 
 
-def test_the_readme_gives_every_range():
-    """The configuration table of README.md says `range MIN to MAX` for every number."""
+def test_the_configuration_reference_gives_every_range():
+    """The table of docs/configuration.md says `MIN to MAX` in the range column of every number."""
     rows, section = {}, None
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as stream:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
+    with open(path, encoding="utf-8") as stream:
         for line in stream:
-            cells = [cell.strip(" `[]") for cell in line.split("|")]
-            if line.startswith("| ") and len(cells) == 6:
+            cells = [cell.strip(" `[]") for cell in re.split(r"(?<!\\)\|", line)]
+            if line.startswith("| ") and len(cells) == 7:
                 section = cells[1] or section
                 rows[(section, cells[2])] = cells[4]
     for key in config.SCHEMA:
         if hasattr(key.parse, "bounds"):
-            assert "range " in rows[(key.section, key.name)], (key.section, key.name)
+            assert " to " in rows[(key.section, key.name)], (key.section, key.name)
 
 
 def test_missing_file_given_explicitly_is_an_error(tmp_path):

@@ -125,7 +125,7 @@ def test_version_comes_from_the_package_and_release_from_the_build(packages):
     assert query(packages[1], "--qf", "%{ARCH}") == "noarch"
 
 
-def test_package_holds_the_agent_units_config_and_monitoring_files(packages):
+def test_package_holds_the_agent_units_config_docs_and_monitoring_files(packages):
     files = set(query(packages[1], "-l").splitlines())
     expected = {
         "/usr/bin/xcoalesce-agent",
@@ -142,6 +142,8 @@ def test_package_holds_the_agent_units_config_and_monitoring_files(packages):
         SITELIB + "/xcoalesce_agent/__pycache__/cli.cpython-36.pyc",
     }
     expected.update("/usr/lib/systemd/system/" + unit for unit in UNITS)
+    expected.update("/usr/share/doc/xcoalesce-agent/docs/" + name
+                    for name in os.listdir(os.path.join(TREE, "docs")) if name.endswith(".md"))
     expected.update(SITELIB + "/xcoalesce_agent/" + name
                     for name in os.listdir(os.path.join(TREE, "xcoalesce_agent")) if name.endswith(".py"))
     monitoring = os.path.join(TREE, "monitoring")
