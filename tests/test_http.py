@@ -15,7 +15,8 @@ from tests import model_samples
 from tests.helpers import require_tool
 from xcoalesce_agent import collector, history
 from xcoalesce_agent.errors import ConfigError
-from xcoalesce_agent.http import HANDLER_THREADS, MetricsServer, parse_listen_address
+from xcoalesce_agent.connections import HANDLER_THREADS
+from xcoalesce_agent.http import MetricsServer, parse_listen_address
 
 PASSWORD = "s3cret: with colon ✓"
 PASSWORD_SHA256 = hashlib.sha256(PASSWORD.encode("utf-8")).hexdigest()

@@ -5,7 +5,7 @@ the username and the sha256 hex digest of the password in constant time. The bod
 `collector.Exposition`, which never calls xapi or runs a tool.
 
 Many scrapers at once cost bounded memory on Dom0: the listen backlog takes a burst of new
-connections; a connection waiting for its (next) request waits in one selector (`_Connections`),
+connections; a connection waiting for its (next) request waits in one selector (`connections.ConnectionPool`),
 not in a thread; a fixed set of HANDLER_THREADS threads serves requests that have begun to arrive,
 each within REQUEST_SECONDS (a client sending a byte at a time is cut off), the TLS handshake
 included; beyond MAX_CONNECTIONS new connections are closed at once.
@@ -17,8 +17,6 @@ import hmac
 import http.server
 import io
 import logging
-import queue
-import selectors
 import socket
 import ssl
 import sys
@@ -27,14 +25,12 @@ import time
 from urllib.parse import urlsplit
 
 from . import __version__
+from .connections import MAX_CONNECTIONS, ConnectionPool
 from .errors import ConfigError
 
 LOG = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024         # new connections the kernel queues (it caps this at net.core.somaxconn)
-HANDLER_THREADS = 8           # requests served at once; rendering is cached, so each takes milliseconds
-MAX_CONNECTIONS = 512         # connections held at once, idle ones included; well below a 1024 fd limit
-IDLE_SECONDS = 30             # a connection with no request coming is closed after this
 REQUEST_SECONDS = 10          # a request's line and headers (and TLS handshake) must arrive within this
 RESPONSE_SECONDS = 30         # sending one response to a slow reader
 REALM = "xcoalesce-agent"
@@ -215,117 +211,6 @@ def _accepts_gzip(header):
     return False
 
 
-class _Connections(object):
-    """The connections of one server between being accepted and being closed.
-
-    A connection waits in one selector until its request begins to arrive (or IDLE_SECONDS pass),
-    then one of HANDLER_THREADS threads calls `serve(connection, address, first)`, which returns
-    whether to keep the connection open; if so it waits again. An idle kept-alive connection thus
-    holds no thread, and a burst of scrapers is served as fast as the handlers go.
-    """
-
-    def __init__(self, serve, close):
-        self._serve = serve
-        self._close_connection = close
-        self._lock = threading.Lock()
-        self._arrived = []
-        self._held = 0
-        self._closed = False
-        self._ready = queue.Queue()
-        self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        for end in (self._wake_reader, self._wake_writer):
-            end.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ)
-        self._threads = [threading.Thread(target=self._watch, name="metrics-http-idle")]
-        self._threads += [threading.Thread(target=self._work, name="metrics-http-{}".format(number))
-                          for number in range(HANDLER_THREADS)]
-        for thread in self._threads:
-            thread.daemon = True
-            thread.start()
-
-    def add(self, connection, address):
-        """Take a new connection; False (the caller closes it) when MAX_CONNECTIONS are held."""
-        with self._lock:
-            if self._closed or self._held >= MAX_CONNECTIONS:
-                return False
-            self._held += 1
-        self._wait(connection, address, True)
-        return True
-
-    def close(self):
-        """Close every waiting connection and end the threads; requests being served finish."""
-        with self._lock:
-            self._closed = True
-        self._wake()
-        for _ in range(HANDLER_THREADS):
-            self._ready.put(None)
-
-    def _wait(self, connection, address, first):
-        with self._lock:
-            self._arrived.append((connection, address, first))
-        self._wake()
-
-    def _wake(self):
-        try:
-            self._wake_writer.send(b"\0")
-        except (BlockingIOError, OSError):  # a full pipe wakes the selector all the same
-            pass
-
-    def _watch(self):
-        while True:
-            with self._lock:
-                arrived, self._arrived, closed = self._arrived, [], self._closed
-            now = time.monotonic()
-            for connection, address, first in arrived:
-                if isinstance(connection, ssl.SSLSocket) and connection.pending():
-                    self._ready.put((connection, address, first))  # decrypted bytes wait already
-                else:
-                    self._selector.register(connection, selectors.EVENT_READ, (address, first, now + IDLE_SECONDS))
-            if closed:
-                break
-            for key, _ in self._selector.select(1.0):
-                if key.fileobj is self._wake_reader:
-                    self._drain_wake()
-                    continue
-                self._selector.unregister(key.fileobj)
-                self._ready.put((key.fileobj, key.data[0], key.data[1]))
-            now = time.monotonic()
-            for key in list(self._selector.get_map().values()):
-                if key.data is not None and key.data[2] <= now:
-                    self._selector.unregister(key.fileobj)
-                    self._release(key.fileobj)
-        for key in list(self._selector.get_map().values()):
-            if key.data is not None:
-                self._release(key.fileobj)
-        self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    def _drain_wake(self):
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _work(self):
-        while True:
-            item = self._ready.get()
-            if item is None:
-                return
-            connection, address, first = item
-            if self._serve(connection, address, first) and not self._closed:
-                self._wait(connection, address, False)
-            else:
-                self._release(connection)
-
-    def _release(self, connection):
-        with self._lock:
-            self._held -= 1
-        self._close_connection(connection)
-
-
 class _Server(http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
@@ -337,7 +222,7 @@ class _Server(http.server.HTTPServer):
         self._context = context
         self._connections = None
         http.server.HTTPServer.__init__(self, address, _Handler)
-        self._connections = _Connections(self._serve_connection, self.shutdown_request)
+        self._connections = ConnectionPool(self._serve_connection, self.shutdown_request)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
