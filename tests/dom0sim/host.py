@@ -11,8 +11,9 @@ import os
 import time
 import uuid as uuidlib
 
-from tests.dom0sim import lvm, qcow2file, qcow2store, scenarios, sm, tools, vhdfile
-from tests.dom0sim.sm import DEFAULT_GENERATION, DEFAULT_SNAPSHOT_SECONDS, get_generation
+from tests.dom0sim import lvm, qcow2file, qcow2store, scenarios, sm, smmerge, smstore, tools, vhdfile
+from tests.dom0sim.smgenerations import DEFAULT_GENERATION, get_generation
+from tests.dom0sim.smpause import DEFAULT_SNAPSHOT_SECONDS
 from tests.dom0sim.xapi import wire
 from tests.dom0sim.xapi.db import Database
 from tests.dom0sim.xapi.schema import NULL_REF
@@ -224,7 +225,7 @@ class _Builder(object):
 
     def volume_groups(self):
         return [self.store(self.host.srs[spec["key"]]).vg for spec in self.scenario["srs"]
-                if spec["attached"] and sm.is_lvm_type(spec["type"])]
+                if spec["attached"] and smstore.is_lvm_type(spec["type"])]
 
     def store(self, sr_uuid):
         """The SR's store as the build uses it: on LVM, whatever it touches stays active until the end."""
@@ -246,7 +247,7 @@ class _Builder(object):
         db = self.db
         sr_uuid = self.uuid("sr", spec["key"])
         size = spec["size_mib"] * MIB
-        lvm_sr = sm.is_lvm_type(spec["type"])
+        lvm_sr = smstore.is_lvm_type(spec["type"])
         sr_ref = db.create("SR", uuid=sr_uuid, name_label=spec["name"], type=spec["type"], shared=spec["shared"],
                            content_type="user", physical_size=size, other_config=spec["other_config"],
                            sm_config={"allocation": "thick"} if lvm_sr else {})
@@ -266,7 +267,7 @@ class _Builder(object):
         else:
             os.makedirs(os.path.join(self.host.sr_mount, sr_uuid))
         if spec["seed_speed_log"]:
-            sm.record_speed(self.host.sm.speed_log(sr_uuid), spec["speed_mib"] * MIB)
+            smmerge.record_speed(self.host.sm.speed_log(sr_uuid), spec["speed_mib"] * MIB)
 
     @staticmethod
     def device_config(spec):
