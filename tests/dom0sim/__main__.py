@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 
-from tests.dom0sim import scenarios, sm
+from tests.dom0sim import scenarios, smgenerations
 from tests.dom0sim.host import SimHost
 
 MIB = 1024 * 1024
@@ -36,7 +36,7 @@ def parse_param(text):
     return key, value
 
 
-def build_host(state_dir, name, params, generation=sm.DEFAULT_GENERATION):
+def build_host(state_dir, name, params, generation=smgenerations.DEFAULT_GENERATION):
     if os.path.isdir(state_dir) and os.listdir(state_dir):
         raise UsageError("state directory {} is not empty".format(state_dir))
     try:
@@ -131,7 +131,7 @@ def list_scenarios(args):
 
 
 def add_sm_option(command):
-    command.add_argument("--sm", choices=sorted(sm.GENERATIONS), default=sm.DEFAULT_GENERATION,
+    command.add_argument("--sm", choices=sorted(smgenerations.GENERATIONS), default=smgenerations.DEFAULT_GENERATION,
                          help="the storage manager's generation: 3.2 as XCP-ng 8.3 (default), 4.1 as XenServer 8")
 
 

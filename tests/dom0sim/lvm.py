@@ -15,10 +15,9 @@ current extents and removes the nodes. A removed LV leaves its old bytes in the 
 `open_vhd` reads an LV as `vhd-util scan -l` does, whether or not it is active: from the device node
 while the LV is active (a real PV is always current), from the PV otherwise.
 
-Run as `python -m tests.dom0sim.lvm lvs ARGS` or `... vgs ARGS` with DOM0SIM_ROOT=DIR.
+The bytes and extents of the PV are lvmpv.py's; the `lvs` / `vgs` stand-ins are lvmreport.py's, also
+run as `python -m tests.dom0sim.lvm lvs ARGS` or `... vgs ARGS` with DOM0SIM_ROOT=DIR.
 """
-import bisect
-import ctypes
 import errno
 import fcntl
 import json
@@ -28,8 +27,8 @@ import sys
 from contextlib import contextmanager
 
 from tests.dom0sim import vhdfile
+from tests.dom0sim.lvmpv import EXTENT_SIZE, Extents, copy_sparse, punch
 
-EXTENT_SIZE = 4 * 1024 * 1024
 PE_START = 1024 * 1024
 METADATA = "metadata.json"
 MAPPER = "mapper"
@@ -41,8 +40,6 @@ HOLDER_GC = "gc"                # SM working on the LV (GC, snapshot, inflate, d
 HOLDER_CREATE = "lvcreate"      # lvcreate leaves a new LV active until someone deactivates it
 HOLDER_SR = "sr"                # the SR's management volume, active while the SR is plugged
 HOLDER_BUILD = "build"          # a scenario being built: everything it touches, released at the end
-COPY_CHUNK = 4 * 1024 * 1024
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 _BATCHES = {}           # VG directory -> metadata kept in memory by VolumeGroup.batch()
 _CACHE = {}             # metadata path -> [text, parsed, {LV name: LV} or None]
@@ -101,129 +98,6 @@ def is_active(lv):
     return any(lv.get("holders", {}).values())
 
 
-# ---- bytes between the PV and device nodes --------------------------------------------------
-
-def _punch(fd, offset, length):
-    """Make [offset, offset+length) of a file read as zeros without allocating (a hole)."""
-    if length <= 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_longlong(offset),
-                      ctypes.c_longlong(length)) == 0:
-        return
-    end = min(offset + length, os.fstat(fd).st_size)
-    for pos in range(offset, end, COPY_CHUNK):
-        os.pwrite(fd, bytes(min(COPY_CHUNK, end - pos)), pos)
-
-
-def _data_runs(fd, start, length):
-    """[(offset, count)] of the data (not holes) in [start, start+length) of a file."""
-    end = start + length
-    runs = []
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        runs.append((data, hole - data))
-        pos = hole
-    return runs
-
-
-def copy_sparse(src_fd, src_offset, dst_fd, dst_offset, length):
-    """Copy `length` bytes between files, skipping the source's holes (the target's range is
-    expected to read as zeros already)."""
-    for data, count in _data_runs(src_fd, src_offset, length):
-        done = 0
-        while done < count:
-            chunk = os.pread(src_fd, min(COPY_CHUNK, count - done), data + done)
-            if not chunk:
-                break
-            os.pwrite(dst_fd, chunk, dst_offset + data - src_offset + done)
-            done += len(chunk)
-
-
-class _Extents(object):
-    """The PV's extents: first fit among the free gaps, else after the last LV (lvcreate's normal
-    policy); the largest gap is remembered so that big LVs skip the search."""
-
-    def __init__(self, lvs):
-        self.gaps = []          # sorted [start, length] of free runs below `tail`
-        self.tail = 0
-        self.max_gap = 0
-        self.used = sum(lv["size"] // EXTENT_SIZE for lv in lvs)
-        for start, end in sorted((lv["start_extent"], lv["start_extent"] + lv["size"] // EXTENT_SIZE)
-                                 for lv in lvs):
-            if start > self.tail:
-                self.gaps.append([self.tail, start - self.tail])
-            self.tail = max(self.tail, end)
-        self.max_gap = max([length for _, length in self.gaps] or [0])
-
-    def allocate(self, extents):
-        self.used += extents
-        if extents <= self.max_gap:
-            for index, gap in enumerate(self.gaps):
-                if gap[1] >= extents:
-                    start = gap[0]
-                    self._shrink(index, gap[0] + extents, gap[1] - extents)
-                    return start
-        start = self.tail
-        self.tail += extents
-        return start
-
-    def grow_in_place(self, start, extents, more):
-        """Take `more` extents right after [start, start+extents) if they are free."""
-        end = start + extents
-        if end == self.tail:
-            self.tail += more
-            self.used += more
-            return True
-        index = bisect.bisect_left(self.gaps, [end, 0])
-        if index < len(self.gaps) and self.gaps[index][0] == end and self.gaps[index][1] >= more:
-            gap = self.gaps[index]
-            self._shrink(index, end + more, gap[1] - more)
-            self.used += more
-            return True
-        return False
-
-    def free(self, start, extents):
-        if extents <= 0:
-            return
-        self.used -= extents
-        end = start + extents
-        index = bisect.bisect_left(self.gaps, [start, 0])
-        if index > 0 and sum(self.gaps[index - 1]) == start:
-            index -= 1
-            start = self.gaps[index][0]
-            del self.gaps[index]
-        if index < len(self.gaps) and self.gaps[index][0] == end:
-            end += self.gaps[index][1]
-            del self.gaps[index]
-        if end >= self.tail:
-            self.tail = start
-            if self.gaps and sum(self.gaps[-1]) == start:
-                self.tail = self.gaps.pop()[0]
-            self.max_gap = max([length for _, length in self.gaps] or [0])
-            return
-        self.gaps.insert(index, [start, end - start])
-        self.max_gap = max(self.max_gap, end - start)
-
-    def _shrink(self, index, start, length):
-        old = self.gaps[index][1]
-        if length:
-            self.gaps[index] = [start, length]
-        else:
-            del self.gaps[index]
-        if old == self.max_gap:
-            self.max_gap = max([gap[1] for gap in self.gaps] or [0])
-
-
 class _State(object):
     """Metadata being changed, indexed: the LVs by name (metadata order kept) and the extents."""
 
@@ -235,7 +109,7 @@ class _State(object):
         self.next_serial = 0
         for lv in meta["lvs"]:
             self.add(lv)
-        self.extents = _Extents(meta["lvs"])
+        self.extents = Extents(meta["lvs"])
 
     def add(self, lv):
         self.order[self.next_serial] = lv
@@ -590,7 +464,7 @@ class VolumeGroup(object):
         with open(meta["pv_name"], "r+b") as pv, open(path, "rb") as device:
             if os.fstat(pv.fileno()).st_size < offset + length:
                 pv.truncate(offset + length)
-            _punch(pv.fileno(), offset, lv["size"])
+            punch(pv.fileno(), offset, lv["size"])
             copy_sparse(device.fileno(), 0, pv.fileno(), offset, length)
         lv["data_len"] = length
         self._remove_nodes(lv["name"])
@@ -605,11 +479,11 @@ class VolumeGroup(object):
         with open(meta["pv_name"], "r+b") as pv, open(tmp, "w+b") as scratch:
             scratch.truncate(length)
             copy_sparse(pv.fileno(), old, scratch.fileno(), 0, length)
-            _punch(pv.fileno(), old, length)
+            punch(pv.fileno(), old, length)
             new = _pv_offset(meta, lv)
             if os.fstat(pv.fileno()).st_size < new + length:
                 pv.truncate(new + length)
-            _punch(pv.fileno(), new, lv["size"])
+            punch(pv.fileno(), new, lv["size"])
             copy_sparse(scratch.fileno(), 0, pv.fileno(), new, length)
         os.unlink(tmp)
 
@@ -650,189 +524,12 @@ def _pv_offset(meta, lv):
     return meta["pe_start"] + lv["start_extent"] * meta["extent_size"]
 
 
-def _find(meta, vg_name, name):
-    for lv in meta["lvs"]:
-        if lv["name"] == name:
-            return lv
-    raise LvmError('Failed to find logical volume "{}/{}"'.format(vg_name, name), errno.ENOENT)
-
-
-# ---- the `lvs` / `vgs` stand-ins ------------------------------------------------------------
-
-VGS_FIELDS = ("vg_name", "vg_extent_size", "lv_count", "pv_count", "pv_name", "pe_start", "vg_size", "vg_free")
-LVS_FIELDS = ("lv_name", "vg_name", "lv_attr", "lv_size", "segtype", "seg_count", "seg_start", "seg_start_pe",
-              "seg_size", "seg_size_pe", "devices", "lv_path")
-DEFAULT_FIELDS = {"vgs": ("vg_name", "pv_count", "lv_count", "vg_size", "vg_free"),
-                  "lvs": ("lv_name", "vg_name", "lv_attr", "lv_size"),
-                  "lvs --segments": ("lv_name", "vg_name", "lv_attr", "segtype", "seg_size")}
-HEADINGS = {"vg_name": "VG", "vg_extent_size": "Ext", "lv_count": "#LV", "pv_count": "#PV", "pv_name": "PV",
-            "pe_start": "1st PE", "vg_size": "VSize", "vg_free": "VFree", "lv_name": "LV", "lv_attr": "Attr",
-            "lv_size": "LSize", "segtype": "Type", "seg_count": "#Seg", "seg_start": "Start",
-            "seg_start_pe": "Start", "seg_size": "SSize", "seg_size_pe": "SSize", "devices": "Devices",
-            "lv_path": "Path"}
-SIZE_FIELDS = ("vg_extent_size", "pe_start", "vg_size", "vg_free", "lv_size", "seg_start", "seg_size")
-NUMBER_FIELDS = ("lv_count", "pv_count", "seg_count", "seg_start_pe", "seg_size_pe")
-UNITS = {"b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-VALUED_OPTIONS = {"-o": "options", "--options": "options", "--units": "units", "--separator": "separator",
-                  "-O": "sort", "--sort": "sort"}
-FLAG_OPTIONS = ("--noheadings", "--nosuffix", "--unbuffered", "--segments", "--aligned", "-a")
-
-
-class Report(object):
-    """The command line of `lvs`/`vgs` as far as the simulation understands it: --noheadings,
-    --nosuffix, --units U, -o/--options F, --separator S (each also as --opt=value, -oF),
-    --unbuffered, --segments, VG names."""
-
-    def __init__(self, argv, command):
-        self.command = command
-        self.vg_names = []
-        self.flags = set()
-        self.values = {}
-        args = list(argv)
-        while args:
-            arg = args.pop(0)
-            name, value = self._split(arg)
-            if name in VALUED_OPTIONS:
-                if value is None:
-                    if not args:
-                        raise LvmError("Option {} requires an argument.".format(arg))
-                    value = args.pop(0)
-                key = VALUED_OPTIONS[name]
-                if key == "options":
-                    self.values.setdefault(key, []).append(value)
-                else:
-                    self.values[key] = value
-            elif arg in FLAG_OPTIONS:
-                self.flags.add(arg)
-            elif arg.startswith("-"):
-                raise LvmError("unsupported option {} in the simulated LVM".format(arg))
-            else:
-                self.vg_names.append(arg)
-        self.fields = self._fields()
-        self.units = self.values.get("units", "h")
-        if self.units.lower() not in UNITS and self.units.lower() != "h":
-            raise LvmError('Invalid units specification "{}".'.format(self.units))
-
-    @staticmethod
-    def _split(arg):
-        if arg.startswith("--") and "=" in arg:
-            name, value = arg.split("=", 1)
-            return name, value
-        if arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
-            return "-o", arg[2:]
-        if arg.startswith("-O") and len(arg) > 2:
-            return "-O", arg[2:]
-        return arg, None
-
-    def _fields(self):
-        key = self.command + (" --segments" if self.command == "lvs" and "--segments" in self.flags else "")
-        allowed = LVS_FIELDS if self.command == "lvs" else VGS_FIELDS
-        fields = list(DEFAULT_FIELDS[key])
-        for option in self.values.get("options", []):
-            extra = option.startswith("+")
-            names = [name.strip() for name in option.lstrip("+").split(",") if name.strip()]
-            fields = fields + names if extra else names
-        unknown = [field for field in fields if field not in allowed]
-        if unknown:
-            raise LvmError("Unrecognised field: {}".format(unknown[0]))
-        return fields
-
-    def cell(self, field, value):
-        """A value as printed: sizes in the chosen units (`--units b`: bytes, suffix B)."""
-        if field not in SIZE_FIELDS:
-            return str(value)
-        unit = self.units.lower()
-        if unit == "h":
-            text, suffix = _human_size(value)
-        elif unit in ("b", "s"):
-            text, suffix = str(value // UNITS[unit]), "B" if unit == "b" else "S"
-        else:
-            text, suffix = "{:.2f}".format(value / float(UNITS[unit])), unit
-        return text if "--nosuffix" in self.flags else text + suffix
-
-    def render(self, rows):
-        """Lines as LVM prints them: two leading spaces; columns padded to align (numbers to the
-        right) unless a separator is given."""
-        table = [[self.cell(field, row[field]) for field in self.fields] for row in rows]
-        headings = [HEADINGS[field] for field in self.fields]
-        show_headings = "--noheadings" not in self.flags
-        separator = self.values.get("separator")
-        lines = []
-        if separator is not None:
-            for cells in ([headings] if show_headings else []) + table:
-                lines.append("  " + separator.join(cells))
-        else:
-            widths = [max([len(cells[i]) for cells in table] + [len(headings[i])]) for i in range(len(headings))]
-            for cells in ([headings] if show_headings else []) + table:
-                padded = []
-                for index, field in enumerate(self.fields):
-                    right = field in SIZE_FIELDS or field in NUMBER_FIELDS
-                    padded.append(cells[index].rjust(widths[index]) if right else cells[index].ljust(widths[index]))
-                lines.append("  " + " ".join(padded))
-        return "".join(line + "\n" for line in lines)
-
-
-def _human_size(value):
-    """LVM's default human-readable size: (two decimals, lower-case unit)."""
-    for suffix in ("t", "g", "m", "k"):
-        if value >= UNITS[suffix]:
-            return "{:.2f}".format(value / float(UNITS[suffix])), suffix
-    return str(value), "B"
-
-
-def lv_attr(lv):
-    """The 10 characters of `lv_attr` for a linear LV: permissions, then state (`a` while active)."""
-    return "-{}i-{}-----".format("r" if lv.get("readonly") else "w", "a" if is_active(lv) else "-")
-
-
-def vgs_rows(vg):
-    meta = vg.metadata()
-    free = vg.free_bytes()
-    used = sum(lv["size"] for lv in meta["lvs"])
-    return [{"vg_name": vg.name, "vg_extent_size": meta["extent_size"], "lv_count": len(meta["lvs"]),
-             "pv_count": 1, "pv_name": meta["pv_name"], "pe_start": meta["pe_start"],
-             "vg_size": used if free is None else used + free, "vg_free": 0 if free is None else free}]
-
-
-def lvs_rows(vg):
-    meta = vg.metadata()
-    return [{"lv_name": lv["name"], "vg_name": vg.name, "lv_attr": lv_attr(lv), "lv_size": lv["size"],
-             "segtype": lv.get("segtype", "linear"), "seg_count": 1, "seg_start": 0, "seg_start_pe": 0,
-             "seg_size": lv["size"], "seg_size_pe": lv["size"] // meta["extent_size"],
-             "devices": "{}({})".format(meta["pv_name"], lv["start_extent"]),
-             "lv_path": vg.lv_path(lv["name"])} for lv in meta["lvs"]]
-
-
 def report_main(command, argv, out, err):
-    """Run `vgs` or `lvs`; returns the exit status (5 for an unknown VG, like LVM)."""
-    try:
-        root = root_from_env()
-        report = Report(argv, command)
-        make_rows = vgs_rows if command == "vgs" else lvs_rows
-    except LvmError as exc:
-        err.write("  {}\n".format(exc))
-        return 3
-    names = report.vg_names or list_vg_names(root)
-    rows = []
-    status = 0
-    for name in names:
-        vg = VolumeGroup(root, name)
-        if not vg.exists():
-            err.write('  Volume group "{}" not found\n  Cannot process volume group {}\n'.format(name, name))
-            status = 5
-            continue
-        rows.extend(make_rows(vg))
-    out.write(report.render(rows))
-    return status
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("lvs", "vgs"):
-        sys.stderr.write("usage: python -m tests.dom0sim.lvm {lvs|vgs} ARGS\n")
-        return 2
-    return report_main(argv[0], argv[1:], sys.stdout, sys.stderr)
+    """Run `vgs` or `lvs` (lvmreport.py); returns the exit status."""
+    from tests.dom0sim import lvmreport     # the report reads the VGs through this module
+    return lvmreport.report_main(command, argv, out, err)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tests.dom0sim import lvmreport
+    sys.exit(lvmreport.main())

@@ -19,7 +19,7 @@ import os
 import subprocess
 import zlib
 
-from tests.dom0sim import qcow2file, sm
+from tests.dom0sim import qcow2file, smimages, smstore
 
 QCOW2 = "qcow2"
 SUFFIX = ".qcow2"
@@ -34,7 +34,7 @@ VHD_BLOCKS_MAX_CHARS = 1 << 20
 _MEASURED = {}
 
 
-class QemuError(sm.SmError):
+class QemuError(smstore.SmError):
     """qemu-img / qemu-io failed: their stderr, as SM's ioretry reports a CommandException."""
 
 
@@ -70,7 +70,7 @@ def overhead_empty(virtual_size, cluster_size=DEFAULT_CLUSTER_SIZE):
 
 def volume_size(virtual_size):
     """lvmcowutil.calcVolumeSize for QCOW2: the data plus the metadata of an image at least one cluster big."""
-    return sm.lv_size_for(virtual_size + overhead_empty(max(virtual_size, DEFAULT_CLUSTER_SIZE)))
+    return smstore.lv_size_for(virtual_size + overhead_empty(max(virtual_size, DEFAULT_CLUSTER_SIZE)))
 
 
 # ---- the images ---------------------------------------------------------------------------------
@@ -124,10 +124,10 @@ def committed_bytes(output):
     parts = line.strip("()").split("/") if line.startswith("(") and line.endswith(")") else []
     if len(parts) == 2 and all(part.isdigit() for part in parts):
         return int(parts[0])
-    raise sm.SmError("Couldn't get commited size from qemu-img commit call")
+    raise smstore.SmError("Couldn't get commited size from qemu-img commit call")
 
 
-class Qcow2Image(sm.Image):
+class Qcow2Image(smimages.Image):
     """One QCOW2 image of an SR, read as SM reads it: header and hidden flag in Python (adding the
     flag when it is missing, as getHidden does), allocation from its own L2 tables. `access` is a
     context manager making the image readable at `path` (an LVM SR activates its LV)."""
@@ -136,7 +136,7 @@ class Qcow2Image(sm.Image):
     sm_config_keys = {"image-format": QCOW2}
 
     def __init__(self, uuid, path, access=None):
-        sm.Image.__init__(self, uuid, path)
+        smimages.Image.__init__(self, uuid, path)
         self.access = access or contextlib.suppress
         self.cluster_size = DEFAULT_CLUSTER_SIZE
         self.backing_name = None
@@ -176,7 +176,7 @@ class Qcow2Image(sm.Image):
         return qcow2file.bitmap_of(header, self.blocks)
 
     def block_info(self):
-        value = sm.Image.block_info(self)
+        value = smimages.Image.block_info(self)
         return value if len(value) <= VHD_BLOCKS_MAX_CHARS else VHD_BLOCKS_SKIPPED
 
     @property
@@ -204,7 +204,7 @@ def bitmap_value(bitmap):
 
 # ---- file SRs --------------------------------------------------------------------------------------
 
-class FileSrStore(sm.FileStore):
+class FileSrStore(smstore.FileStore):
     """A file SR holding VHDs (`<uuid>.vhd`) and QCOW2 images (`<uuid>.qcow2`)."""
 
     def qcow2_path(self, uuid):
@@ -214,15 +214,15 @@ class FileSrStore(sm.FileStore):
         return os.path.exists(self.qcow2_path(uuid))
 
     def path(self, uuid):
-        return self.qcow2_path(uuid) if self.is_qcow2(uuid) else sm.FileStore.path(self, uuid)
+        return self.qcow2_path(uuid) if self.is_qcow2(uuid) else smstore.FileStore.path(self, uuid)
 
     def image(self, uuid):
         if self.is_qcow2(uuid):
             return Qcow2Image(uuid, self.qcow2_path(uuid)).load()
-        return sm.FileStore.image(self, uuid)
+        return smstore.FileStore.image(self, uuid)
 
     def scan(self):
-        images = sm.FileStore.scan(self)
+        images = smstore.FileStore.scan(self)
         for name in sorted(os.listdir(self.directory)):
             if name.endswith(SUFFIX):
                 images.append(Qcow2Image(name[:-len(SUFFIX)], os.path.join(self.directory, name)).load())
@@ -233,61 +233,61 @@ class FileSrStore(sm.FileStore):
 
     def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True, inflated=True):
         if not self.is_qcow2(parent_uuid):
-            return sm.FileStore.create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents, inflated)
+            return smstore.FileStore.create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents, inflated)
         snapshot(self.qcow2_path(uuid), parent_uuid + SUFFIX, self.qcow2_path(parent_uuid))
 
     def rename(self, old, new):
         if not self.is_qcow2(old):
-            return sm.FileStore.rename(self, old, new)
+            return smstore.FileStore.rename(self, old, new)
         if os.path.exists(self.path(new)) or os.path.exists(self.qcow2_path(new)):
-            raise sm.SmError("{} exists".format(self.qcow2_path(new)))
+            raise smstore.SmError("{} exists".format(self.qcow2_path(new)))
         os.rename(self.qcow2_path(old), self.qcow2_path(new))
 
     def set_hidden(self, uuid, hidden):
         if not self.is_qcow2(uuid):
-            return sm.FileStore.set_hidden(self, uuid, hidden)
+            return smstore.FileStore.set_hidden(self, uuid, hidden)
         qcow2file.set_hidden(self.qcow2_path(uuid), hidden)
 
     def set_parent(self, uuid, parent_uuid):
         if not self.is_qcow2(uuid):
-            return sm.FileStore.set_parent(self, uuid, parent_uuid)
+            return smstore.FileStore.set_parent(self, uuid, parent_uuid)
         set_parent(self.qcow2_path(uuid), self.qcow2_path(parent_uuid))
 
     def coalesce(self, child_path):
         if not child_path.endswith(SUFFIX):
-            return sm.FileStore.coalesce(self, child_path)
+            return smstore.FileStore.coalesce(self, child_path)
         return committed_bytes(commit(child_path))
 
     def merge_growth(self, child_path):
         if not child_path.endswith(SUFFIX):
-            return sm.FileStore.merge_growth(self, child_path)
+            return smstore.FileStore.merge_growth(self, child_path)
         return merge_growth(child_path, self.qcow2_path(uuid_of(qcow2file.read_header(child_path).backing_name)))
 
     def coalesce_within(self, child_path, room):
         """A commit that would not fit stops with ENOSPC before it starts: the parent keeps what it had."""
         if not child_path.endswith(SUFFIX):
-            return sm.FileStore.coalesce_within(self, child_path, room)
-        raise sm.OutOfRoom(self.qcow2_path(uuid_of(qcow2file.read_header(child_path).backing_name)), 0)
+            return smstore.FileStore.coalesce_within(self, child_path, room)
+        raise smstore.OutOfRoom(self.qcow2_path(uuid_of(qcow2file.read_header(child_path).backing_name)), 0)
 
     def extra_for_coalesce(self, image):
         if image.vdi_type != QCOW2:
-            return sm.FileStore.extra_for_coalesce(self, image)
+            return smstore.FileStore.extra_for_coalesce(self, image)
         return image.coalesced_data_size() + overhead_empty(image.virtual_size) - image.parent.vhd_size
 
     def extra_for_snapshot_coalesce(self, image):
         if image.vdi_type != QCOW2:
-            return sm.FileStore.extra_for_snapshot_coalesce(self, image)
+            return smstore.FileStore.extra_for_snapshot_coalesce(self, image)
         return self.extra_for_coalesce(image) + overhead_empty(image.virtual_size)
 
 
 # ---- LVM SRs ---------------------------------------------------------------------------------------
 
-class LvmSrStore(sm.LvmStore):
+class LvmSrStore(smstore.LvmStore):
     """An LVM SR holding VHD LVs (`VHD-<uuid>`) and QCOW2 LVs (`QCOW2-<uuid>`)."""
 
     def lv_name(self, uuid):
         name = LV_PREFIX + uuid
-        return name if self.vg.has_lv(name) else sm.LvmStore.lv_name(self, uuid)
+        return name if self.vg.has_lv(name) else smstore.LvmStore.lv_name(self, uuid)
 
     def is_qcow2(self, uuid):
         return self.vg.has_lv(LV_PREFIX + uuid)
@@ -298,13 +298,13 @@ class LvmSrStore(sm.LvmStore):
 
     def image(self, uuid):
         if not self.is_qcow2(uuid):
-            return sm.LvmStore.image(self, uuid)
+            return smstore.LvmStore.image(self, uuid)
         image = Qcow2Image(uuid, self.path(uuid), self.access(uuid)).load()
         image.lv_size = image.vhd_size = self.vg.lv_size(LV_PREFIX + uuid)
         return image
 
     def scan(self):
-        images = sm.LvmStore.scan(self)
+        images = smstore.LvmStore.scan(self)
         names = [lv["name"] for lv in self.vg.lvs() if lv["name"].startswith(LV_PREFIX)]
         with self.holding(names):
             for name in names:
@@ -318,7 +318,7 @@ class LvmSrStore(sm.LvmStore):
     def parent_of(self, uuid):
         name = LV_PREFIX + uuid
         if not self.vg.has_lv(name):
-            return sm.LvmStore.parent_of(self, uuid)
+            return smstore.LvmStore.parent_of(self, uuid)
         data = self.vg.read_lv(name, 0, DEFAULT_CLUSTER_SIZE)
         try:
             header = qcow2file.Header(data, 1 << 62)
@@ -336,8 +336,8 @@ class LvmSrStore(sm.LvmStore):
     def create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents=True, inflated=True):
         """A QCOW2 child: a writable leaf in a full-size LV, a snapshot VDI in an LV for its empty image."""
         if not self.is_qcow2(parent_uuid):
-            return sm.LvmStore.create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents, inflated)
-        size = volume_size(virtual_size) if inflated else sm.lv_size_for(overhead_empty(virtual_size))
+            return smstore.LvmStore.create_leaf(self, uuid, parent_uuid, virtual_size, skip_empty_parents, inflated)
+        size = volume_size(virtual_size) if inflated else smstore.lv_size_for(overhead_empty(virtual_size))
         name = LV_PREFIX + uuid
         with self.working_on([parent_uuid]):
             self.vg.create_lv(name, size, holder=self.holder)
@@ -347,33 +347,33 @@ class LvmSrStore(sm.LvmStore):
 
     def set_hidden(self, uuid, hidden):
         if not self.is_qcow2(uuid):
-            return sm.LvmStore.set_hidden(self, uuid, hidden)
+            return smstore.LvmStore.set_hidden(self, uuid, hidden)
         with self.holding([LV_PREFIX + uuid]):
             qcow2file.set_hidden(self.path(uuid), hidden)
 
     def set_parent(self, uuid, parent_uuid):
         if not self.is_qcow2(uuid):
-            return sm.LvmStore.set_parent(self, uuid, parent_uuid)
+            return smstore.LvmStore.set_parent(self, uuid, parent_uuid)
         set_parent(self.path(uuid), self.path(parent_uuid))
 
     def deflate(self, uuid):
         """QCOW2 LVs keep their size: SM's physical size of one is its LV's."""
         if not self.is_qcow2(uuid):
-            sm.LvmStore.deflate(self, uuid)
+            smstore.LvmStore.deflate(self, uuid)
 
     def full_size(self, image):
         if image.vdi_type != QCOW2:
-            return sm.LvmStore.full_size(self, image)
+            return smstore.LvmStore.full_size(self, image)
         return volume_size(image.virtual_size)
 
     def coalesce(self, child_path):
         if not os.path.basename(child_path).startswith(LV_PREFIX):
-            return sm.LvmStore.coalesce(self, child_path)
+            return smstore.LvmStore.coalesce(self, child_path)
         return committed_bytes(commit(child_path))
 
     def extra_for_coalesce(self, image):
         if image.vdi_type != QCOW2:
-            return sm.LvmStore.extra_for_coalesce(self, image)
+            return smstore.LvmStore.extra_for_coalesce(self, image)
         return volume_size(image.coalesced_data_size()) - image.parent.lv_size
 
 

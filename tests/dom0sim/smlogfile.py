@@ -2,7 +2,8 @@
 each newline of a message its own record, rotated to `SMlog.1` (the older one gzipped) past a size.
 
 SM's processes are the simulated SM's threads: each gets a pid of its own, and `child()` stands for the
-process SM forks to run a VHD coalesce. `label(image)` prints a VHD as SM's GC does.
+process SM forks to run a VHD coalesce. `label(image)` prints a VHD as SM's GC does; SmLogCalls are the
+StorageManager's calls that write SMlog.
 """
 import gzip
 import os
@@ -112,3 +113,23 @@ class SmLog(object):
                      "         ***********************", "{}: EXCEPTION <class '{}'>, {}".format(tag, cls, exc),
                      trace, BANNER):
             self.write(line)
+
+
+class SmLogCalls(object):
+    """The StorageManager's ways of writing SMlog (its `smlog`)."""
+
+    def log(self, text, ident="SMGC"):
+        """A message SM logs through syslog into SMlog (smlogfile.py: the real format, rotation)."""
+        self.smlog.write(text, ident)
+
+    def log_exception(self, tag, exc):
+        """cleanup.py's Util.logException into SMlog."""
+        self.smlog.exception(tag, exc)
+
+    def label(self, image):
+        """A VHD as SM's GC prints it (8 hex digits of its UUID and its sizes)."""
+        return label(image, lvm=image.lv_size is not None)
+
+    def sm_log(self, text):
+        """A line SM's util.SMlog writes (ident SM)."""
+        self.log(text, ident="SM")

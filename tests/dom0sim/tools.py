@@ -7,8 +7,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 TOOLS = {
     "vhd-util": ("tests.dom0sim.vhdutil_cli", "sys.argv[1:]"),
-    "lvs": ("tests.dom0sim.lvm", "['lvs'] + sys.argv[1:]"),
-    "vgs": ("tests.dom0sim.lvm", "['vgs'] + sys.argv[1:]"),
+    "lvs": ("tests.dom0sim.lvmreport", "['lvs'] + sys.argv[1:]"),
+    "vgs": ("tests.dom0sim.lvmreport", "['vgs'] + sys.argv[1:]"),
     "systemctl": ("tests.dom0sim.systemd", "sys.argv[1:]"),
     "qcow2_helper": ("tests.dom0sim.qcow2_helper", "sys.argv[1:]"),
 }

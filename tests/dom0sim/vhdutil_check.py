@@ -6,8 +6,8 @@ import os
 import stat
 import time
 
-from tests.dom0sim import vhdfile
-from tests.dom0sim.vhdfile import (
+from tests.dom0sim import vhdformat
+from tests.dom0sim.vhdformat import (
     DISK_DIFF, DISK_DYNAMIC, DISK_FIXED, PLAT_CODE_NONE, SECTOR_SIZE, UNUSED, Footer, Header, VhdError,
 )
 from tests.dom0sim.vhdutil_disk import NULL_UUID, PARENT_LOCATOR_CODES, Disk, read_at
@@ -49,7 +49,7 @@ class Checker(object):
 
     def from_future(self, timestamp):
         """A VHD timestamp past now and the allowed slack (never, with -t)."""
-        return not self.opts.get("t") and timestamp > vhdfile.vhd_time(time.time()) + TIMESTAMP_MAX_SLACK
+        return not self.opts.get("t") and timestamp > vhdformat.vhd_time(time.time()) + TIMESTAMP_MAX_SLACK
 
     def check(self, name):
         """vhd_util_check_vhd: returns 0 or a negative errno (having dumped the metadata)."""
@@ -88,7 +88,7 @@ class Checker(object):
             self.out.write("{} is valid\n".format(name))
 
     def footer_problem(self, footer):
-        if footer.cookie != vhdfile.FOOTER_COOKIE:
+        if footer.cookie != vhdformat.FOOTER_COOKIE:
             return "invalid cookie"
         if footer.checksum != footer.computed_checksum():
             return "invalid checksum"
@@ -96,15 +96,15 @@ class Checker(object):
             return "invalid 'reserved' feature"
         if footer.features & ~3:
             return "invalid extra features"
-        if footer.format_version != vhdfile.FORMAT_VERSION:
+        if footer.format_version != vhdformat.FORMAT_VERSION:
             return "invalid file format version"
-        if footer.disk_type not in (DISK_DYNAMIC, DISK_DIFF) and footer.data_offset != vhdfile.NO_OFFSET:
+        if footer.disk_type not in (DISK_DYNAMIC, DISK_DIFF) and footer.data_offset != vhdformat.NO_OFFSET:
             return "invalid data offset"
         if self.from_future(footer.timestamp):
             return "creation time in future"
-        if footer.creator_app[:3] == b"tap" and footer.creator_version > vhdfile.CREATOR_VERSION:
+        if footer.creator_app[:3] == b"tap" and footer.creator_version > vhdformat.CREATOR_VERSION:
             return "unsupported tap creator version"
-        if vhdfile.encode_geometry(vhdfile.chs_geometry(footer.current_size)) < footer.geometry:
+        if vhdformat.encode_geometry(vhdformat.chs_geometry(footer.current_size)) < footer.geometry:
             return "geometry too large"
         if footer.disk_type not in (DISK_FIXED, DISK_DYNAMIC, DISK_DIFF):
             return "invalid type"
@@ -211,7 +211,7 @@ class Checker(object):
         data = disk.block_data(block) if self.opts.get("b") else None
         failed = False
         for sector in range(disk.spb):
-            bit = vhdfile.bit_is_set(bitmap, sector)
+            bit = vhdformat.bit_is_set(bitmap, sector)
             if stats is not None and bit:
                 stats["written"] += 1
                 stats["bits"].add(block * disk.spb + sector)
@@ -320,13 +320,13 @@ class Checker(object):
 
 
 def _header_problem(header, size):
-    if header.cookie != vhdfile.HEADER_COOKIE:
+    if header.cookie != vhdformat.HEADER_COOKIE:
         return "invalid cookie"
     if header.checksum != header.computed_checksum():
         return "invalid checksum"
-    if header.header_version != vhdfile.HEADER_VERSION:
+    if header.header_version != vhdformat.HEADER_VERSION:
         return "invalid header version"
-    if header.data_offset != vhdfile.NO_OFFSET:
+    if header.data_offset != vhdformat.NO_OFFSET:
         return "invalid data offset"
     if (header.table_offset <= 0 or header.table_offset % SECTOR_SIZE
             or header.table_offset + header.max_bat_size * 4 > size - SECTOR_SIZE):
@@ -339,9 +339,9 @@ def _header_problem(header, size):
 
 
 def _batmap_problem(disk, header, size):
-    if header.cookie != vhdfile.BATMAP_COOKIE:
+    if header.cookie != vhdformat.BATMAP_COOKIE:
         return "invalid cookie"
-    if header.batmap_version > vhdfile.BATMAP_VERSION:
+    if header.batmap_version > vhdformat.BATMAP_VERSION:
         return "unsupported batmap version"
     if header.checksum != disk.batmap_computed_checksum():
         return "invalid checksum"
@@ -357,7 +357,7 @@ def _batmap_problem(disk, header, size):
 
 
 def _locator_problem(locator, size):
-    if locator.code not in vhdfile.PLAT_CODE_NAMES:
+    if locator.code not in vhdformat.PLAT_CODE_NAMES:
         return "invalid platform code"
     if locator.code == PLAT_CODE_NONE:
         if locator.data_space or locator.data_len or locator.reserved or locator.data_offset:

@@ -12,7 +12,7 @@ import signal
 import sys
 
 from tests.dom0sim import lvm
-from tests.dom0sim.vhdfile import VhdError
+from tests.dom0sim.vhdformat import VhdError
 from tests.dom0sim.vhdutil_check import cmd_check
 from tests.dom0sim.vhdutil_disk import Abort
 from tests.dom0sim.vhdutil_edit import (

@@ -4,7 +4,7 @@ import errno
 import os
 
 from tests.dom0sim import vhdfile
-from tests.dom0sim.vhdfile import (
+from tests.dom0sim.vhdformat import (
     DISK_DIFF, DISK_DYNAMIC, PLAT_CODE_MACX, PLAT_CODE_NONE, PLAT_CODE_W2KU, PLAT_CODE_W2RU, SECTOR_SIZE,
     Footer, Header, VhdError,
 )

@@ -3,15 +3,15 @@ dump of whatever headers an invalid file holds."""
 import os
 import time
 
-from tests.dom0sim import vhdfile
-from tests.dom0sim.vhdfile import PLAT_CODE_NONE, SECTOR_SIZE, Footer, Header, VhdError
+from tests.dom0sim import vhdformat
+from tests.dom0sim.vhdformat import PLAT_CODE_NONE, SECTOR_SIZE, Footer, Header, VhdError
 from tests.dom0sim.vhdutil_disk import read_at
 from tests.dom0sim.vhdutil_libc import conv
 
 
 def vhd_time_string(timestamp):
     """libvhd's vhd_time_to_string: ctime() of seconds since 2000-01-01, without the newline."""
-    return time.ctime(timestamp + vhdfile.VHD_EPOCH)
+    return time.ctime(timestamp + vhdformat.VHD_EPOCH)
 
 
 def print_footer(out, footer, hex_mode):
@@ -39,7 +39,7 @@ def print_footer(out, footer, hex_mode):
         "Geometry            : Cyl: {}, Hds: {}, Sctrs: {}".format(conv(hex_mode, cyl), conv(hex_mode, heads),
                                                                   conv(hex_mode, spt)),
         "                    : = {} MB ({} Bytes)".format(conv(hex_mode, chs >> 11), conv(hex_mode, chs << 9)),
-        "Disk type           : {}".format(vhdfile.DISK_TYPE_NAMES.get(footer.disk_type, "Unknown type!\n")),
+        "Disk type           : {}".format(vhdformat.DISK_TYPE_NAMES.get(footer.disk_type, "Unknown type!\n")),
         "Checksum            : {}".format(_checksum(footer.checksum, footer.computed_checksum())),
         "UUID                : {}".format(footer.uuid),
         "Saved state         : {}".format("No" if footer.saved_state == 0 else "Yes"),
@@ -84,7 +84,7 @@ def print_locators(out, disk, hex_mode):
         if locator.code == PLAT_CODE_NONE:
             continue
         out.write("locator:            : {}\n".format(index))
-        out.write("       code         : {}\n".format(vhdfile.PLAT_CODE_NAMES.get(locator.code, "UNKOWN")))
+        out.write("       code         : {}\n".format(vhdformat.PLAT_CODE_NAMES.get(locator.code, "UNKOWN")))
         out.write("       data_space   : {}\n".format(conv(hex_mode, locator.data_space)))
         out.write("       data_length  : {}\n".format(conv(hex_mode, locator.data_len)))
         out.write("       data_offset  : {}\n".format(conv(hex_mode, locator.data_offset)))

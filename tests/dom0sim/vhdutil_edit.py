@@ -3,7 +3,7 @@ import errno
 import os
 
 from tests.dom0sim import vhdfile
-from tests.dom0sim.vhdfile import VhdError
+from tests.dom0sim.vhdformat import VhdError
 from tests.dom0sim.vhdutil_disk import Disk, open_failed
 from tests.dom0sim.vhdutil_libc import c_strtol, c_strtoul
 from tests.dom0sim.vhdutil_options import CommandLine

@@ -1,7 +1,7 @@
 """`vhd-util query`: one line per asked field of a VHD (sizes, parent, hidden, marker, chain depth,
 allocated blocks), in the tool's fixed order whatever the order of the options."""
 
-from tests.dom0sim.vhdfile import UNUSED, VhdError
+from tests.dom0sim.vhdformat import UNUSED, VhdError
 from tests.dom0sim.vhdutil_disk import Disk, open_failed
 from tests.dom0sim.vhdutil_options import CommandLine
 

@@ -2,8 +2,8 @@
 (vhdutil_dump), one action after the other in the tool's order."""
 import errno
 
-from tests.dom0sim import vhdfile
-from tests.dom0sim.vhdfile import SECTOR_SIZE, UNUSED, VhdError
+from tests.dom0sim import vhdfile, vhdformat
+from tests.dom0sim.vhdformat import SECTOR_SIZE, UNUSED, VhdError
 from tests.dom0sim.vhdutil_disk import Disk
 from tests.dom0sim.vhdutil_dump import dump_raw_headers, print_headers
 from tests.dom0sim.vhdutil_libc import c_strtoul, conv
@@ -136,7 +136,7 @@ def _sector_bits(disk, sector, count):
         if block != cached_block:
             cached_block = block
             bitmap = disk.block_bitmap(block) if disk.bat[block] != UNUSED else None
-        yield cur, block, offset_in, bool(bitmap is not None and vhdfile.bit_is_set(bitmap, offset_in))
+        yield cur, block, offset_in, bool(bitmap is not None and vhdformat.bit_is_set(bitmap, offset_in))
 
 
 def read_test_bitmap(out, disk, sector, count, hex_mode):

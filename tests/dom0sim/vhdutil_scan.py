@@ -6,7 +6,7 @@ import os
 import re
 
 from tests.dom0sim import lvm
-from tests.dom0sim.vhdfile import DISK_DIFF, VhdError
+from tests.dom0sim.vhdformat import DISK_DIFF, VhdError
 from tests.dom0sim.vhdutil_disk import Abort, Disk, open_volume
 from tests.dom0sim.vhdutil_glob import GLOB_ABORTED, GLOB_NOMATCH, Glob, Pattern
 from tests.dom0sim.vhdutil_libc import c_basename

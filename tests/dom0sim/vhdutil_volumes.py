@@ -3,7 +3,7 @@ and `lvs` command lines run through the shell, their output parsed."""
 import errno
 import subprocess
 
-from tests.dom0sim.vhdfile import VhdError
+from tests.dom0sim.vhdformat import VhdError
 
 VGS_COMMAND = ("vgs {} --noheadings --nosuffix --units=b --options=vg_name,vg_extent_size,lv_count,pv_count,"
                "pv_name,pe_start --unbuffered 2> /dev/null")
