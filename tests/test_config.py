@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from xcoalesce_agent import config
+from xcoalesce_agent import config, configvalues
 from xcoalesce_agent.errors import ConfigError
 
 
@@ -71,10 +71,10 @@ exclude_vms = 0b6b8b1e-3b7e-4c3f-9c7e-1f0e2d3c4b5a, 1B6B8B1E-3B7E-4C3F-9C7E-1F0E
     assert loaded.coalesce.strategies == ["live", "plugin"]
     assert loaded.coalesce.max_freeze_seconds == 2.5
     assert loaded.coalesce.windows == [
-        config.Window(frozenset([5, 6]), 60, 300),
-        config.Window(frozenset(range(5)), 120, 210),
-        config.Window(frozenset([4, 5, 6, 0]), 1320, 120),
-        config.Window(frozenset(range(7)), 0, 1440),
+        configvalues.Window(frozenset([5, 6]), 60, 300),
+        configvalues.Window(frozenset(range(5)), 120, 210),
+        configvalues.Window(frozenset([4, 5, 6, 0]), 1320, 120),
+        configvalues.Window(frozenset(range(7)), 0, 1440),
     ]
     assert loaded.coalesce.max_vms_per_window == 3
     assert loaded.coalesce.max_bytes_per_window == 3 << 39
@@ -85,7 +85,7 @@ exclude_vms = 0b6b8b1e-3b7e-4c3f-9c7e-1f0e2d3c4b5a, 1B6B8B1E-3B7E-4C3F-9C7E-1F0E
 @pytest.mark.parametrize("text, size", [("0", 0), ("4096", 4096), ("1K", 1024), ("10G", 10 << 30),
                                         ("512MiB", 512 << 20), ("2 TB", 2 << 40)])
 def test_sizes_are_iec(text, size):
-    assert config.byte_size(text) == size
+    assert configvalues.byte_size(text) == size
 
 
 @pytest.mark.parametrize("text, expected", [

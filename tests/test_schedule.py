@@ -2,7 +2,7 @@
 import datetime
 
 from xcoalesce_agent import schedule
-from xcoalesce_agent.config import Window, windows as parse_windows
+from xcoalesce_agent.configvalues import Window, windows as parse_windows
 
 # 2026-11-23 is a Monday.
 MONDAY = datetime.datetime(2026, 11, 23)

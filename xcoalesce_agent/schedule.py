@@ -1,7 +1,7 @@
 """Maintenance windows and the caps per window: when the daemon may act on its own.
 
 Pure: times come in as naive local `datetime` objects (the host's time zone) and windows as
-`config.Window(days, start, end)` (weekday numbers where the window opens, minutes since
+`configvalues.Window(days, start, end)` (weekday numbers where the window opens, minutes since
 midnight; `end < start` runs past midnight). No windows at all means any time.
 """
 import datetime
