@@ -28,6 +28,7 @@ from tests.agent_process import REPOSITORY, Agent
 from tests.dom0sim.host import SimHost
 from xcoalesce_agent import collector, history
 from xcoalesce_agent.http import MetricsServer
+from xcoalesce_agent.plans import RunRecord
 
 VDIS = 10000
 SCRAPES = 300
@@ -78,10 +79,9 @@ def latency(vdi_count=VDIS, scrapes=SCRAPES):
         run_history = history.RunHistory(state_dir)
         inspection = model_samples.large_inspection(vdi_count)
         for sr in inspection.srs:
-            run_history.record({"vm_uuid": "", "vdi_uuid": "", "sr_uuid": sr.uuid, "strategy": "live",
-                                "result": "success", "reason": "", "estimated_bytes": 1, "reclaimed_bytes": 1,
-                                "frozen_seconds": 0.4, "predicted_freeze_seconds": 0.5, "started": 0.0,
-                                "finished": 1.0})
+            run_history.record(RunRecord(vm_uuid="", vdi_uuid="", sr_uuid=sr.uuid, strategy="live", result="success",
+                                         reason="", estimated_bytes=1, reclaimed_bytes=1, frozen_seconds=0.4,
+                                         predicted_freeze_seconds=0.5, started=0.0, finished=1.0))
         exposition = collector.Exposition(status, run_history)
         status.succeeded(inspection, time.time())
         started = time.perf_counter()

@@ -1,6 +1,7 @@
 """Verification of a run from the VHD forest of an inspection, never from xapi's `vhd-parent`."""
-from xcoalesce_agent import chains, model, planner, vhdtree
+from xcoalesce_agent import chains, model, planner, plans, vhdtree
 from xcoalesce_agent.model import Inspection, SrReport, VdiReport
+from xcoalesce_agent.plans import PlanEntry
 from xcoalesce_agent.vhdtree import ScanRecord, VdiFacts
 
 MIB = 1024 * 1024
@@ -44,7 +45,7 @@ def test_a_leaf_coalesce_under_a_grandparent_is_judged_from_the_scan_not_from_a_
                      "sm_config": {"vhd-parent": "parent"}} for uuid in ("leaf", "snap")},
         speeds={SR: {"sm": 100.0 * MIB}})
     (entry,) = planner.plan(before, host, planner.Policy())
-    assert (entry["vdi_uuid"], entry["parent_uuid"], entry["chain_length"]) == ("leaf", "parent", 3)
+    assert (entry.vdi_uuid, entry.parent_uuid, entry.chain_length) == ("leaf", "parent", 3)
     assert not chains.shortened(before, entry) and not chains.merged(before, entry)
 
     after = inspection_of([image("base", hidden=True), image("leaf", "base", size=16 * MIB),
@@ -58,6 +59,9 @@ def test_a_chain_the_gc_shortened_above_a_leaf_still_leaf_coalesceable_is_not_me
     before = inspection_of([image("base", hidden=True), image("mid", "base", hidden=True),
                             image("leaf", "mid")], FACTS)
     (report,) = [vdi for vdi in before.srs[0].vdis if vdi.uuid == "leaf"]
-    entry = {"vdi_uuid": "leaf", "chain_length": report.chain_length}
+    entry = PlanEntry(vm_uuid=VM, vm_name="", vm_power_state="Halted", vdi_uuid="leaf", vdi_name="leaf", format="vhd",
+                      sr_uuid=SR, sr_type="ext", chain_length=report.chain_length, parent_uuid="mid",
+                      estimated_bytes=report.reclaimable_bytes, merge_bytes=report.merge_bytes, merge_free_bytes=0,
+                      result=plans.PLANNED, strategy=plans.GC)
     after = inspection_of([image("base", hidden=True), image("leaf", "base")], FACTS)
     assert chains.shortened(after, entry) and not chains.merged(after, entry)

@@ -3,7 +3,7 @@ gives: on a simulated host, against the full records and through a plan that ref
 import pytest
 
 from tests.dom0sim.scenarios import delete_snapshot, disk, pool, snapshot, sr, vm, write
-from xcoalesce_agent import config, facts, inspection, planner, xapi
+from xcoalesce_agent import config, facts, inspection, planner, plans, xapi
 
 MERGED_SNAPSHOT = [write(0, 2), snapshot("s"), write(2, 2), delete_snapshot("s")]
 
@@ -59,7 +59,7 @@ def test_planning_reads_no_field_beyond_the_lists(varied):
     gathered = facts.gather_facts(settings, session, [sr_report.uuid for sr_report in inspected.srs])
     for records in (gathered.vms, gathered.vdis, gathered.srs):
         records.update((uuid, ListedFieldsOnly(record)) for uuid, record in records.items())
-    entries = {entry["vdi_name"]: entry for entry in planner.plan(inspected, gathered, planner.Policy())}
-    assert planner.PLUGIN in entries["app-root"]["fallbacks"]  # every check and every strategy weighed
-    assert entries["app-data"]["result"] == planner.PLANNED
-    assert entries["ha-root"]["reason"].startswith("VM is HA-protected (ha_restart_priority=restart)")
+    entries = {entry.vdi_name: entry for entry in planner.plan(inspected, gathered, planner.Policy())}
+    assert plans.PLUGIN in entries["app-root"].fallbacks  # every check and every strategy weighed
+    assert entries["app-data"].result == plans.PLANNED
+    assert entries["ha-root"].reason.startswith("VM is HA-protected (ha_restart_priority=restart)")

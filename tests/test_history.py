@@ -6,18 +6,19 @@ import sys
 
 import pytest
 
-from xcoalesce_agent import history
+from xcoalesce_agent import history, plans
+from xcoalesce_agent.plans import RunRecord
 
 SR_A = "11111111-1111-1111-1111-111111111111"
 SR_B = "22222222-2222-2222-2222-222222222222"
 
 
 def a_run(**changes):
-    run = {"vm_uuid": "vm-1", "vdi_uuid": "vdi-1", "sr_uuid": SR_A, "strategy": "live", "result": "success",
-           "reason": "", "estimated_bytes": 4 << 20, "reclaimed_bytes": 4 << 20, "frozen_seconds": 1.5,
-           "predicted_freeze_seconds": 2.0, "started": 1700000000.0, "finished": 1700000010.0}
-    run.update(changes)
-    return run
+    fields = dict(vm_uuid="vm-1", vdi_uuid="vdi-1", sr_uuid=SR_A, strategy="live", result="success", reason="",
+                  estimated_bytes=4 << 20, reclaimed_bytes=4 << 20, frozen_seconds=1.5, predicted_freeze_seconds=2.0,
+                  started=1700000000.0, finished=1700000010.0)
+    fields.update(changes)
+    return RunRecord(**fields)
 
 
 def test_a_new_state_directory_has_empty_totals(tmp_path):
@@ -48,7 +49,7 @@ def test_record_counts_runs_bytes_and_freeze_buckets(tmp_path):
     assert sum(live["buckets"]) == 3
     assert totals["frozen_seconds"]["gc"]["count"] == 1
     assert set(totals["frozen_seconds"]) == {"live", "gc"}, "skipped runs froze nothing"
-    assert [run["result"] for run in runs.runs()] == ["success", "success", "failed", "success", "skipped"]
+    assert [run.result for run in runs.runs()] == ["success", "success", "failed", "success", "skipped"]
 
 
 def test_a_freeze_longer_than_every_bound_lands_in_inf(tmp_path):
@@ -115,11 +116,29 @@ def test_bad_run_records_are_refused(tmp_path, changes, message):
     assert history.RunHistory(str(tmp_path)).runs() == []
 
 
-def test_a_run_lacking_fields_is_refused(tmp_path):
-    run = a_run()
-    del run["finished"]
+def test_a_logged_run_lacking_fields_is_refused(tmp_path):
+    logged = json.loads(a_run().to_log())
+    del logged["finished"]
     with pytest.raises(ValueError, match="lacks finished"):
-        history.RunHistory(str(tmp_path)).record(run)
+        RunRecord.from_log(json.dumps(logged))
+    with open(str(tmp_path / history.RUNS_FILE), "w") as stream:
+        stream.write(json.dumps(logged) + "\n" + a_run(reclaimed_bytes=1).to_log() + "\n")
+    runs = history.RunHistory(str(tmp_path))
+    assert [run.reclaimed_bytes for run in runs.runs()] == [1] and runs.corrupt_lines() == 1
+
+
+def test_a_log_line_keeps_the_format_when_the_run_has_one_and_reads_lines_without_it(tmp_path):
+    runs = history.RunHistory(str(tmp_path))
+    runs.record(a_run(format="qcow2", vm_name="web", merge_bytes=5))
+    runs.record(a_run())  # a run as logged before the format was kept
+    first, second = log_lines(tmp_path)[:2]
+    assert json.loads(first.decode("utf-8"))["format"] == "qcow2" and b"format" not in second
+    assert sorted(json.loads(first.decode("utf-8"))) == sorted(plans.LOG_FIELDS + ("format",))
+    # the log keeps neither the VM's name nor the bytes merged
+    assert [(run.format, run.vm_name, run.merge_bytes) for run in runs.runs()] == [("qcow2", None, None),
+                                                                                  (None, None, None)]
+    with pytest.raises(AttributeError):
+        runs.runs()[0].reclaimed = 1  # a misspelt field
 
 
 def log_lines(tmp_path):
@@ -133,7 +152,7 @@ def test_bytes_that_are_not_utf8_are_skipped_and_counted(tmp_path):
     with open(str(tmp_path / history.RUNS_FILE), "ab") as stream:
         stream.write(b'{"vm_uuid": "\xff\xfe\x00 not text"}\n')
     runs.record(a_run(reclaimed_bytes=1))
-    assert [run["reclaimed_bytes"] for run in runs.runs()] == [4 << 20, 1]
+    assert [run.reclaimed_bytes for run in runs.runs()] == [4 << 20, 1]
     assert runs.corrupt_lines() == 1
     (tmp_path / history.TOTALS_FILE).unlink()
     rebuilt = history.RunHistory(str(tmp_path))
@@ -148,7 +167,7 @@ def test_a_line_cut_short_does_not_swallow_the_next_record(tmp_path):
         stream.write('{"vm_uuid": "cut short by a cra')
     assert runs.corrupt_lines() == 1
     runs.record(a_run(reclaimed_bytes=7))
-    assert [run["reclaimed_bytes"] for run in runs.runs()] == [4 << 20, 7]
+    assert [run.reclaimed_bytes for run in runs.runs()] == [4 << 20, 7]
     assert log_lines(tmp_path)[1] == b'{"vm_uuid": "cut short by a cra'
     assert runs.corrupt_lines() == 1
     (tmp_path / history.TOTALS_FILE).unlink()
@@ -157,7 +176,7 @@ def test_a_line_cut_short_does_not_swallow_the_next_record(tmp_path):
 
 def fill_log(tmp_path, count):
     """`count` valid runs written straight into the log (as many earlier records would have)."""
-    line = (json.dumps(a_run(reclaimed_bytes=1), sort_keys=True) + "\n").encode("utf-8")
+    line = (a_run(reclaimed_bytes=1).to_log() + "\n").encode("utf-8")
     with open(str(tmp_path / history.RUNS_FILE), "ab") as stream:
         stream.write(line * count)
     return len(line)
@@ -207,11 +226,11 @@ def test_now_records_its_runs_despite_a_corrupt_log_and_lost_totals(demo_host):
     from tests.runner_support import run_now
     state_dir = os.path.join(demo_host.state_dir, "agent-state")
     with open(os.path.join(state_dir, history.RUNS_FILE), "wb") as stream:
-        stream.write(json.dumps(a_run(sr_uuid=SR_B)).encode("utf-8") + b"\n\xc3\x28 bad\n{\"cut")
+        stream.write(a_run(sr_uuid=SR_B).to_log().encode("utf-8") + b"\n\xc3\x28 bad\n{\"cut")
     code, document, stderr = run_now(demo_host, "--vm", demo_host.vms["web-01"])
     assert code == 0 and "Traceback" not in stderr, stderr
     (run,) = document["runs"]
     recorded = history.RunHistory(state_dir)
     assert recorded.corrupt_lines() == 2
-    assert [item["vdi_uuid"] for item in recorded.runs()] == ["vdi-1", run["vdi_uuid"]]
+    assert [item.vdi_uuid for item in recorded.runs()] == ["vdi-1", run["vdi_uuid"]]
     assert recorded.totals()["srs"][run["sr_uuid"]]["reclaimed_bytes"] == run["reclaimed_bytes"]

@@ -12,6 +12,7 @@ import pytest
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import REPOSITORY
 from xcoalesce_agent import model, printable, report, runresult
+from xcoalesce_agent.plans import PlanEntry
 
 # Every kind of line break xapi can carry in a name (XML 1.0 carries no other C0 character).
 FORGED = "x\nERROR: forged\r\tz\u2028y\u2029v\u0085w\x7f"
@@ -84,9 +85,11 @@ def test_report_rows_stay_one_line_and_aligned():
 
 
 def test_now_table_shortens_and_escapes_the_vm_column():
-    runs = [{"vdi_uuid": "1eaf0000-0000-4000-8000-00000000000{}".format(index), "vm_uuid": "vm", "vm_name": name,
-             "strategy": "gc", "result": "planned", "reason": FORGED, "estimated_bytes": 1 << 20,
-             "predicted_freeze_seconds": 0.1, "frozen_seconds": None, "reclaimed_bytes": None}
+    runs = [PlanEntry(vm_uuid="vm", vm_name=name, vm_power_state="Running",
+                      vdi_uuid="1eaf0000-0000-4000-8000-00000000000{}".format(index), vdi_name="", format="vhd",
+                      sr_uuid="5e1ec7ed-0000-4000-8000-00000000000a", sr_type="ext", chain_length=2, parent_uuid="",
+                      estimated_bytes=1 << 20, merge_bytes=1 << 20, merge_free_bytes=0, strategy="gc",
+                      predicted_freeze_seconds=0.1, result="planned", reason=FORGED)
             for index, name in enumerate(("VM" + FORGED + LONG, "東京", ""))]
     for dry_run in (True, False):
         lines = runresult.render_text(runs, dry_run).splitlines()

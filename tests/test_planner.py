@@ -51,9 +51,9 @@ def plan_one(report, sr_type="ext", policy=None, host=None, sr_kwargs=None):
 
 def test_small_leaf_goes_to_the_gc():
     entry = plan_one(vdi("a", merge=50 * MIB))
-    assert (entry["result"], entry["strategy"], entry["fallbacks"]) == ("planned", "gc", ["live"])
-    assert entry["predicted_freeze_seconds"] == 0.5
-    assert entry["estimated_bytes"] == 80 * MIB
+    assert (entry.result, entry.strategy, entry.fallbacks) == ("planned", "gc", ["live"])
+    assert entry.predicted_freeze_seconds == 0.5
+    assert entry.estimated_bytes == 80 * MIB
 
 
 SNAPSHOT_COALESCE_FREEZE = (planner.SNAPSHOT_COALESCE_ROUNDS * planner.SNAPSHOT_ROUND_PAUSE_SECONDS
@@ -62,23 +62,23 @@ SNAPSHOT_COALESCE_FREEZE = (planner.SNAPSHOT_COALESCE_ROUNDS * planner.SNAPSHOT_
 
 def test_large_leaf_goes_to_the_gc_with_snapshot_coalesce_pauses():
     entry = plan_one(vdi("a", merge=800 * MIB))
-    assert (entry["strategy"], entry["predicted_freeze_seconds"], entry["fallbacks"]) == (
+    assert (entry.strategy, entry.predicted_freeze_seconds, entry.fallbacks) == (
         "gc", SNAPSHOT_COALESCE_FREEZE, ["live"])
     assert SNAPSHOT_COALESCE_FREEZE == 6.0
     entry = plan_one(vdi("a", merge=800 * MIB), policy=planner.Policy(max_freeze_seconds=5.5))
-    assert entry["result"] == "skipped"
-    assert entry["reason"] == "predicted freeze 6.0 s (gc) over the maximum 5.5 s"
+    assert entry.result == "skipped"
+    assert entry.reason == "predicted freeze 6.0 s (gc) over the maximum 5.5 s"
 
 
 def test_large_leaf_goes_live_then_skipped_over_the_maximum():
     live = planner.Policy(strategies=["live"])
     entry = plan_one(vdi("a", merge=800 * MIB), policy=live)
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("live", 8.0)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("live", 8.0)
     entry = plan_one(vdi("a", merge=1600 * MIB), policy=live)
-    assert entry["result"] == "skipped"
-    assert entry["reason"] == "predicted freeze 16.0 s (live) over the maximum 10 s"
+    assert entry.result == "skipped"
+    assert entry.reason == "predicted freeze 16.0 s (live) over the maximum 10 s"
     entry = plan_one(vdi("a", merge=1600 * MIB), policy=planner.Policy(strategies=["live"], max_freeze_seconds=20))
-    assert (entry["result"], entry["strategy"]) == ("planned", "live")
+    assert (entry.result, entry.strategy) == ("planned", "live")
 
 
 def test_sm_live_decision_at_the_boundary():
@@ -91,9 +91,9 @@ def test_sm_live_decision_at_the_boundary():
     assert not planner.sm_merges_live(20 * MIB, 0.0)              # a zero speed is no speed
     assert planner.sm_merges_live(10 ** 12, speed, forced=True)
     at_limit = plan_one(vdi("a", merge=500 * MIB))
-    assert (at_limit["strategy"], at_limit["predicted_freeze_seconds"]) == ("gc", SNAPSHOT_COALESCE_FREEZE)
+    assert (at_limit.strategy, at_limit.predicted_freeze_seconds) == ("gc", SNAPSHOT_COALESCE_FREEZE)
     below = plan_one(vdi("a", merge=500 * MIB - 2 * MIB))
-    assert (below["strategy"], below["predicted_freeze_seconds"]) == ("gc", 4.98)
+    assert (below.strategy, below.predicted_freeze_seconds) == ("gc", 4.98)
 
 
 def test_forced_leaf_is_merged_live_by_the_gc_without_snapshot_coalesce():
@@ -101,11 +101,11 @@ def test_forced_leaf_is_merged_live_by_the_gc_without_snapshot_coalesce():
     host = facts([report])
     host.vdis["a"]["other_config"]["leaf-coalesce"] = "force"
     entry = plan_one(report, host=host)
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", 8.0)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("gc", 8.0)
     host = facts([report], sm_speed=None)
     host.vdis["a"]["other_config"]["leaf-coalesce"] = "force"
     entry = plan_one(report, host=host, policy=planner.Policy(strategies=["gc"]))
-    assert entry["result"] == "skipped" and "forced (leaf-coalesce=force) with no measured" in entry["reason"]
+    assert entry.result == "skipped" and "forced (leaf-coalesce=force) with no measured" in entry.reason
 
 
 def snapshot_facts(reports, vm=None):
@@ -118,21 +118,21 @@ def snapshot_facts(reports, vm=None):
 def test_snapshot_leaf_is_merged_by_the_gc_without_freezing_its_vm():
     report = vdi("s", merge=800 * MIB)
     entry = plan_one(report, host=snapshot_facts([report]))
-    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
-    assert (entry["vm_uuid"], entry["vm_power_state"]) == (VM, "")
+    assert (entry.result, entry.strategy, entry.predicted_freeze_seconds) == ("planned", "gc", 0.0)
+    assert (entry.vm_uuid, entry.vm_power_state) == (VM, "")
     orphan = vdi("s", vm="")
     entry = plan_one(orphan, host=snapshot_facts([orphan]))
-    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
+    assert (entry.result, entry.strategy, entry.predicted_freeze_seconds) == ("planned", "gc", 0.0)
     entry = plan_one(report, host=snapshot_facts([report], vm=vm_record("Paused", ha_restart_priority="restart")))
-    assert entry["result"] == "planned"  # the state of its VM does not matter: the merge does not touch it
+    assert entry.result == "planned"  # the state of its VM does not matter: the merge does not touch it
 
 
 def test_snapshot_leaf_follows_the_exclusions_of_its_vm():
     report = vdi("s")
     entry = plan_one(report, host=snapshot_facts([report]), policy=planner.Policy(exclude_vms=[VM]))
-    assert (entry["result"], entry["reason"]) == ("skipped", "VM excluded by exclude_vms")
+    assert (entry.result, entry.reason) == ("skipped", "VM excluded by exclude_vms")
     entry = plan_one(report, host=snapshot_facts([report], vm=vm_record(tags=["xcoalesce-exclude"])))
-    assert (entry["result"], entry["reason"]) == ("skipped", "VM excluded by tag xcoalesce-exclude")
+    assert (entry.result, entry.reason) == ("skipped", "VM excluded by tag xcoalesce-exclude")
 
 
 def test_the_plugin_leaves_snapshots_out():
@@ -141,27 +141,27 @@ def test_the_plugin_leaves_snapshots_out():
     host.vdis["s"].update(is_a_snapshot=True, other_config={"leaf-coalesce": "false"})
     inspection = Inspection(srs=[sr(SR_LVM, [disk, snap], sr_type="lvm")])
     entries = planner.plan(inspection, host, planner.Policy(strategies=["plugin"]))
-    by_vdi = {entry["vdi_uuid"]: entry for entry in entries}
-    assert (by_vdi["a"]["strategy"], by_vdi["a"]["predicted_freeze_seconds"]) == (
+    by_vdi = {entry.vdi_uuid: entry for entry in entries}
+    assert (by_vdi["a"].strategy, by_vdi["a"].predicted_freeze_seconds) == (
         "plugin", 1.0 + planner.SUSPEND_RESUME_SECONDS)
     host.vdis["s"]["other_config"] = {}
     entries = planner.plan(inspection, host, planner.Policy(strategies=["plugin"]))
-    by_vdi = {entry["vdi_uuid"]: entry for entry in entries}
-    assert by_vdi["s"]["reason"] == "a snapshot VDI: the coalesce-leaf plugin merges only the disks its VM uses"
+    by_vdi = {entry.vdi_uuid: entry for entry in entries}
+    assert by_vdi["s"].reason == "a snapshot VDI: the coalesce-leaf plugin merges only the disks its VM uses"
 
 
 def test_halted_vm_has_no_freeze():
     host = facts([vdi("a")], vm=vm_record("Halted"))
     entry = plan_one(vdi("a", merge=5000 * MIB), host=host)
-    assert (entry["result"], entry["strategy"], entry["predicted_freeze_seconds"]) == ("planned", "gc", 0.0)
+    assert (entry.result, entry.strategy, entry.predicted_freeze_seconds) == ("planned", "gc", 0.0)
 
 
 def test_plugin_only_on_lvm_with_suspend_overhead():
     policy = planner.Policy(strategies=["plugin"])
     entry = plan_one(vdi("a", merge=300 * MIB), sr_type="lvm", policy=policy)
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("plugin", 3.0 + planner.SUSPEND_RESUME_SECONDS)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("plugin", 3.0 + planner.SUSPEND_RESUME_SECONDS)
     entry = plan_one(vdi("a"), sr_type="ext", policy=policy)
-    assert entry["reason"] == "the coalesce-leaf plugin only works on LVM SRs"
+    assert entry.reason == "the coalesce-leaf plugin only works on LVM SRs"
 
 
 def test_plugin_refused_when_it_would_merge_an_excluded_vdi():
@@ -170,26 +170,26 @@ def test_plugin_refused_when_it_would_merge_an_excluded_vdi():
     host.vdis["b"]["other_config"]["leaf-coalesce"] = "false"
     inspection = Inspection(srs=[sr(SR_LVM, [first, second], sr_type="lvmoiscsi")])
     entries = planner.plan(inspection, host, planner.Policy(strategies=["plugin"]))
-    by_vdi = {entry["vdi_uuid"]: entry for entry in entries}
-    assert "would also merge VDI b" in by_vdi["a"]["reason"]
-    assert by_vdi["b"]["reason"].startswith("leaf coalesce switched off on the VDI")
+    by_vdi = {entry.vdi_uuid: entry for entry in entries}
+    assert "would also merge VDI b" in by_vdi["a"].reason
+    assert by_vdi["b"].reason.startswith("leaf coalesce switched off on the VDI")
 
 
 def test_own_measured_speed_wins_over_the_speed_log():
     host = facts([vdi("a")], own={"live": 50 * MIB})
     entry = plan_one(vdi("a", merge=400 * MIB), host=host, policy=planner.Policy(strategies=["live"]))
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("live", 8.0)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("live", 8.0)
 
 
 def test_no_speed_known():
     host = facts([vdi("a")], sm_speed=None)
     entry = plan_one(vdi("a", merge=10 * MIB), host=host)
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", planner.SM_LIVE_FREEZE_SECONDS)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("gc", planner.SM_LIVE_FREEZE_SECONDS)
     entry = plan_one(vdi("a", merge=100 * MIB), host=host)  # snapshot-coalesced down to under 20 MiB first
-    assert (entry["strategy"], entry["predicted_freeze_seconds"]) == ("gc", SNAPSHOT_COALESCE_FREEZE)
+    assert (entry.strategy, entry.predicted_freeze_seconds) == ("gc", SNAPSHOT_COALESCE_FREEZE)
     entry = plan_one(vdi("a", merge=100 * MIB), host=host, policy=planner.Policy(strategies=["live"]))
-    assert entry["result"] == "skipped"
-    assert "no measured merge speed" in entry["reason"]
+    assert entry.result == "skipped"
+    assert "no measured merge speed" in entry.reason
 
 
 def check_reason(expected, report=None, vm=None, vdi_extra=None, policy=None, sr_kwargs=None, srs=None, load=0.0):
@@ -197,8 +197,8 @@ def check_reason(expected, report=None, vm=None, vdi_extra=None, policy=None, sr
     host = facts([report], vm=vm, srs=srs, load=load)
     host.vdis["a"].update(vdi_extra or {})
     entry = plan_one(report, policy=policy, host=host, sr_kwargs=sr_kwargs)
-    assert entry["result"] == "skipped"
-    assert expected in entry["reason"]
+    assert entry.result == "skipped"
+    assert expected in entry.reason
 
 
 def test_preflight_reasons():
@@ -222,7 +222,7 @@ def test_preflight_reasons():
 def test_ha_protected_allowed_when_configured():
     host = facts([vdi("a")], vm=vm_record(ha_restart_priority="restart"))
     entry = plan_one(vdi("a"), host=host, policy=planner.Policy(allow_ha_protected=True))
-    assert entry["result"] == "planned"
+    assert entry.result == "planned"
 
 
 def test_filters_and_order():
@@ -232,9 +232,9 @@ def test_filters_and_order():
     ])
     host = facts([vdi("small"), vdi("big"), vdi("lvm")])
     entries = planner.plan(inspection, host, planner.Policy())
-    assert [entry["vdi_uuid"] for entry in entries] == ["big", "lvm", "small"]
-    assert [e["vdi_uuid"] for e in planner.plan(inspection, host, planner.Policy(), srs=[SR_LVM])] == ["lvm"]
-    assert [e["vdi_uuid"] for e in planner.plan(inspection, host, planner.Policy(), vms=[VM2])] == ["big"]
+    assert [entry.vdi_uuid for entry in entries] == ["big", "lvm", "small"]
+    assert [e.vdi_uuid for e in planner.plan(inspection, host, planner.Policy(), srs=[SR_LVM])] == ["lvm"]
+    assert [e.vdi_uuid for e in planner.plan(inspection, host, planner.Policy(), vms=[VM2])] == ["big"]
 
 
 def test_caps_per_window():
@@ -242,10 +242,10 @@ def test_caps_per_window():
                                               vdi("c", reclaim=30)])])
     host = facts([vdi("a"), vdi("b"), vdi("c")])
     entries = planner.apply_caps(planner.plan(inspection, host, planner.Policy()), 1, None)
-    assert [(e["vdi_uuid"], e["result"]) for e in entries] == [("a", "planned"), ("b", "skipped"), ("c", "planned")]
+    assert [(e.vdi_uuid, e.result) for e in entries] == [("a", "planned"), ("b", "skipped"), ("c", "planned")]
     entries = planner.apply_caps(planner.plan(inspection, host, planner.Policy()), None, 85)
-    assert [e["result"] for e in entries] == ["planned", "skipped", "planned"]
-    assert entries[1]["reason"] == "the cap of bytes per window is reached"
+    assert [e.result for e in entries] == ["planned", "skipped", "planned"]
+    assert entries[1].reason == "the cap of bytes per window is reached"
 
 
 def test_policy_from_config_and_override():

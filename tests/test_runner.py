@@ -127,7 +127,7 @@ def test_scheduled_run_honours_mode_window_and_caps(sim_host):
     assert scheduled.scheduled_run(config, inspection) == []
     config.coalesce.mode = "auto"
     runs = scheduled.scheduled_run(config, inspection)
-    assert [run["result"] for run in runs if run["result"] == "success"] == ["success"]
+    assert [run.result for run in runs if run.result == "success"] == ["success"]
     assert scheduled.scheduled_run(config, _inspect(config)) == []  # the cap of one VM is used up
     config.coalesce.max_vms_per_window = 0
     config.coalesce.windows = config_module.windows("Mon-Sun 00:00-00:01")

@@ -76,7 +76,7 @@ def test_sigterm_during_now_undoes_the_step_and_starts_no_other(host):
     assert runs[forced]["result"] == "failed"
     assert [run["result"] for uuid, run in runs.items() if uuid != forced] == ["skipped"]
     recorded = history.RunHistory(os.path.join(host.state_dir, "agent-state")).runs()
-    assert sorted(run["vdi_uuid"] for run in recorded) == sorted(runs)
+    assert sorted(run.vdi_uuid for run in recorded) == sorted(runs)
     assert_stopped_cleanly(host, forced)
 
 

@@ -44,14 +44,14 @@ def sr_free_bytes(inspection, sr_uuid):
 
 def shortened(inspection, entry):
     """The planned entry's chain is shorter than when it was planned."""
-    _, report = find_vdi(inspection, entry["vdi_uuid"])
-    return report is not None and report.chain_length < entry["chain_length"]
+    _, report = find_vdi(inspection, entry.vdi_uuid)
+    return report is not None and report.chain_length < entry.chain_length
 
 
 def merged(inspection, entry):
     """The chain is shorter and nothing is left to leaf-coalesce (a GC merging only a hidden parent
     also shortens it, but leaves the leaf leaf-coalesceable)."""
-    _, report = find_vdi(inspection, entry["vdi_uuid"])
+    _, report = find_vdi(inspection, entry.vdi_uuid)
     return shortened(inspection, entry) and report.state != model.LEAF_COALESCEABLE
 
 

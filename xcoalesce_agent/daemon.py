@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 
-from . import collector, config as config_module, history, http, inspection, planner, runner, scheduled, xapi
+from . import collector, config as config_module, history, http, inspection, plans, runner, scheduled, xapi
 from . import leftovers, snapshot_trigger, stopping
 from .errors import AgentError, ConfigError, HostUnreachable
 
@@ -170,7 +170,7 @@ class Service(object):
         except Exception as error:
             log_unexpected("scheduled leaf coalesce", error)
             return False
-        return any(run["result"] != planner.SKIPPED for run in runs)
+        return any(run.result != plans.SKIPPED for run in runs)
 
     def inspect_once(self, config):
         """One inspection; its result, or its failure, goes into the status the metrics show.

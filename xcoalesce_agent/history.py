@@ -18,12 +18,12 @@ import fcntl
 import json
 import os
 
-RUN_FIELDS = ("vm_uuid", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
-              "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "started", "finished")
-# Written when the run has them: a log written before they existed stays readable.
-OPTIONAL_FIELDS = ("format",)
-STRATEGIES = ("gc", "live", "plugin")
-RESULTS = ("success", "failed", "skipped")
+from . import plans
+from .plans import RunRecord
+
+# What a run recorded may have taken and come to.
+STRATEGIES = plans.STRATEGY_ORDER
+RESULTS = plans.RUN_RESULTS
 
 # Upper bounds (seconds) of the guest freeze histogram: live coalesce freezes I/O for seconds,
 # the plugin suspends the VM for up to minutes.
@@ -50,16 +50,16 @@ def empty_totals():
 
 
 def add_run(totals, run):
-    """Count one finished run into `totals` (in place)."""
-    sr = totals["srs"].setdefault(run["sr_uuid"], {"reclaimed_bytes": 0, "runs": {}})
-    results = sr["runs"].setdefault(run["strategy"], {})
-    results[run["result"]] = results.get(run["result"], 0) + 1
-    sr["reclaimed_bytes"] += int(run.get("reclaimed_bytes") or 0)
+    """Count one finished run (a `plans.RunRecord`) into `totals` (in place)."""
+    sr = totals["srs"].setdefault(run.sr_uuid, {"reclaimed_bytes": 0, "runs": {}})
+    results = sr["runs"].setdefault(run.strategy, {})
+    results[run.result] = results.get(run.result, 0) + 1
+    sr["reclaimed_bytes"] += int(run.reclaimed_bytes or 0)
     totals["runs"] += 1
-    frozen = run.get("frozen_seconds")
-    if run["result"] != "skipped" and frozen is not None:
+    frozen = run.frozen_seconds
+    if run.result != plans.SKIPPED and frozen is not None:
         histogram = totals["frozen_seconds"].setdefault(
-            run["strategy"], {"buckets": [0] * (len(FREEZE_BUCKETS) + 1), "count": 0, "sum": 0.0})
+            run.strategy, {"buckets": [0] * (len(FREEZE_BUCKETS) + 1), "count": 0, "sum": 0.0})
         histogram["buckets"][_bucket_index(float(frozen))] += 1
         histogram["count"] += 1
         histogram["sum"] += float(frozen)
@@ -73,18 +73,15 @@ def _bucket_index(seconds):
 
 
 def check_run(run):
-    """Raise ValueError naming what is wrong with a run record."""
-    missing = [name for name in RUN_FIELDS if name not in run]
-    if missing:
-        raise ValueError("run record lacks {}".format(", ".join(missing)))
-    if run["strategy"] not in STRATEGIES:
-        raise ValueError("unknown strategy {!r} (expected {})".format(run["strategy"], ", ".join(STRATEGIES)))
-    if run["result"] not in RESULTS:
-        raise ValueError("unknown result {!r} (expected {})".format(run["result"], ", ".join(RESULTS)))
-    if not run["sr_uuid"]:
+    """Raise ValueError naming what is wrong with a run record (a `plans.RunRecord`)."""
+    if run.strategy not in STRATEGIES:
+        raise ValueError("unknown strategy {!r} (expected {})".format(run.strategy, ", ".join(STRATEGIES)))
+    if run.result not in RESULTS:
+        raise ValueError("unknown result {!r} (expected {})".format(run.result, ", ".join(RESULTS)))
+    if not run.sr_uuid:
         raise ValueError("run record has no sr_uuid")
-    if int(run["reclaimed_bytes"] or 0) < 0:
-        raise ValueError("reclaimed_bytes is negative: {!r}".format(run["reclaimed_bytes"]))
+    if int(run.reclaimed_bytes or 0) < 0:
+        raise ValueError("reclaimed_bytes is negative: {!r}".format(run.reclaimed_bytes))
 
 
 class RunHistory(object):
@@ -100,10 +97,9 @@ class RunHistory(object):
         self._corrupt = (None, 0)  # (stamp of runs.jsonl when read, its unreadable lines)
 
     def record(self, run):
-        """Append one finished run to the log and count it into the totals on disk."""
+        """Append one finished run (a `plans.RunRecord`) to the log and count it into the totals on disk."""
         check_run(run)
-        fields = RUN_FIELDS + tuple(name for name in OPTIONAL_FIELDS if name in run)
-        line = (json.dumps({name: run[name] for name in fields}, sort_keys=True) + "\n").encode("utf-8")
+        line = (run.to_log() + "\n").encode("utf-8")
         _make_dirs(self.state_dir)
         with _Locked(self._lock_path):
             totals = self._read_totals()
@@ -142,7 +138,7 @@ class RunHistory(object):
         return _stamp(self._totals_path), _stamp(self._runs_path)
 
     def runs(self):
-        """Every run in the current log, oldest first; unreadable lines are left out."""
+        """Every run in the current log (`plans.RunRecord`s), oldest first; unreadable lines are left out."""
         return _read_log(self._runs_path)[0]
 
     def corrupt_lines(self):
@@ -191,9 +187,9 @@ def _read_log(path):
         if not line.strip():
             continue
         try:
-            run = json.loads(line.decode("utf-8"))
+            run = RunRecord.from_log(line.decode("utf-8"))
             check_run(run)
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError):
             corrupt += 1
             continue
         runs.append(run)

@@ -1,8 +1,8 @@
 """Pure decisions for leaf-coalesce runs: which VDIs, by which native path, with what freeze.
 
 Input is plain data: an `model.Inspection`, the xapi records of the VMs, VDIs and SRs keyed by
-UUID (`HostFacts`), and the policy from `[coalesce]` (`Policy`). Output is one plan entry (a
-dict) per leaf-coalesceable VDI: the strategy to use, or the reason it is skipped.
+UUID (`HostFacts`), and the policy from `[coalesce]` (`Policy`). Output is one `plans.PlanEntry`
+per leaf-coalesceable VDI: the strategy to use, or the reason it is skipped.
 
 Strategies, least disruptive first (see docs/design.md):
   gc      the SR's normal GC merges the leaf by itself (SM's own short live freeze)
@@ -16,16 +16,7 @@ import io
 import math
 
 from . import model
-
-GC = "gc"
-LIVE = "live"
-PLUGIN = "plugin"
-STRATEGY_ORDER = (GC, LIVE, PLUGIN)
-
-PLANNED = "planned"
-SUCCESS = "success"
-FAILED = "failed"
-SKIPPED = "skipped"
+from .plans import GC, LIVE, PLANNED, PLUGIN, SKIPPED, STRATEGY_ORDER, PlanEntry
 
 # SM leaf-coalesces live on its own when the leaf's allocated bytes, integer-divided by the speed
 # of its speed log, are under half its 10 s live timeout, or, with no speed logged, when the leaf
@@ -155,7 +146,7 @@ def plan(inspection, facts, policy, vms=(), srs=()):
         if (srs and sr.uuid not in srs) or (vms and vdi.vm_uuid not in vms):
             continue
         entries.append(_plan_vdi(sr, vdi, candidates, reasons, facts, policy))
-    entries.sort(key=lambda entry: (entry["result"] != PLANNED, -entry["estimated_bytes"]))
+    entries.sort(key=lambda entry: (entry.result != PLANNED, -entry.estimated_bytes))
     return entries
 
 
@@ -175,33 +166,18 @@ def _attached_vm(vdi, facts):
 
 
 def _entry(sr, vdi, vm):
-    return {
-        "vm_uuid": vdi.vm_uuid or "",
-        "vm_name": vdi.vm_name or "",
-        "vm_power_state": vm.get("power_state", "") if vm else "",
-        "vdi_uuid": vdi.uuid,
-        "vdi_name": vdi.name or "",
-        "format": vdi.format or "vhd",
-        "sr_uuid": sr.uuid,
-        "sr_type": sr.type,
-        "chain_length": vdi.chain_length,
-        "parent_uuid": vdi.parent_uuid or "",
-        "estimated_bytes": vdi.reclaimable_bytes or 0,
-        "merge_bytes": vdi.merge_bytes or 0,
-        "merge_free_bytes": vdi.merge_free_bytes or 0,
-        "strategy": "",
-        "fallbacks": [],
-        "predicted_freeze_seconds": None,
-        "result": SKIPPED,
-        "reason": "",
-    }
+    return PlanEntry(
+        vm_uuid=vdi.vm_uuid or "", vm_name=vdi.vm_name or "", vm_power_state=vm.get("power_state", "") if vm else "",
+        vdi_uuid=vdi.uuid, vdi_name=vdi.name or "", format=vdi.format or "vhd", sr_uuid=sr.uuid, sr_type=sr.type,
+        chain_length=vdi.chain_length, parent_uuid=vdi.parent_uuid or "", estimated_bytes=vdi.reclaimable_bytes or 0,
+        merge_bytes=vdi.merge_bytes or 0, merge_free_bytes=vdi.merge_free_bytes or 0, result=SKIPPED)
 
 
 def _plan_vdi(sr, vdi, candidates, reasons, facts, policy):
     vm = _attached_vm(vdi, facts)
     entry = _entry(sr, vdi, vm)
     if reasons[vdi.uuid]:
-        entry["reason"] = reasons[vdi.uuid]
+        entry.reason = reasons[vdi.uuid]
         return entry
     options, refusals = _strategies(sr, vdi, vm, candidates, reasons, facts, policy)
     fitting = [(name, freeze) for name, freeze in options if freeze <= policy.max_freeze_seconds]
@@ -215,7 +191,7 @@ def _plan_vdi(sr, vdi, candidates, reasons, facts, policy):
             "predicted freeze {:.1f} s ({}) over the maximum {:g} s".format(
                 freeze, name, policy.max_freeze_seconds)))
         return entry
-    entry["reason"] = "; ".join(refusals) or "no strategy allowed by the configuration"
+    entry.reason = "; ".join(refusals) or "no strategy allowed by the configuration"
     return entry
 
 
@@ -401,16 +377,16 @@ def apply_caps(entries, vms_left, bytes_left):
     """Skip planned entries beyond the VMs / bytes still allowed (None: unlimited). Returns entries."""
     chosen_vms = set()
     for entry in entries:
-        if entry["result"] != PLANNED:
+        if entry.result != PLANNED:
             continue
-        vm_key = entry["vm_uuid"] or entry["vdi_uuid"]
+        vm_key = entry.vm_uuid or entry.vdi_uuid
         if vms_left is not None and vm_key not in chosen_vms and len(chosen_vms) >= vms_left:
             entry.update(result=SKIPPED, reason="the cap of VMs per window is reached")
             continue
-        if bytes_left is not None and entry["estimated_bytes"] > bytes_left:
+        if bytes_left is not None and entry.estimated_bytes > bytes_left:
             entry.update(result=SKIPPED, reason="the cap of bytes per window is reached")
             continue
         chosen_vms.add(vm_key)
         if bytes_left is not None:
-            bytes_left -= entry["estimated_bytes"]
+            bytes_left -= entry.estimated_bytes
     return entries

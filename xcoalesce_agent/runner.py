@@ -16,11 +16,12 @@ import time
 import XenAPI
 
 from . import chains, history as history_module, inspection as inspection_module, journal as journal_module
-from . import inventory, leftovers, model, planner, schedule, statedir, stopping
+from . import inventory, leftovers, model, planner, plans, schedule, statedir, stopping
 from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable, LockHeld
 from .facts import gather_facts, record_speed
 from .freeze import FreezeMeter
 from .lock import HostLock
+from .plans import RunRecord
 from .runresult import render_json, render_text
 from .smgc import GcBusy, gc_pass, wait_gc_idle
 from .strategies import close_step, run_live, run_plugin, set_leaf_coalesce
@@ -74,17 +75,6 @@ def _release_force(session, steps):
 
 # ---- one run over a plan -----------------------------------------------------------------
 
-def _run_record(entry, started):
-    return {
-        "vm_uuid": entry["vm_uuid"], "vm_name": entry["vm_name"], "vdi_uuid": entry["vdi_uuid"],
-        "format": entry["format"], "sr_uuid": entry["sr_uuid"], "strategy": entry["strategy"],
-        "result": entry["result"],
-        "reason": entry["reason"], "estimated_bytes": entry["estimated_bytes"], "reclaimed_bytes": 0,
-        "merge_bytes": entry["merge_bytes"], "frozen_seconds": None,
-        "predicted_freeze_seconds": entry["predicted_freeze_seconds"], "started": started, "finished": started,
-    }
-
-
 class Runner(object):
     """Carries out a plan on the host through one xapi session.
 
@@ -103,6 +93,7 @@ class Runner(object):
         self.journal = journal_module.Journal(config.agent.state_dir)
         self.lost = None  # why xapi was lost mid-run, if it was
         self.record = record  # called with each run record as soon as it is final
+        self.started = {}  # vdi_uuid -> when its path began
         self.ended = {}  # vdi_uuid -> its final run record
 
     def inspect(self):
@@ -113,11 +104,11 @@ class Runner(object):
 
     def execute(self, entries, before):
         """Run the planned entries; returns one run record per entry."""
-        runs = [self._finish(_run_record(entry, time.time())) for entry in entries
-                if entry["result"] != planner.PLANNED]
-        planned = [entry for entry in entries if entry["result"] == planner.PLANNED]
+        runs = [self._finish(RunRecord.of(entry, time.time())) for entry in entries
+                if entry.result != plans.PLANNED]
+        planned = [entry for entry in entries if entry.result == plans.PLANNED]
         if stopping.requested():
-            return runs + [self._ended(entry, planner.SKIPPED, stopping.REASON) for entry in planned]
+            return runs + [self._ended(entry, plans.SKIPPED, stopping.REASON) for entry in planned]
         if not planned:
             return runs
         held = []
@@ -129,17 +120,17 @@ class Runner(object):
         except TRANSPORT_ERRORS as error:
             self.lost = "xapi unreachable: {}".format(describe(error))
         except XenAPI.Failure as error:
-            return runs + [self._ended(entry, planner.FAILED, "holding back the SRs' other leaves: {}".format(
+            return runs + [self._ended(entry, plans.FAILED, "holding back the SRs' other leaves: {}".format(
                 describe(error))) for entry in planned]
         finally:
             self._release(held)
-        return runs + [self._ended(entry, planner.FAILED, "interrupted: " + self.lost) for entry in planned]
+        return runs + [self._ended(entry, plans.FAILED, "interrupted: " + self.lost) for entry in planned]
 
     def _holds(self, planned, before):
         """Journal steps holding back every leaf of the SRs concerned that the GC the agent kicks
         could merge although the plan leaves it alone (skipped, excluded, not asked for)."""
-        wanted = {entry["vdi_uuid"] for entry in planned}
-        sr_uuids = {entry["sr_uuid"] for entry in planned}
+        wanted = {entry.vdi_uuid for entry in planned}
+        sr_uuids = {entry.sr_uuid for entry in planned}
         facts = self.facts(before)
         steps = []
         for sr in before.srs or ():
@@ -164,15 +155,15 @@ class Runner(object):
 
     def _ended(self, entry, result, reason, **fields):
         """The entry's final run record: this outcome, unless it already had one."""
-        if entry["vdi_uuid"] in self.ended:
-            return self.ended[entry["vdi_uuid"]]
-        run = _run_record(entry, entry.get("started") or time.time())
+        if entry.vdi_uuid in self.ended:
+            return self.ended[entry.vdi_uuid]
+        run = RunRecord.of(entry, self.started.get(entry.vdi_uuid) or time.time())
         run.update(result=result, reason=reason, finished=time.time(), **fields)
         return self._finish(run)
 
     def _finish(self, run):
         """A run's outcome is final: recorded now, so that a kill later in the plan loses nothing."""
-        self.ended[run["vdi_uuid"]] = run
+        self.ended[run.vdi_uuid] = run
         if self.record is not None:
             self.record(run)
         return run
@@ -180,57 +171,56 @@ class Runner(object):
     def _execute_held(self, planned, before):
         current = before
         frozen_by_gc = {}
-        if planner.GC in self.policy.strategies:
+        if plans.GC in self.policy.strategies:
             try:
-                with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"] for entry in planned}) as meter:
-                    for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+                with FreezeMeter(self.config, {entry.vdi_uuid: entry.vm_uuid for entry in planned}) as meter:
+                    for sr_uuid in sorted({entry.sr_uuid for entry in planned}):
                         gc_pass(self.config, self.session, sr_uuid)
                 current = self.inspect()
             except (XenAPI.Failure, GcBusy, HostUnreachable) as error:
-                return [self._ended(entry, planner.FAILED, "GC pass: {}".format(describe(error)))
+                return [self._ended(entry, plans.FAILED, "GC pass: {}".format(describe(error)))
                         for entry in planned]
-            frozen_by_gc = {entry["vdi_uuid"]: meter.seconds(entry["vdi_uuid"]) for entry in planned}
+            frozen_by_gc = {entry.vdi_uuid: meter.seconds(entry.vdi_uuid) for entry in planned}
         outcomes = {}  # vdi_uuid -> (strategy, frozen seconds, predicted) once something was run for it
         failures = {}  # vdi_uuid -> run record that failed or was skipped before anything ran
         forced_any = False
         stale = False  # a forced path ran since `current` was inspected: its GC may have merged more
         for entry in planned:
-            entry["started"] = time.time()
+            self.started[entry.vdi_uuid] = time.time()
             if stopping.requested():  # the step before ended and was undone: begin no other
-                failures[entry["vdi_uuid"]] = self._ended(entry, planner.SKIPPED, stopping.REASON)
+                failures[entry.vdi_uuid] = self._ended(entry, plans.SKIPPED, stopping.REASON)
                 continue
             if stale and not chains.merged(current, entry):
                 try:
                     current = self.inspect()
                 except HostUnreachable as error:
-                    failures[entry["vdi_uuid"]] = self._ended(entry, planner.FAILED, describe(error))
+                    failures[entry.vdi_uuid] = self._ended(entry, plans.FAILED, describe(error))
                     continue
                 stale = False
             if chains.merged(current, entry):
-                outcomes[entry["vdi_uuid"]] = (planner.GC, frozen_by_gc.get(entry["vdi_uuid"]),
-                                               entry["predicted_freeze_seconds"], None)
+                outcomes[entry.vdi_uuid] = (plans.GC, frozen_by_gc.get(entry.vdi_uuid),
+                                            entry.predicted_freeze_seconds, None)
                 continue
             outcome = self._force(entry, current, outcomes)
             stale = True
-            if isinstance(outcome, dict):
-                failures[entry["vdi_uuid"]] = outcome
+            if isinstance(outcome, RunRecord):
+                failures[entry.vdi_uuid] = outcome
             else:
-                outcomes[entry["vdi_uuid"]] = outcome
+                outcomes[entry.vdi_uuid] = outcome
                 forced_any = True
         after = current
         if forced_any:
             try:
-                for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+                for sr_uuid in sorted({entry.sr_uuid for entry in planned}):
                     self.session.xenapi.SR.scan(self.session.xenapi.SR.get_by_uuid(sr_uuid))
                     wait_gc_idle(self.config, self.session, sr_uuid, self.config.coalesce.gc_wait_seconds)
                 after = self.inspect()
             except (XenAPI.Failure, HostUnreachable) as error:
-                return [self._ended(entry, planner.FAILED, "could not verify: {}".format(describe(error)))
+                return [self._ended(entry, plans.FAILED, "could not verify: {}".format(describe(error)))
                         for entry in planned]
-        runs = [failures.get(entry["vdi_uuid"]) or self._verify(entry, before, after,
-                                                                 *outcomes[entry["vdi_uuid"]])
+        runs = [failures.get(entry.vdi_uuid) or self._verify(entry, before, after, *outcomes[entry.vdi_uuid])
                 for entry in planned]
-        for sr_uuid in sorted({entry["sr_uuid"] for entry in planned}):
+        for sr_uuid in sorted({entry.sr_uuid for entry in planned}):
             LOG.info("SR %s: free space %d -> %d bytes", sr_uuid, chains.sr_free_bytes(before, sr_uuid),
                      chains.sr_free_bytes(after, sr_uuid))
         return runs
@@ -239,58 +229,58 @@ class Runner(object):
         """The forcing path for one VDI: (strategy, frozen seconds, predicted, PluginRun or None), or
         the run record of a skip or a failure."""
         vm_done = [outcome for uuid, outcome in outcomes.items()
-                   if outcome[0] == planner.PLUGIN and uuid in chains.vm_vdis(current, entry["vm_uuid"])]
+                   if outcome[0] == plans.PLUGIN and uuid in chains.vm_vdis(current, entry.vm_uuid)]
         if vm_done:
             return vm_done[0]  # the plugin already ran for this VM: verification tells
         fresh = None
         try:
             facts = self.facts(current)
-            replanned = planner.plan(current, facts, self.policy.without(planner.GC), srs=[entry["sr_uuid"]])
-            fresh = next((item for item in replanned if item["vdi_uuid"] == entry["vdi_uuid"]), None)
-            if fresh is None or fresh["result"] != planner.PLANNED:
-                reason = fresh["reason"] if fresh else "no longer leaf-coalesceable"
-                return self._ended(entry, planner.SKIPPED, "after the GC pass: " + reason,
-                                   strategy=fresh["strategy"] if fresh and fresh["strategy"] else entry["strategy"])
+            replanned = planner.plan(current, facts, self.policy.without(plans.GC), srs=[entry.sr_uuid])
+            fresh = next((item for item in replanned if item.vdi_uuid == entry.vdi_uuid), None)
+            if fresh is None or fresh.result != plans.PLANNED:
+                reason = fresh.reason if fresh else "no longer leaf-coalesceable"
+                return self._ended(entry, plans.SKIPPED, "after the GC pass: " + reason,
+                                   strategy=fresh.strategy if fresh and fresh.strategy else entry.strategy)
             plugin_run = None
-            with FreezeMeter(self.config, {entry["vdi_uuid"]: entry["vm_uuid"]}) as meter:
-                if fresh["strategy"] == planner.LIVE:
+            with FreezeMeter(self.config, {entry.vdi_uuid: entry.vm_uuid}) as meter:
+                if fresh.strategy == plans.LIVE:
                     run_live(self.config, self.session, self.journal, entry)
                 else:
                     plugin_run = run_plugin(self.config, self.session, self.journal, entry, facts)
             if plugin_run is not None and plugin_run.error:
-                return self._ended(entry, planner.FAILED, plugin_run.failure(), strategy=fresh["strategy"])
-            return (fresh["strategy"], meter.seconds(entry["vdi_uuid"]), fresh["predicted_freeze_seconds"],
+                return self._ended(entry, plans.FAILED, plugin_run.failure(), strategy=fresh.strategy)
+            return (fresh.strategy, meter.seconds(entry.vdi_uuid), fresh.predicted_freeze_seconds,
                     plugin_run)
         except (XenAPI.Failure, GcBusy, HostUnreachable, journal_module.RepairFailed) as error:
-            strategy = fresh["strategy"] if fresh is not None and fresh.get("strategy") else entry["strategy"]
-            return self._ended(entry, planner.FAILED, describe(error), strategy=strategy)
+            strategy = fresh.strategy if fresh is not None and fresh.strategy else entry.strategy
+            return self._ended(entry, plans.FAILED, describe(error), strategy=strategy)
 
     def _verify(self, entry, before, after, strategy, frozen, predicted, plugin_run):
         """The run record once its path ran: the chain must be one link shorter in `after` (a fresh
         `vhd-util scan`: xapi's `vhd-parent` still names the old parent after a leaf coalesce with a
         grandparent); bytes freed measured. `plugin_run` (a PluginRun) gives the plugin's part."""
-        run = _run_record(entry, entry["started"])
+        run = RunRecord.of(entry, self.started[entry.vdi_uuid])
         run.update(strategy=strategy, predicted_freeze_seconds=predicted, finished=time.time(),
                    frozen_seconds=round(frozen, 3) if frozen is not None else None)
         if not chains.shortened(after, entry):
-            _, report = chains.find_vdi(after, entry["vdi_uuid"])
+            _, report = chains.find_vdi(after, entry.vdi_uuid)
             chain = "{} links".format(report.chain_length) if report else "VDI gone"
-            run.update(result=planner.FAILED, reason=plugin_run.not_merged(chain) if plugin_run else
+            run.update(result=plans.FAILED, reason=plugin_run.not_merged(chain) if plugin_run else
                        "the chain is not shorter after the run ({})".format(chain))
             return self._finish(run)
         if plugin_run is not None and plugin_run.merged():
             run.update(reason=plugin_run.merged())
-        sr_uuid, vdi_uuid = entry["sr_uuid"], entry["vdi_uuid"]
+        sr_uuid, vdi_uuid = entry.sr_uuid, entry.vdi_uuid
         reclaimed = max(0, chains.own_chain_bytes(before, sr_uuid, vdi_uuid)
                         - chains.own_chain_bytes(after, sr_uuid, vdi_uuid))
-        run.update(result=planner.SUCCESS, reclaimed_bytes=reclaimed)
-        if reclaimed < entry["estimated_bytes"]:
-            LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", vdi_uuid, reclaimed, entry["estimated_bytes"])
-        elif reclaimed > entry["estimated_bytes"]:
+        run.update(result=plans.SUCCESS, reclaimed_bytes=reclaimed)
+        if reclaimed < entry.estimated_bytes:
+            LOG.warning("VDI %s: reclaimed %d bytes, %d were estimated", vdi_uuid, reclaimed, entry.estimated_bytes)
+        elif reclaimed > entry.estimated_bytes:
             LOG.info("VDI %s: reclaimed %d bytes: %d by the leaf coalesce, the rest by the GC's merges in its chain",
-                     vdi_uuid, reclaimed, entry["estimated_bytes"])
-        if frozen is not None and strategy != planner.GC:
-            record_speed(self.config, sr_uuid, strategy, entry["merge_bytes"], frozen)
+                     vdi_uuid, reclaimed, entry.estimated_bytes)
+        if frozen is not None and strategy != plans.GC:
+            record_speed(self.config, sr_uuid, strategy, entry.merge_bytes, frozen)
         if frozen is not None:
             LOG.info("VDI %s: frozen %.2f s by %s, %s s predicted", vdi_uuid, frozen, strategy, predicted)
         return self._finish(run)
@@ -303,11 +293,11 @@ def _recorder(config, record_skipped):
     history = history_module.RunHistory(config.agent.state_dir)
 
     def record(run):
-        if run["strategy"] in history_module.STRATEGIES and (record_skipped or run["result"] != planner.SKIPPED):
+        if run.strategy in history_module.STRATEGIES and (record_skipped or run.result != plans.SKIPPED):
             try:
                 history.record(run)
             except OSError as error:
-                LOG.error("VDI %s: run not recorded in %s: %s", run["vdi_uuid"], history.state_dir, error)
+                LOG.error("VDI %s: run not recorded in %s: %s", run.vdi_uuid, history.state_dir, error)
     return record
 
 
@@ -386,7 +376,7 @@ def run_now(config, options):
         sys.stderr.write("xcoalesce-agent: error: {}\n".format(problem))
     if lost:
         return EXIT_UNREACHABLE
-    if problems or any(run["result"] == planner.FAILED for run in runs):
+    if problems or any(run.result == plans.FAILED for run in runs):
         return EXIT_RUNS_FAILED
     return EXIT_OK
 

@@ -1,20 +1,19 @@
-"""The outcome of `--now` (or its plan, with `--dry-run`) as a table or as JSON with stable keys. Pure."""
+"""The outcome of `--now` (or its plan, with `--dry-run`) as a table or as JSON with stable keys. Pure.
+
+`runs`: `plans.RunRecord`s, or with `--dry-run` the `plans.PlanEntry`s; each gives its own JSON row."""
 import json
 
-from . import planner
+from . import plans
 from .printable import MESSAGE_WIDTH, cell, one_line, table
 from .report import human_bytes
-
-JSON_FIELDS = ("vm_uuid", "vm_name", "vdi_uuid", "sr_uuid", "strategy", "result", "reason", "estimated_bytes",
-               "reclaimed_bytes", "frozen_seconds", "predicted_freeze_seconds", "merge_bytes", "format")
 
 
 def render_json(runs, dry_run=False):
     document = {
         "dry_run": dry_run,
-        "runs": [{name: run.get(name) for name in JSON_FIELDS} for run in runs],
-        "estimated_bytes": sum(run["estimated_bytes"] for run in runs if run["result"] != planner.SKIPPED),
-        "reclaimed_bytes": sum(run.get("reclaimed_bytes") or 0 for run in runs),
+        "runs": [run.to_json() for run in runs],
+        "estimated_bytes": sum(run.estimated_bytes for run in runs if run.result != plans.SKIPPED),
+        "reclaimed_bytes": sum(run.reclaimed_bytes or 0 for run in runs),
     }
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
@@ -28,7 +27,7 @@ def _seconds(value):
 
 
 def _vm_label(run):
-    return cell(run["vm_name"]) if run["vm_name"] else one_line(run["vm_uuid"] or "-")
+    return cell(run.vm_name) if run.vm_name else one_line(run.vm_uuid or "-")
 
 
 def render_text(runs, dry_run=False):
@@ -38,20 +37,20 @@ def render_text(runs, dry_run=False):
         ("PLAN", "REASON") if dry_run else ("FROZEN", "RECLAIMED", "RESULT", "REASON"))
     rows = [header]
     for run in runs:
-        row = (one_line(run["vdi_uuid"]), _vm_label(run), run["strategy"] or "-",
-               _seconds(run["predicted_freeze_seconds"]), _size(run["estimated_bytes"]))
+        row = (one_line(run.vdi_uuid), _vm_label(run), run.strategy or "-",
+               _seconds(run.predicted_freeze_seconds), _size(run.estimated_bytes))
         if not dry_run:
-            row += (_seconds(run["frozen_seconds"]), _size(run["reclaimed_bytes"]))
-        rows.append(row + (run["result"], cell(run["reason"] or "", MESSAGE_WIDTH)))
+            row += (_seconds(run.frozen_seconds), _size(run.reclaimed_bytes))
+        rows.append(row + (run.result, cell(run.reason or "", MESSAGE_WIDTH)))
     lines = table(rows)
-    planned = [run for run in runs if run["result"] != planner.SKIPPED]
+    planned = [run for run in runs if run.result != plans.SKIPPED]
     if dry_run:
         lines.append("Would leaf-coalesce {} VDI(s), expected to free {}.".format(
-            len(planned), _size(sum(run["estimated_bytes"] for run in planned))))
+            len(planned), _size(sum(run.estimated_bytes for run in planned))))
     else:
         lines.append("Reclaimed {} in {} successful run(s), {} failed, {} skipped.".format(
-            _size(sum(run["reclaimed_bytes"] or 0 for run in runs)),
-            sum(1 for run in runs if run["result"] == planner.SUCCESS),
-            sum(1 for run in runs if run["result"] == planner.FAILED),
-            sum(1 for run in runs if run["result"] == planner.SKIPPED)))
+            _size(sum(run.reclaimed_bytes or 0 for run in runs)),
+            sum(1 for run in runs if run.result == plans.SUCCESS),
+            sum(1 for run in runs if run.result == plans.FAILED),
+            sum(1 for run in runs if run.result == plans.SKIPPED)))
     return "\n".join(lines) + "\n"

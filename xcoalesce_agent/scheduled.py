@@ -7,7 +7,7 @@ import time
 
 import XenAPI
 
-from . import model, planner, schedule
+from . import model, planner, plans, schedule
 from .errors import AgentError
 from .jsonfile import read_json, write_json
 from .runner import plan_and_run
@@ -54,13 +54,13 @@ def scheduled_run(config, inspection, now=None):
         return []
     for problem in problems:
         LOG.error("%s", problem)
-    done = [run for run in runs if run["result"] == planner.SUCCESS]
+    done = [run for run in runs if run.result == plans.SUCCESS]
     LOG.info("scheduled leaf coalesce%s: %d succeeded, %d failed, %d skipped; %d bytes reclaimed",
              " on SR {}".format(", ".join(srs)) if srs else "", len(done),
-             sum(1 for run in runs if run["result"] == planner.FAILED),
-             sum(1 for run in runs if run["result"] == planner.SKIPPED), sum(run["reclaimed_bytes"] for run in done))
-    usage["vms"] = sorted(set(usage["vms"]) | {run["vm_uuid"] or run["vdi_uuid"] for run in done})
-    usage["bytes"] += sum(run["reclaimed_bytes"] for run in done)
+             sum(1 for run in runs if run.result == plans.FAILED),
+             sum(1 for run in runs if run.result == plans.SKIPPED), sum(run.reclaimed_bytes for run in done))
+    usage["vms"] = sorted(set(usage["vms"]) | {run.vm_uuid or run.vdi_uuid for run in done})
+    usage["bytes"] += sum(run.reclaimed_bytes for run in done)
     write_json(usage_path, usage)
     if srs:
         pending.remove(srs)

@@ -53,10 +53,10 @@ def run_live(config, session, journal, entry):
 
     The flag is set only while the SR's GC is idle, and the GC is looked at again just after: a GC
     already running would take the forced leaf and merge it with no time limit."""
-    sr_uuid = entry["sr_uuid"]
+    sr_uuid = entry.sr_uuid
     require_gc_idle(config, session, sr_uuid)
-    previous = _leaf_coalesce_value(session, entry["vdi_uuid"])
-    step = set_leaf_coalesce(session, journal, journal_module.force_step(sr_uuid, entry["vdi_uuid"], previous),
+    previous = _leaf_coalesce_value(session, entry.vdi_uuid)
+    step = set_leaf_coalesce(session, journal, journal_module.force_step(sr_uuid, entry.vdi_uuid, previous),
                              inventory.host_uuid(config.xapi.inventory))
     try:
         started = gc_activity(config, session, sr_uuid)
@@ -128,7 +128,7 @@ def run_plugin(config, session, journal, entry, facts):
     A plugin that merged nothing is not called again in the same run, as that would suspend the
     VM a second time: the run fails with the reason and a later run tries again.
     """
-    vm_uuid = entry["vm_uuid"]
+    vm_uuid = entry.vm_uuid
     vm_ref = session.xenapi.VM.get_by_uuid(vm_uuid)
     power_state = session.xenapi.VM.get_power_state(vm_ref)
     forced, sr_uuids = [], set()
