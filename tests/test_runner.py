@@ -5,7 +5,7 @@ import subprocess
 from tests.dom0sim import scenarios as sc, vhdfile
 from tests.runner_support import (KEEP_SNAPSHOT, agent_command, chain_parent, configure, digests, downtime, files,
                                   other_configs, power_states, run_now, small_scenario, sr_free, REPOSITORY)
-from xcoalesce_agent import config as config_module, history, runner, scheduled, snapshot_trigger
+from xcoalesce_agent import config as config_module, history, repair, scheduled, snapshot_trigger
 
 SM_GENERATIONS = ("3.2", "4.1")
 
@@ -176,14 +176,14 @@ def test_another_run_holding_the_lock_exits_4(demo_host):
 def test_startup_repair_undoes_what_an_interrupted_run_left(demo_host):
     from xcoalesce_agent import journal
     config = config_module.load(demo_host.agent_conf)
-    assert runner.startup_repair(config) == []
+    assert repair.startup_repair(config) == []
     vdi_ref, vm_ref = demo_host.vdi_ref("web-01-root"), demo_host.vm_ref("db-01")
     steps = journal.Journal(config.agent.state_dir)
     steps.begin(journal.force_step(demo_host.srs["local"], demo_host.vdis["web-01-root"], None))
     demo_host.db.add_to_map("VDI", vdi_ref, "other_config", "leaf-coalesce", "force")
     steps.begin(journal.suspend_step([demo_host.srs["iscsi"]], demo_host.vms["db-01"], "Running"))
     demo_host.db.update("VM", vm_ref, power_state="Suspended")
-    actions = runner.startup_repair(config)
+    actions = repair.startup_repair(config)
     assert sorted(actions) == sorted(["VM {}: resumed".format(demo_host.vms["db-01"]),
                                       "VDI {}: leaf-coalesce=(unset) restored".format(demo_host.vdis["web-01-root"])])
     assert demo_host.db.get_field("VDI", vdi_ref, "other_config") == {}

@@ -13,7 +13,7 @@ from tests.agent_process import wait_for
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, downtime,
                                   journal_steps, other_configs, power_states, run_now, small_scenario)
-from xcoalesce_agent import config as config_module, runner
+from xcoalesce_agent import config as config_module, repair
 
 SM_GENERATIONS = ("3.2", "4.1")
 
@@ -106,7 +106,7 @@ def test_a_dry_run_pass_that_does_not_end_is_bounded(sim_host):
     assert step["action"] == "suspend" and step["task"] in plugin_tasks(host)
     host.sm.stop()  # the dry run ends only with SM
     wait_for(lambda: not plugin_tasks(host), timeout=30, what="the plugin's task to end")
-    runner.startup_repair(config_module.load(host.agent_conf))
+    repair.startup_repair(config_module.load(host.agent_conf))
     assert journal_steps(host) == []
     assert (digests(host), other_configs(host), power_states(host)) == before
 

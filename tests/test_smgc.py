@@ -8,7 +8,7 @@ import threading
 
 from tests.dom0sim.xapi import tasks
 from tests.runner_support import configure, other_configs, power_states, run_now, small_scenario
-from xcoalesce_agent import config as config_module, inspection, journal, runner, smgc
+from xcoalesce_agent import config as config_module, inspection, journal, repair, smgc
 
 HOLDER = """
 import fcntl, sys, time
@@ -148,7 +148,7 @@ def test_repair_of_a_plugin_step_removes_its_force_flags_and_resumes_the_vm(sim_
     steps.begin(journal.suspend_step([host.srs["lvm"]], host.vms["db"], "Running", [(host.vdis["db-data"], None)]))
     host.db.add_to_map("VDI", vdi_ref, "other_config", "leaf-coalesce", "force")
     host.db.update("VM", vm_ref, power_state="Suspended")
-    actions = runner.startup_repair(settings)
+    actions = repair.startup_repair(settings)
     assert actions == ["VDI {}: leaf-coalesce=(unset) restored".format(host.vdis["db-data"]),
                        "VM {}: resumed".format(host.vms["db"])]
     assert other_configs(host)["db-data"] == {} and power_states(host)["db"] == "Running"
@@ -167,5 +167,5 @@ def test_a_plugin_call_past_its_limit_is_cancelled_and_leaves_nothing(sim_host):
     (run,) = document["runs"]
     assert code == (1 if run["result"] == "failed" else 0), stderr
     assert host.sm.wait_idle(60)
-    runner.startup_repair(config_module.load(host.agent_conf))   # the plugin's step closes once it ended
+    repair.startup_repair(config_module.load(host.agent_conf))   # the plugin's step closes once it ended
     assert (other_configs(host), power_states(host)) == before

@@ -138,8 +138,8 @@ def run_mode(config, args):
             return EXIT_INTERRUPTED
         return code
     if args.repair:
-        from . import runner
-        return runner.run_repair(config, args.json)
+        from . import repair
+        return repair.run_repair(config, args.json)
     from . import daemon
     return daemon.run(config, args.web_listen_address)
 

@@ -4,7 +4,7 @@ leaf-coalesce on schedule.
 Inspections run in their own thread; a scrape only renders what they left (collector.py). An
 inspection that fails keeps the previous one served and is counted in the metrics. The same thread
 first repairs what an interrupted run left at each cycle (the journal; the marks in xapi when the
-inspection saw some: runner.startup_repair), and after each good inspection hands it to the
+inspection saw some: repair.startup_repair), and after each good inspection hands it to the
 scheduled run (scheduled.py: mode, windows, caps, lock); when that changed the host it inspects again,
 so /metrics shows the result. With `trigger_on_snapshot_delete`, a snapshot watcher wakes it once
 the GC settled after a deletion. SIGTERM and SIGINT stop the service cleanly: a run under way ends
@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 
-from . import collector, config as config_module, history, http, inspection, plans, runner, scheduled, xapi
-from . import leftovers, snapshot_trigger, stopping
+from . import collector, config as config_module, history, http, inspection, plans, scheduled, xapi
+from . import leftovers, repair, snapshot_trigger, stopping
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -139,13 +139,13 @@ class Service(object):
         while not self._stop.is_set():
             config = self.config
             try:
-                self._act(runner.startup_repair, config)
+                self._act(repair.startup_repair, config)
             except Exception as error:
                 log_unexpected("repairing what an interrupted run left", error)
             try:
                 result = self.inspect_once(config)
                 if (result is not None and leftovers.count_marks(result) and not self._stop.is_set()
-                        and self._act(runner.startup_repair, config, True)):
+                        and self._act(repair.startup_repair, config, True)):
                     result = self.inspect_once(config)
                 if result is not None and not self._stop.is_set() and self._act(self.scheduled_run, config, result):
                     self.inspect_once(config)
