@@ -222,8 +222,12 @@ def test_a_summary_names_a_run_only_for_an_sr_known_by_its_four_digits():
     state = feed(lines(31, "=== SR {}: gc ===".format(SR), "GC process exiting, no work left"),
                  lines(32, "=== SR {}: gc ===".format(other), "GC process exiting, no work left"),
                  lines(33, "SR 4659 ('one of two') (1 VDIs in 1 VHD trees): no changes", "No work, exiting"),
-                 lines(34, "SR 9999 ('unknown') (1 VDIs in 1 VHD trees): no changes", "No work, exiting"))
-    assert [state["srs"][uuid]["runs_total"] for uuid in (SR, other)] == [1, 1] and len(state["srs"]) == 2
+                 lines(34, "SR 9999 ('unknown') (1 VDIs in 1 VHD trees): no changes", "No work, exiting"),
+                 lines(35, "=== SR {}: gc ===".format(SR)),
+                 lines(36, "SR 4659 ('one of two') (1 VDIs in 1 VHD trees): no changes",
+                       "Another GC instance already active, exiting"))
+    assert [state["srs"][uuid]["runs_total"] for uuid in (SR, other)] == [2, 1] and len(state["srs"]) == 2
+    assert state["srs"][SR]["last_run"]["result"] == "running"   # the plugin's pass that found it at work
 
 
 def test_rule_words_inside_a_lines_text_are_not_lines_and_hostile_lines_stay_cheap():

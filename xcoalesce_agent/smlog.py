@@ -3,12 +3,14 @@ latest outcome per VDI. Pure: text in, a JSON-able state out (smlogfile.py reads
 
 A line is `Mon DD HH:MM:SS host IDENT: [pid] text`; GC lines have ident `SMGC`, a few `SM`. One
 pattern finds, in a whole block of lines at once, the few lines a rule acts on (two more the rarer
-exception and `SM` lines); the rest (most of SMlog) are only counted, never split into lines. A GC run is the pid that logged `=== SR <uuid>: gc ===`. The GC passes the
-`coalesce-leaf` plugin runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at
-`Coalescing all in SR <uuid>...` (the forced pass), at the SR's state summary (`SR 4659 ('name') (6
-VDIs in 5 VHD trees):`) of a process with no run, or at a new pass's first line from a process whose
-pass has ended. Lines of a pid with no run (the forked child that runs the VHD coalesce) go to the
-open run that logged last. `<tag>: EXCEPTION <class 'X'>, message` is the event of an exception block.
+exception and `SM` lines); the rest (most of SMlog) are only counted, never split into lines.
+
+A GC run is the pid that logged `=== SR <uuid>: gc ===`. The GC passes the `coalesce-leaf` plugin
+runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at `Coalescing all in SR
+<uuid>...` (the forced pass), at the SR's state summary (`SR 4659 ('name') (6 VDIs in 5 VHD
+trees):`) of a process with no run, or at a new pass's first line from a process whose pass has
+ended. Lines of a pid with no run (the forked child that runs the VHD coalesce) go to the open run
+that logged last. `<tag>: EXCEPTION <class 'X'>, message` is the event of an exception block.
 
 Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM names them: mostly the
 first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
@@ -56,6 +58,7 @@ _FULL = re.compile(_UUID)
 # A VDI as SM prints it: `*85ff84a8[VHD](65.000G//33.836G|n)`, `cf4a78da(50.000G/1.2G/?)`, or a full UUID.
 _VDI = r"(\*?(?:{}|[0-9a-f]{{8}})(?:\[[A-Z]{{1,8}}\])?(?:\([^)\n]{{0,200}}\))?(?:\[RAW\])?)".format(_UUID)
 _VDI_KEY = re.compile(r"\*?({}|[0-9a-f]{{8}})".format(_UUID))
+_ANOTHER_GC = "Another GC instance already active, exiting"
 # What the reader acts on: (rule, pattern of the text after `SMGC: [pid] `), tried in this order. Each
 # pattern begins with a literal character, which lets the regex engine pass over the others at once;
 # none reads more than a bounded stretch of a line past where it begins (the pattern is also tried
@@ -84,7 +87,7 @@ _GC_RULES = (
     ("reason", r"Unexpected bump in size, compared to minimum achieved$"),
     ("end", r"No work, exiting$"),
     ("end", r"SR no longer attached, exiting$"),
-    ("end", r"Another GC instance already active, exiting$"),
+    ("end", _ANOTHER_GC + "$"),
     ("exiting", r"GC process exiting, no work left$"),
     ("aborted", r"Aborted$"),
     ("aborted", r"Term requested$"),
@@ -502,10 +505,12 @@ class GcLog(object):
             run["tracker"][_said(fields).split(" ", 1)[0].lower()] = int(float(fields[1]))
 
     def _on_end(self, fields, stamp):
+        said = _said(fields)
+        if said == _ANOTHER_GC and fields[-1] not in self.state["pids"]:
+            return   # a process that found the SR's GC at work (the plugin's pass): never that run's child
         run = self._run_of(fields[-1], stamp, "end")
         if run is not None:
-            self._finish(run, stamp, {"Another GC instance already active, exiting": SKIPPED,
-                                      "SR no longer attached, exiting": SKIPPED}.get(_said(fields)))
+            self._finish(run, stamp, SKIPPED if said in (_ANOTHER_GC, "SR no longer attached, exiting") else None)
 
     def _on_exiting(self, fields, stamp):
         """Printed in a `finally`: the end of a pass, also after a failure (not a success signal)."""
