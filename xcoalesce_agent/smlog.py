@@ -16,6 +16,7 @@ Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM name
 first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
 """
 import re
+import sys
 import time
 
 GAVE_UP = "gave_up"
@@ -106,6 +107,8 @@ _SIDE_RULES = (
                 r"uld not coalesce due to a lack of space in SR ({0})$)".format(_UUID, MAX_TEXT),
      r"[^ \n]+ SM: \[(\d+)"),
 )
+# Figures whose words repeat from outcome to outcome: kept once.
+_SHARED_FIGURES = frozenset(("exception", "reason"))
 # What a pass logs once it ended (SM's `finally` and error handling), not a start of the process's next pass.
 _AMENDING = frozenset(("exiting", "aborted", "error", "exception"))
 _SWITCHES = {"GC is disabled for this SR, abort": "gc", "Coalesce disabled for this SR": "coalesce",
@@ -204,6 +207,8 @@ def _compact_outcomes(state):
                 value[0] = kinds[value[0]]
                 if value[1] == MERGED_TEXT:
                     value[1] = MERGED_TEXT
+                for name in _SHARED_FIGURES.intersection(value[3] if len(value) > 3 else ()):
+                    value[3][name] = sys.intern(value[3][name])
     except (TypeError, KeyError, IndexError, AttributeError):
         return False
     return True
@@ -492,7 +497,7 @@ class GcLog(object):
     def _on_reason(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "reason")
         if run is not None:
-            run.setdefault("tracker", {})["reason"] = _said(fields)
+            run.setdefault("tracker", {})["reason"] = sys.intern(_said(fields))
 
     def _on_iteration(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "iteration")
@@ -539,7 +544,7 @@ class GcLog(object):
             self._finish(run, stamp, RUN_FAILED)
             return
         vdi = run.get("candidate")
-        figures = {"exception": cls, "error": message[:MAX_TEXT]}
+        figures = {"exception": sys.intern(cls), "error": message[:MAX_TEXT]}
         if "could not be coalesced" in message:
             full = _FULL.search(message)
             vdi = full.group(0) if full else vdi
