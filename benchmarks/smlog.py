@@ -127,3 +127,13 @@ def run():
 
 def verdict(target, met):
     return ("target: " + target, "met" if met else "NOT MET")
+
+
+def main():
+    for figure, value in run():
+        print("{:<60} {}".format(figure, value))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

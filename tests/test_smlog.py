@@ -1,7 +1,9 @@
 """The SMlog reader: the GC's words from public excerpts, and a file that fights back (garbage, huge
 lines, bytes that are not UTF-8, truncation, rotation, replacement) read without a crash in bounded memory."""
+import json
 import os
 import resource
+import time
 
 from xcoalesce_agent import config, smlog, smlogfile
 
@@ -35,10 +37,17 @@ def test_the_public_excerpts_give_a_failed_coalesce_with_its_exception():
                  exception(3802739, "coalesce", "util.CommandException", "No such file or directory"),
                  lines(3802739, "Coalesce failed, skipping", "GC process exiting, no work left"))
     sr = state["srs"][SR]
-    outcome = sr["vdis"]["85ff84a8"]
+    outcome = smlog.outcome(sr["vdis"]["85ff84a8"])
     assert outcome["kind"] == "failed"
     assert outcome["figures"] == {"exception": "util.CommandException", "error": "No such file or directory"}
     assert sr["last_run"]["result"] == "partial" and sr["failures"] == {"failed": 1}
+
+
+def test_a_failed_coalesce_with_no_exception_logged_fails_its_candidate():
+    state = feed(lines(12345678, "=== SR {}: gc ===".format(SR), "Coalescing *aaaabbbb(1G/1M/1M) -> *3333(1G/1M/1M)",
+                       "Coalesce failed, skipping", "GC process exiting, no work left"))
+    assert smlog.outcome(state["srs"][SR]["vdis"]["aaaabbbb"])["kind"] == "failed"
+    assert list(state["srs"][SR]["vdis"]) == ["aaaabbbb"]
 
 
 def test_gave_up_keeps_sms_sizes_and_rounds():
@@ -50,7 +59,7 @@ def test_gave_up_keeps_sms_sizes_and_rounds():
                        "Final size was            1395864371", "Minimum size achieved was 1288490188"),
                  exception(7, "leaf-coalesce", "util.SMException", "VDI {} could not be coalesced".format(LEAF)),
                  lines(7, "Leaf-coalesce failed on 1234abcd(10.000G/1.200G/1.2G), skipping"))
-    outcome = state["srs"][SR]["vdis"][LEAF]
+    outcome = smlog.outcome(state["srs"][SR]["vdis"][LEAF])
     assert outcome["kind"] == "gave_up"
     assert {key: outcome["figures"][key] for key in ("start_bytes", "final_bytes", "rounds", "reason")} == {
         "start_bytes": 1288490188, "final_bytes": 1395864371, "rounds": 10, "reason": "Max iterations (10) exceeded"}
@@ -72,7 +81,7 @@ def test_space_timeouts_pauses_switches_and_merges():
                        "Coalescing *ccccdddd(1G/1M/1M) -> *33332222(1G/1M/1M)", "No work, exiting",
                        "GC process exiting, no work left"),
                  lines(9, "Could not coalesce due to a lack of space in SR {}".format(SR), ident="SM"))
-    vdis = state["srs"][SR]["vdis"]
+    vdis = {key: smlog.outcome(value) for key, value in state["srs"][SR]["vdis"].items()}
     assert vdis["99998888"]["kind"] == "no_space"
     assert vdis["99998888"]["figures"] == {"free_bytes": 4194304, "fits_without_snapshot_coalesce": True}
     assert vdis["77776666"]["figures"] == {"switch": "on-boot=reset"}
@@ -166,5 +175,95 @@ def test_a_corrupt_state_file_starts_afresh(tmp_path):
     os.makedirs(conf.agent.state_dir)
     with open(smlogfile.state_path(conf), "w") as stream:
         stream.write('{"file": {"inode": "x"}, "log": [1, 2]')
+    log, health = smlogfile.read(conf)
+    assert log.state["srs"][SR]["runs_total"] == 1 and health["status"] == "ok"
+
+
+def test_the_plugins_gc_passes_without_a_start_line_are_runs_of_their_own():
+    """SM 4.1's coalesce-leaf plugin calls run_gc in its own process: no `=== SR` line. Its passes begin
+    at the SR's state summary of a process with no run, at `Coalescing all in SR`, and at a new pass's
+    first line once the process's pass ended; `GC process exiting` and the summary after it end a pass."""
+    summary = "SR 4659 ('LVM-local-SR') (2 VDIs in 1 VHD trees): no changes"
+    leaf = "1234abcd[VHD](10.000G//1.200G/1.3G|a)"
+    state = feed(lines(11, "=== SR {}: gc ===".format(SR), "No work, exiting", "GC process exiting, no work left"),
+                 lines(12, "VDI to consider: {}".format(LEAF), summary, "        {}".format(leaf),
+                       summary, "No work, exiting", "GC process exiting, no work left", summary,
+                       "Suspending VM 0000", "Processing VDIs: ['{}']".format(LEAF),
+                       "Coalescing all in SR {}...".format(SR), summary, "Leaf-coalesce candidate: " + leaf,
+                       "Leaf-coalesce forced, will not use timeout",
+                       "Leaf-coalescing {} -> *cf4a78da[VHD](10.000G//5.0G/5.1G|a)".format(leaf),
+                       "No work, exiting", "GC process exiting, no work left", summary, "Resuming VM 0000",
+                       summary, "Leaf-coalescing {} -> *cf4a78da[VHD](10.000G//5.0G/5.1G|a)".format(leaf)),
+                 exception(12, "leaf-coalesce", "util.SMException", "Failed to pause VDI 1234abcd"),
+                 lines(12, "Leaf-coalesce failed on {}, skipping".format(leaf), "GC process exiting, no work left",
+                       summary))
+    sr = state["srs"][SR]
+    assert sr["runs_total"] == 4 and sr["results"] == {"success": 3, "partial": 1}
+    assert smlog.outcome(sr["vdis"]["1234abcd"])["kind"] == "pause_failed"
+    assert sr["last_run"]["result"] == "partial" and sr["last_run"]["errors"] == [
+        "util.SMException: Failed to pause VDI 1234abcd"]
+
+
+def test_the_plugins_passes_with_a_start_line_and_a_daemon_are_counted_once():
+    """SM 3.2's plugin logs `=== SR` after `Coalescing all in SR`; its last pass forks a daemon that
+    logs under another pid, the child of the run its parent started."""
+    summary = "SR 4659 ('LVM-local-SR') (2 VDIs in 1 VHD trees): no changes"
+    state = feed(lines(21, "Coalescing all in SR {}...".format(SR), "=== SR {}: gc ===".format(SR),
+                       "No work, exiting", "GC process exiting, no work left", summary, "=== SR {}: gc ===".format(SR)),
+                 lines(22, summary, "Coalescing *aaaabbbb(1G/1M/1M) -> *33332222(1G/1M/1M)", "No work, exiting",
+                       "GC process exiting, no work left", summary))
+    sr = state["srs"][SR]
+    assert sr["runs_total"] == 2 and sr["results"] == {"success": 2}
+    assert smlog.outcome(sr["vdis"]["aaaabbbb"])["kind"] == "merged"
+
+
+def test_a_summary_names_a_run_only_for_an_sr_known_by_its_four_digits():
+    other = "4659ffff-0000-4000-8000-000000000002"
+    state = feed(lines(31, "=== SR {}: gc ===".format(SR), "GC process exiting, no work left"),
+                 lines(32, "=== SR {}: gc ===".format(other), "GC process exiting, no work left"),
+                 lines(33, "SR 4659 ('one of two') (1 VDIs in 1 VHD trees): no changes", "No work, exiting"),
+                 lines(34, "SR 9999 ('unknown') (1 VDIs in 1 VHD trees): no changes", "No work, exiting"),
+                 lines(35, "=== SR {}: gc ===".format(SR)),
+                 lines(36, "SR 4659 ('one of two') (1 VDIs in 1 VHD trees): no changes",
+                       "Another GC instance already active, exiting"))
+    assert [state["srs"][uuid]["runs_total"] for uuid in (SR, other)] == [2, 1] and len(state["srs"]) == 2
+    assert state["srs"][SR]["last_run"]["result"] == "running"   # the plugin's pass that found it at work
+
+
+def test_rule_words_inside_a_lines_text_are_not_lines_and_hostile_lines_stay_cheap():
+    log = smlog.GcLog(now=1767369700.0)
+    fake = " SMGC: [9] === SR {}: gc ===".format(SR)
+    log.feed_text("\n".join(lines(41, "said: " + fake, ident="SM") + ["garbage" + fake]))
+    assert log.state["srs"] == {} and log.state["lines"] == {"read": 2, "unreadable": 1, "cut": 0, "not_utf8": 0}
+    # words that begin a rule again and again in one long line: each looked at within a bounded stretch
+    hostile = [" SMGC: [1] SR 4659 ('" + "x" * 40, " SMGC: [1] a: EXCEPTION <class '" + "y" * 40,
+               " SMGC: [1] Coalescing 1234abcd(" + "z" * 40, " SM: [1] Coalesce failed on SR {}: ".format(SR)]
+    for words in hostile:
+        started = time.process_time()
+        log.feed_text("\n".join(lines(42, words * (60000 // len(words)))))
+        assert time.process_time() - started < 1.0, words
+    assert log.state["srs"] == {} and log.state["lines"]["read"] == 6
+
+
+def test_a_state_file_of_the_earlier_form_is_read_and_a_mangled_one_starts_afresh(tmp_path):
+    path = str(tmp_path / "SMlog")
+    conf = make_config(tmp_path, path)
+    with open(path, "wb") as stream:
+        stream.write(run_line(1))
+    os.makedirs(conf.agent.state_dir)
+    earlier = {"kind": "no_space", "message": "No space", "time": 5.0, "figures": {"free_bytes": 4}}
+    srs = {SR: {"vdis": {"1234abcd": earlier, "5678abcd": dict(earlier, kind="merged", figures={})},
+                "failures": {}, "results": {}, "runs_total": 7}}
+    saved = {"log": {"srs": srs, "pids": {}, "lines": {"read": 0, "unreadable": 0, "cut": 0, "not_utf8": 0}}}
+    with open(smlogfile.state_path(conf), "w") as stream:
+        json.dump(saved, stream)
+    log, health = smlogfile.read(conf)
+    vdis = log.state["srs"][SR]["vdis"]
+    assert smlog.outcome(vdis["1234abcd"]) == earlier and vdis["5678abcd"] == ["merged", "No space", 5.0]
+    assert log.state["srs"][SR]["runs_total"] == 8
+    srs[SR]["vdis"]["1234abcd"] = ["no kind of ours", "x", 1.0]
+    saved["file"] = None
+    with open(smlogfile.state_path(conf), "w") as stream:
+        json.dump(saved, stream)
     log, health = smlogfile.read(conf)
     assert log.state["srs"][SR]["runs_total"] == 1 and health["status"] == "ok"

@@ -60,14 +60,15 @@ def _apply_sr(sr, state, signals):
 
 
 def resolve(sr, outcomes):
-    """{VHD uuid: latest outcome} of the log's outcomes, keys resolved through the SR's VHDs;
-    ambiguous or unknown prefixes go into the SR's errors (unknown ones are VHDs gone since)."""
+    """{VHD uuid: latest outcome} of the log's outcomes (as its state keeps them), keys resolved through
+    the SR's VHDs; ambiguous or unknown prefixes go into the SR's errors (unknown ones are VHDs gone since)."""
     uuids = {vdi.uuid for vdi in sr.vdis or ()}
     by_prefix = collections.defaultdict(list)
     for uuid in uuids:
         by_prefix[uuid[:8]].append(uuid)
     resolved = {}
-    for key, outcome in outcomes.items():
+    for key, value in outcomes.items():
+        outcome = smlog.outcome(value)
         if key in uuids:
             target = key
         elif len(key) == 8 and len(by_prefix.get(key, ())) == 1:

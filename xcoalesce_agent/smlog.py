@@ -1,15 +1,22 @@
 """The storage manager's garbage collector in its own words: SMlog lines → GC runs per SR and the
-latest outcome per VDI. Pure: lines in, a JSON-able state out (smlogfile.py reads the file).
+latest outcome per VDI. Pure: text in, a JSON-able state out (smlogfile.py reads the file).
 
-A line is `Mon DD HH:MM:SS host IDENT: [pid] text`; GC lines have ident `SMGC`, a few `SM`. A GC
-run is the pid that logged `=== SR <uuid>: gc ===`; lines of a pid with no run (the forked child
-that runs the VHD coalesce) go to the SR's run that logged last. Exception blocks (`*~*~...`,
-banner, `<tag>: EXCEPTION <class 'X'>, message`, traceback, `*~*~...`) become one event.
+A line is `Mon DD HH:MM:SS host IDENT: [pid] text`; GC lines have ident `SMGC`, a few `SM`. One
+pattern finds, in a whole block of lines at once, the few lines a rule acts on (two more the rarer
+exception and `SM` lines); the rest (most of SMlog) are only counted, never split into lines.
+
+A GC run is the pid that logged `=== SR <uuid>: gc ===`. The GC passes the `coalesce-leaf` plugin
+runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at `Coalescing all in SR
+<uuid>...` (the forced pass), at the SR's state summary (`SR 4659 ('name') (6 VDIs in 5 VHD
+trees):`) of a process with no run, or at a new pass's first line from a process whose pass has
+ended. Lines of a pid with no run (the forked child that runs the VHD coalesce) go to the open run
+that logged last. `<tag>: EXCEPTION <class 'X'>, message` is the event of an exception block.
 
 Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM names them: mostly the
 first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
 """
 import re
+import sys
 import time
 
 GAVE_UP = "gave_up"
@@ -22,6 +29,7 @@ DISABLED = "disabled"
 CONCURRENT_CHANGE = "concurrent_change"
 MERGED = "merged"
 KINDS = (GAVE_UP, NO_SPACE, TIMED_OUT, FAILED, PAUSE_FAILED, UNPAUSE_FAILED, DISABLED, CONCURRENT_CHANGE, MERGED)
+MERGED_TEXT = "merged into its parent"
 
 # How a run ended: `result` of an SR's last run.
 RUNNING, SUCCESS, PARTIAL, RUN_FAILED = "running", "success", "partial", "failed"
@@ -34,69 +42,126 @@ MAX_VDIS_PER_SR = 4096
 MAX_OPEN_RUNS = 64
 MAX_RUN_ERRORS = 10
 MAX_TEXT = 500
+# An SR's name as its state summary gives it (longer ones: that summary is not read).
+MAX_SR_NAME = 256
 # A child's line is tied to a run that logged within this many seconds.
 CHILD_WINDOW_SECONDS = 24 * 3600
+# Syslog stamps read so far, by their text (logs are in time order: a few are enough).
+MAX_STAMPS = 256
 
-_MONTHS = {name.encode("ascii"): number for number, name in enumerate(
-    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
-_LINE = re.compile(r"^([A-Z][a-z]{2}) ([ \d]\d) (\d\d):(\d\d):(\d\d) \S+ ([A-Za-z0-9_.-]+): \[(\d+)\](?: (.*))?$")
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, 1)}
+_STAMP = re.compile(r"({}) ([ \d]\d) ([01]\d|2[0-3]):([0-5]\d):([0-5]\d)$".format("|".join(_MONTH_NAMES)))
+# Lines not in syslog's form (`Mon DD HH:MM:SS ...`: spaces at 3 and 15) after a newline, found in bulk.
+_NOT_SYSLOG_AFTER_NEWLINE = re.compile(r"\n(?![^\n]{3} [^\n]{11} )")
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _FULL = re.compile(_UUID)
 # A VDI as SM prints it: `*85ff84a8[VHD](65.000G//33.836G|n)`, `cf4a78da(50.000G/1.2G/?)`, or a full UUID.
-_VDI = r"(\*?(?:{}|[0-9a-f]{{8}})(?:\[[A-Z]+\])?(?:\([^)]*\))?(?:\[RAW\])?)".format(_UUID)
+_VDI = r"(\*?(?:{}|[0-9a-f]{{8}})(?:\[[A-Z]{{1,8}}\])?(?:\([^)\n]{{0,200}}\))?(?:\[RAW\])?)".format(_UUID)
 _VDI_KEY = re.compile(r"\*?({}|[0-9a-f]{{8}})".format(_UUID))
-_EXCEPTION = re.compile(r"^(\S+): EXCEPTION (?:<(?:class|type) '([^']*)'>|(\S+)), ?(.*)$")
-# What the reader acts on, in the order SM's words are tried: (name, literal starts, pattern). The
-# starts let most lines (those nothing acts on) go by without a regex.
-_RULES = (
-    ("start", ("=== SR ",), r"=== SR ({}): gc ===$".format(_UUID)),
-    ("candidate", ("Leaf-coalescing ", "Leaf-Coalescing ", "Coalescing ", "coalescing "),
-     r"(?:Leaf-)?[Cc]oalescing {} -> ".format(_VDI)),
-    ("no_space", ("No space to ",), r"No space to (?:leaf-)?coalesce {} \(free space: (-?\d+)\)$".format(_VDI)),
-    ("offline_fits", ("...but ",), r"\.\.\.but enough space if skip snap-coalesce$"),
-    ("unpause_failed", ("ERROR: Failed to unpause VDI ",), r"ERROR: Failed to unpause VDI {}".format(_VDI)),
-    ("vdi_disabled", ("Leaf-coalesce disabled for ", "Skipping reset-on-boot ", "Skipping allow_caching=true "),
-     r"(Leaf-coalesce disabled for|Skipping reset-on-boot|Skipping allow_caching=true) " + _VDI),
-    ("sr_disabled", ("GC is disabled ", "Coalesce disabled ", "Leaf-coalesce disabled "),
-     r"(GC is disabled for this SR, abort|Coalesce disabled for this SR|Leaf-coalesce disabled for this SR)$"),
-    ("concurrent", ("The VDI ",), r"(The VDI appears to have been concurrently (?:deleted|snapshotted)|"
-                                  r"The VDI tree appears to have been altered since|"
-                                  r"The VDI is no longer leaf-coalesceable)"),
-    ("skip", ("Leaf-coalesce failed on ", "Coalesce failed, "),
-     r"(?:Leaf-coalesce failed on {}|Coalesce failed), skipping".format(_VDI)),
-    ("reason", ("Max iterations (", "No progress made ", "Unexpected bump "),
-     r"(Max iterations \(\d+\) exceeded|No progress made for \d+ iterations|"
-     r"Unexpected bump in size, compared to minimum achieved)$"),
-    ("end", ("No work, ", "GC process exiting, ", "SR no longer attached, ", "Another GC instance ", "Aborted",
-             "Term requested"),
-     r"(No work, exiting|GC process exiting, no work left|SR no longer attached, exiting|"
-     r"Another GC instance already active, exiting|Aborted|Term requested)$"),
-    ("error", ("* * * * * SR ",), r"\* \* \* \* \* SR ({}): ERROR$".format(_UUID)),
-    ("block", ("*~*~*~",), r"\*~\*~\*~"),
-    ("iteration", ("Iteration: ",), r"Iteration: (\d+) -- Initial size (\d+) --> Final size (\d+)$"),
-    ("size", ("Starting size ", "Final size ", "Minimum size "),
-     r"(Starting|Final|Minimum) size (?:was|achieved was) +(\d+(?:\.\d+)?)$"),
+_ANOTHER_GC = "Another GC instance already active, exiting"
+# What the reader acts on: (rule, pattern of the text after `SMGC: [pid] `), tried in this order. Each
+# pattern begins with a literal character, which lets the regex engine pass over the others at once;
+# none reads more than a bounded stretch of a line past where it begins (the pattern is also tried
+# within lines' text, see GcLog.feed_text).
+_GC_RULES = (
+    ("start", r"=== SR ({}): gc ===$".format(_UUID)),
+    ("plugin_pass", r"Coalescing all in SR ({})\.\.\.$".format(_UUID)),
+    ("summary", r"SR (?:([0-9a-f]{{4}}) \('.{{0,{}}}'\)|({})) \(\d+ VDIs in \d+ VHD trees\):".format(
+        MAX_SR_NAME, _UUID)),
+    ("candidate", r"Leaf-[Cc]oalescing {} -> ".format(_VDI)),
+    ("candidate", r"[Cc]oalescing {} -> ".format(_VDI)),
+    ("no_space", r"No space to (?:leaf-)?coalesce {} \(free space: (-?\d+)\)$".format(_VDI)),
+    ("offline_fits", r"\.\.\.but enough space if skip snap-coalesce$"),
+    ("unpause_failed", r"ERROR: Failed to unpause VDI {}".format(_VDI)),
+    ("vdi_disabled", r"Leaf-coalesce disabled for {}".format(_VDI)),
+    ("vdi_disabled", r"Skipping (?:reset-on-boot|allow_caching=true) {}".format(_VDI)),
+    ("sr_disabled", r"GC is disabled for this SR, abort$"),
+    ("sr_disabled", r"Coalesce disabled for this SR$"),
+    ("sr_disabled", r"Leaf-coalesce disabled for this SR$"),
+    ("concurrent", r"The VDI (?:appears to have been concurrently (?:deleted|snapshotted)|"
+                   r"tree appears to have been altered since|is no longer leaf-coalesceable)"),
+    ("skip", r"Leaf-coalesce failed on {}, skipping".format(_VDI)),
+    ("skip", r"Coalesce failed, skipping"),
+    ("reason", r"Max iterations \(\d+\) exceeded$"),
+    ("reason", r"No progress made for \d+ iterations$"),
+    ("reason", r"Unexpected bump in size, compared to minimum achieved$"),
+    ("end", r"No work, exiting$"),
+    ("end", r"SR no longer attached, exiting$"),
+    ("end", _ANOTHER_GC + "$"),
+    ("exiting", r"GC process exiting, no work left$"),
+    ("aborted", r"Aborted$"),
+    ("aborted", r"Term requested$"),
+    ("error", r"\* \* \* \* \* SR ({}): ERROR$".format(_UUID)),
+    ("iteration", r"Iteration: (\d+) -- Initial size (\d+) --> Final size (\d+)$"),
+    ("size", r"Starting size was +(\d+(?:\.\d+)?)$"),
+    ("size", r"Final size was +(\d+(?:\.\d+)?)$"),
+    ("size", r"Minimum size achieved was +(\d+(?:\.\d+)?)$"),
 )
-
-
-def _rules_by_head():
-    """The rules a line may match, by its first three characters (every literal start has at least three)."""
-    heads = {}
-    for name, starts, pattern in _RULES:
-        rule = (starts, name, re.compile(pattern))
-        for head in sorted({start[:3] for start in starts}):
-            heads.setdefault(head, []).append(rule)
-    return heads
-
-
-_RULES_BY_HEAD = _rules_by_head()
-_SM_PATTERNS = (
-    ("coalesce_error", re.compile(r"^Coalesce failed on SR ({}): (.*)$".format(_UUID))),
-    ("sr_no_space", re.compile(r"^Could not coalesce due to a lack of space in SR ({})$".format(_UUID))),
+# Lines rarer than those, each found by a pattern of its own (its literal start found fast), and what
+# comes before that start on its line: (rule, pattern, pattern of the line from its host to that start).
+_SIDE_RULES = (
+    ("exception", r": EXCEPTION (?:<(?:class|type) '([^'\n]{{0,{0}}})'>|(\S+)), ?(.{{0,{0}}})".format(MAX_TEXT),
+     r"[^ \n]+ SMGC: \[(\d+)\] (\S+)"),
+    ("sm_line", r"\] Co(?:alesce failed on SR ({0}): (.{{0,{1}}})|"
+                r"uld not coalesce due to a lack of space in SR ({0})$)".format(_UUID, MAX_TEXT),
+     r"[^ \n]+ SM: \[(\d+)"),
 )
+# Figures whose words repeat from outcome to outcome: kept once.
+_SHARED_FIGURES = frozenset(("exception", "reason"))
+# What a pass logs once it ended (SM's `finally` and error handling), not a start of the process's next pass.
+_AMENDING = frozenset(("exiting", "aborted", "error", "exception"))
 _SWITCHES = {"GC is disabled for this SR, abort": "gc", "Coalesce disabled for this SR": "coalesce",
              "Leaf-coalesce disabled for this SR": "leaf-coalesce", "Leaf-coalesce disabled for": "leaf-coalesce",
              "Skipping reset-on-boot": "on-boot=reset", "Skipping allow_caching=true": "allow-caching"}
+
+
+def _compile_wanted():
+    """One pattern for the rules, its match found from ` SMGC: [`; and by the number of the empty group
+    that ends each rule's pattern (the group that matched last), (rule, the groups to read: the whole
+    match, the rule's own groups, the pid's)."""
+    wanted = re.compile(r" SMGC: \[(?:(\d+)\] {}|(?!\d+\]))".format(
+        _alternation(["{}(?P<rule{}>)".format(pattern, number) for number, (_, pattern) in enumerate(_GC_RULES)])),
+        re.MULTILINE)
+    rules = {}
+    for number, (name, pattern) in enumerate(_GC_RULES):
+        marker = wanted.groupindex["rule{}".format(number)]
+        rules[marker] = (name, (0,) + tuple(range(marker - re.compile(pattern).groups, marker)) + (1,))
+    return wanted, rules
+
+
+def _alternation(patterns):
+    """The patterns as one alternation in which those that begin with the same literal characters share
+    them, down to where they differ: the regex engine tries fewer of them (and their order among those
+    that begin alike is kept; rules that begin differently never match the same text)."""
+    items = _alternatives(patterns)
+    return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
+
+
+def _alternatives(patterns):
+    shared, items = {}, []
+    for pattern in patterns:
+        atom = _literal_atom(pattern)
+        if atom is None:
+            items.append(pattern)
+        elif atom in shared:
+            shared[atom].append(pattern[len(atom):])
+        else:
+            shared[atom] = [pattern[len(atom):]]
+            items.append(atom)
+    return [item + _alternation(shared[item]) if item in shared else item for item in items]
+
+
+def _literal_atom(pattern):
+    """The literal character a pattern begins with, as written (`a`, `\\.`), None when it begins otherwise."""
+    atom = pattern[:2] if pattern[:1] == "\\" and not pattern[1:2].isalnum() else pattern[:1]
+    if not atom or atom in "^$.|?*+()[]{}\\" or pattern[len(atom):len(atom) + 1] in ("*", "+", "?", "{"):
+        return None
+    return atom
+
+
+_WANTED, _RULES = _compile_wanted()
+_SIDES = tuple((name, re.compile(pattern, re.MULTILINE), re.compile(head)) for name, pattern, head in _SIDE_RULES)
 
 
 def vdi_key(text):
@@ -116,167 +181,181 @@ def parse_time(month, day, hour, minute, second, now):
 
 
 def new_state():
-    """What the reader keeps between inspections (JSON-able): per SR its runs and VDI outcomes, and
-    the open runs by pid."""
+    """What the reader keeps between inspections (JSON-able): per SR its runs and its VDIs' latest
+    outcomes (compact: see `outcome`), and the runs by pid."""
     return {"srs": {}, "pids": {}, "lines": {"read": 0, "unreadable": 0, "cut": 0, "not_utf8": 0}}
+
+
+def outcome(value):
+    """An outcome as the state keeps it, `[kind, message, time]` and SM's figures when it gave some,
+    as a dict {kind, message, time, figures}."""
+    return {"kind": value[0], "message": value[1], "time": value[2],
+            "figures": dict(value[3]) if len(value) > 3 and isinstance(value[3], dict) else {}}
+
+
+def _compact_outcomes(state):
+    """The outcomes of a state read back, with shared words; those of an older state (dicts) converted.
+    False when the state is not what this reader writes."""
+    kinds = {kind: kind for kind in KINDS}
+    try:
+        for sr in state["srs"].values():
+            vdis = sr["vdis"]
+            for key, value in vdis.items():
+                if type(value) is dict:
+                    figures = [value["figures"]] if value.get("figures") else []
+                    value = vdis[key] = [value["kind"], value["message"], value["time"]] + figures
+                value[0] = kinds[value[0]]
+                if value[1] == MERGED_TEXT:
+                    value[1] = MERGED_TEXT
+                for name in _SHARED_FIGURES.intersection(value[3] if len(value) > 3 else ()):
+                    value[3][name] = sys.intern(value[3][name])
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return True
 
 
 class GcLog(object):
     """Feeds SMlog lines into a state; `state` is the dict to persist."""
 
     def __init__(self, state=None, now=None):
-        self.state = state if _well_formed(state) else new_state()
+        self.state = state if _well_formed(state) and _compact_outcomes(state) else new_state()
         self.now = time.time() if now is None else now
         self._stamps = {}
-        self._open_blocks = sum(1 for run in self.state["pids"].values() if run.get("exception") is not None)
+        self._minutes = {}
+        self._rules = {index: (getattr(self, "_on_" + name), groups) for index, (name, groups) in _RULES.items()}
+        self._sides = tuple((getattr(self, "_on_" + name), pattern, head) for name, pattern, head in _SIDES)
 
     # -- lines --
 
     def feed_line(self, line):
         """One line of text (no newline); an unreadable line is counted."""
-        self.feed_lines((line,))
+        self.feed_text(line)
 
-    def feed_lines(self, lines):
-        """Lines of text (no newlines); unreadable lines are counted. The loop most of the reader's time
-        goes to: a GC line that matches no rule goes by without a call, unless an exception block is open."""
-        stamps, heads = self._stamps, _RULES_BY_HEAD
-        read = unreadable = 0
-        for line in lines:
-            read += 1
-            stamp = stamps.get(line[:15])
+    def feed_text(self, text):
+        """Complete lines joined by newlines (none after the last): every line counted, a line not in
+        syslog's form counted unreadable, and only the lines a rule matches looked at one by one."""
+        counts = self.state["lines"]
+        counts["read"] += text.count("\n") + 1
+        unreadable = len(_NOT_SYSLOG_AFTER_NEWLINE.findall(text)) + (text[3:4] != " " or text[15:16] != " ")
+        stamps, rules = self._stamps, self._rules
+        rare = self._rare_lines(text)
+        upcoming = rare[0][0] if rare else len(text)
+        previous = 0
+        for match in _WANTED.finditer(text):
+            at = match.start()
+            if at > upcoming:
+                rare, upcoming = self._replay(rare, at, len(text))
+            start = text.rfind("\n", previous, at) + 1   # looked for back to the previous match only
+            if ((start == 0 and previous) or at <= start + 16 or text[start + 15] != " "
+                    or text.find(" ", start + 16, at) >= 0):
+                previous = at
+                continue   # words of a line's text, not its ident
+            previous = at
+            index = match.lastindex
+            head = text[start:start + 15]
+            stamp = stamps.get(head)
             if stamp is None:
-                stamp = self._stamp(line)
-                if stamp is None:
-                    unreadable += 1
-                    continue
-            # `Mon DD HH:MM:SS host IDENT: [pid] text`, the stamp known good
-            opening = line.find(": [", 16)
-            closing = line.find("]", opening + 3)
-            pid = line[opening + 3:closing]
-            if opening < 0 or closing < 0 or not pid.isdigit() or line[15:16] != " ":
+                stamp = self._stamp(head)
+            if index is None or stamp is None:   # a GC line whose pid or stamp cannot be read
                 unreadable += 1
                 continue
-            ident = line[line.rfind(" ", 15, opening) + 1:opening]
-            if ident == "SMGC":
-                text = line[closing + 2:]
-                name = match = None
-                for starts, rule, pattern in heads.get(text[:3], ()):
-                    if text.startswith(starts):
-                        match = pattern.match(text)
-                        if match is not None:
-                            name = rule
-                            break
-                if name is not None or self._open_blocks:
-                    self._gc_line(pid, stamp, text, name, match)
-            elif ident == "SM":
-                self._sm_line(line[closing + 2:], stamp)
-        counts = self.state["lines"]
-        counts["read"] += read
+            handler, groups = rules[index]
+            handler(match.group(*groups), stamp)
+        self._replay(rare, len(text), len(text))
         counts["unreadable"] += unreadable
 
-    def _stamp(self, line):
-        """Unix time of the line's syslog stamp, None when the line is not in syslog's form."""
-        match = _LINE.match(line)
+    def _rare_lines(self, text):
+        """The lines of _SIDE_RULES, [(where, handler, fields, stamp)] in the text's order."""
+        found = []
+        for handler, pattern, head in self._sides:
+            previous = 0
+            for match in pattern.finditer(text):
+                at = match.start()
+                start = text.rfind("\n", previous, at) + 1
+                line = None if (start == 0 and previous) or text[start + 15:start + 16] != " " else \
+                    head.fullmatch(text, start + 16, at)
+                previous = at
+                stamp = line and (self._stamps.get(text[start:start + 15]) or self._stamp(text[start:start + 15]))
+                if stamp:
+                    found.append((at, handler, ("",) + line.groups()[1:] + match.groups() + (line.group(1),), stamp))
+        found.sort(key=lambda item: item[0])
+        return found
+
+    @staticmethod
+    def _replay(rare, before, end):
+        """Handle the rare lines found before `before`; (those left, where the next one is or `end`)."""
+        done = 0
+        while done < len(rare) and rare[done][0] < before:
+            _, handler, fields, stamp = rare[done]
+            handler(fields, stamp)
+            done += 1
+        rare = rare[done:]
+        return rare, rare[0][0] if rare else end
+
+    def _stamp(self, head):
+        """Unix time of a syslog stamp (`Jan  2 16:01:16`), None when it is not one."""
+        match = _STAMP.match(head)
         if match is None:
             return None
-        if len(self._stamps) > 4096:
+        minute = head[:12]
+        base = self._minutes.get(minute)
+        if base is None:
+            if len(self._minutes) >= MAX_STAMPS:
+                self._minutes.clear()
+            base = self._minutes[minute] = parse_time(*match.group(1, 2, 3, 4), second=0, now=self.now)
+        if len(self._stamps) >= MAX_STAMPS:
             self._stamps.clear()
-        stamp = parse_time(match.group(1).encode("ascii"), *match.group(2, 3, 4, 5), now=self.now)
-        self._stamps[line[:15]] = stamp
+        stamp = self._stamps[head] = base + int(match.group(5))
         return stamp
-
-    def _gc_line(self, pid, stamp, text, name, match):
-        """One line the GC (pid, a string of digits) logged at `stamp`: the rule it matched (name and
-        match), or None within an exception block."""
-        if name == "start":
-            self._start(pid, match.group(1), stamp)
-            return
-        run = self._run_of(pid, stamp)
-        if run is None:
-            return
-        if run.get("exception") is not None and self._in_exception(run, text, stamp):
-            return
-        if name is None:
-            return
-        if name == "block":
-            self._set_block(run, {"lines": 0})
-        elif name == "iteration":
-            run.setdefault("tracker", {})["rounds"] = int(match.group(1))
-        elif name == "size":
-            if "tracker" in run:
-                run["tracker"][match.group(1).lower()] = int(float(match.group(2)))
-        else:
-            getattr(self, "_on_" + name)(run, match, stamp)
-
-    def _set_block(self, run, block):
-        """Open (a dict) or close (None) the run's exception block, whose lines match no rule."""
-        self._open_blocks += (block is not None) - (run.get("exception") is not None)
-        run["exception"] = block
-
-    def _in_exception(self, run, text, stamp):
-        """True while the line belongs to the open exception block of the run."""
-        block = run["exception"]
-        block["lines"] += 1
-        if text.startswith("*~*~*~") or block["lines"] > 200:
-            self._set_block(run, None)
-            return True
-        match = _EXCEPTION.match(text)
-        if match and "tag" not in block:
-            block["tag"] = match.group(1)
-            self._on_exception(run, match.group(1), match.group(2) or match.group(3), match.group(4), stamp)
-            return True
-        if not text or text[0] in " *" or text.startswith("Traceback"):
-            return True
-        self._set_block(run, None)   # no closing line: the block ended without it
-        return False
-
-    def _sm_line(self, text, stamp):
-        for name, pattern in _SM_PATTERNS:
-            match = pattern.match(text)
-            if match is None:
-                continue
-            sr = self._sr(match.group(1))
-            run = self._open_run_of_sr(match.group(1))
-            if name == "coalesce_error":
-                message = "Coalesce failed on SR: {}".format(match.group(2))
-                if run is not None:
-                    self._error(run, message)
-                    if run.get("candidate"):
-                        self._outcome(run, run["candidate"], FAILED, message, stamp, {"error": match.group(2)})
-            else:
-                sr["no_space_logged"] = stamp
-            return
 
     # -- runs --
 
+    def _take(self, key, stamp):
+        """The pid's entry leaves `pids`: a run it had ends."""
+        entry = self.state["pids"].pop(key, None)
+        if entry is not None and not entry.get("pending") and not entry.get("ended"):
+            self._finish(entry, stamp)
+
     def _start(self, key, sr_uuid, stamp):
+        """A run of the SR by the pid begins; the pid's earlier run ends, and the run started first
+        when too many are kept."""
         pids = self.state["pids"]
-        while key in pids or len(pids) >= MAX_OPEN_RUNS:   # the pid's earlier run, else the one started first
-            run = pids.pop(key if key in pids else next(iter(pids)))
-            self._set_block(run, None)
-            self._finish(run, stamp)
+        self._take(key, stamp)
+        while len(pids) >= MAX_OPEN_RUNS:
+            self._take(next(iter(pids)), stamp)
         sr = self._sr(sr_uuid)
         sr["runs_total"] = sr.get("runs_total", 0) + 1
         sr["last_run"] = {"started": stamp, "finished": None, "result": RUNNING, "merged": 0, "errors": []}
-        pids[key] = {"sr": sr_uuid, "last": stamp, "candidate": None, "exception": None}
+        run = pids[key] = {"sr": sr_uuid, "last": stamp, "candidate": None}
+        return run
 
-    def _run_of(self, key, stamp):
-        """The run a pid's line belongs to: its own, or (a forked child) the run that logged last."""
+    def _pend(self, key, sr_uuid, stamp):
+        """The pid is about to run a pass of the SR with no `=== SR` line: its first line starts it."""
+        pids = self.state["pids"]
+        self._take(key, stamp)
+        while len(pids) >= MAX_OPEN_RUNS:
+            self._take(next(iter(pids)), stamp)
+        pids[key] = {"sr": sr_uuid, "last": stamp, "pending": True}
+
+    def _run_of(self, key, stamp, rule):
+        """The run a pid's line belongs to: its own (a new pass once the pid's run ended, unless the
+        line amends how it ended), or (a forked child) the open run that logged last."""
         pids = self.state["pids"]
         run = pids.get(key)
         if run is None:
-            recent = [item for item in pids.values()
-                      if not item.get("ended") and stamp - item["last"] <= CHILD_WINDOW_SECONDS]
+            recent = [item for item in pids.values() if not item.get("ended") and not item.get("pending")
+                      and stamp - item["last"] <= CHILD_WINDOW_SECONDS]
             if not recent:
                 return None
             run = max(recent, key=lambda item: item["last"])
+        elif run.get("pending") or (run.get("ended") and rule not in _AMENDING):
+            return self._start(key, run["sr"], stamp)
         if stamp > run["last"]:
             run["last"] = stamp
         return run
 
-    def _open_run_of_sr(self, sr_uuid):
-        runs = [run for run in self.state["pids"].values() if run["sr"] == sr_uuid]
-        return max(runs, key=lambda run: run["last"]) if runs else None
+    def _runs_of_sr(self, sr_uuid):
+        return [run for run in self.state["pids"].values() if run["sr"] == sr_uuid and not run.get("pending")]
 
     def _sr(self, sr_uuid):
         srs = self.state["srs"]
@@ -300,16 +379,18 @@ class GcLog(object):
         """The candidate the run moved on from: merged unless something was logged against it."""
         candidate = run.get("candidate")
         if candidate and not run.get("outcome"):
-            self._outcome(run, candidate, MERGED, "merged into its parent", stamp, {})
+            self._outcome(run, candidate, MERGED, MERGED_TEXT, stamp, {})
             self._last_run(run)["merged"] += 1
         run["candidate"], run["outcome"] = None, None
 
     def _finish(self, run, stamp, result=None):
         """The run ended; a failure or abort logged after it said it was exiting amends its result."""
+        if run.get("ended") and result not in (RUN_FAILED, ABORTED):
+            return
         self._close_candidate(run, stamp)
         run["ended"] = True
-        last = self._last_run(run)
         sr = self._sr(run["sr"])
+        last = sr["last_run"]
         if last["result"] != RUNNING:
             if result not in (RUN_FAILED, ABORTED) or last["result"] == result:
                 return
@@ -325,82 +406,145 @@ class GcLog(object):
             run["previous_success"] = sr.get("last_success")
             sr["last_success"] = stamp
 
-    # -- what lines say --
-
     def _outcome(self, run, vdi, kind, message, stamp, figures):
         sr = self._sr(run["sr"])
         vdis = sr["vdis"]   # oldest first: an outcome moves to the end, the oldest goes past the cap
         if vdis.pop(vdi, None) is None and len(vdis) >= MAX_VDIS_PER_SR:
             del vdis[next(iter(vdis))]
-        vdis[vdi] = {"kind": kind, "message": message[:MAX_TEXT], "time": stamp, "figures": figures}
+        vdis[vdi] = [kind, message[:MAX_TEXT], stamp, figures] if figures else [kind, message[:MAX_TEXT], stamp]
         if kind != MERGED and kind != DISABLED:
             sr["failures"][kind] = sr["failures"].get(kind, 0) + 1
             run["failures"] = run.get("failures", 0) + 1
-        if vdi == run.get("candidate") or (run.get("candidate") or "")[:8] == vdi[:8]:
+        candidate = run.get("candidate")
+        if candidate and candidate[:8] == vdi[:8]:
             run["outcome"] = kind
 
-    def _on_candidate(self, run, match, stamp):
-        self._close_candidate(run, stamp)
-        run["candidate"] = vdi_key(match.group(1))
-        run.pop("tracker", None)
+    # -- what lines say: ((the whole match, the rule's groups..., the pid), stamp) --
 
-    def _on_no_space(self, run, match, stamp):
-        vdi = vdi_key(match.group(1))
-        run["no_space"] = vdi
-        self._outcome(run, vdi, NO_SPACE, match.group(0), stamp, {"free_bytes": int(match.group(2))})
+    def _on_start(self, fields, stamp):
+        self._start(fields[-1], fields[1], stamp)
 
-    def _on_offline_fits(self, run, match, stamp):
-        outcome = self._sr(run["sr"])["vdis"].get(run.get("no_space") or "")
-        if outcome is not None and outcome["kind"] == NO_SPACE:
-            outcome["figures"]["fits_without_snapshot_coalesce"] = True
-            outcome["message"] = (outcome["message"] + "; " + match.group(0))[:MAX_TEXT]
+    def _on_plugin_pass(self, fields, stamp):
+        self._pend(fields[-1], fields[1], stamp)
 
-    def _on_unpause_failed(self, run, match, stamp):
-        self._outcome(run, vdi_key(match.group(1)), UNPAUSE_FAILED, match.group(0), stamp, {})
-        self._error(run, match.group(0))
+    def _on_summary(self, fields, stamp):
+        """The SR's state as a GC pass scans it: a process with no run that logs it runs a pass of
+        its own (the plugin's), unless a run of the SR is open (then it is that run's child)."""
+        if fields[-1] in self.state["pids"]:
+            return
+        sr_uuid = fields[2]
+        if sr_uuid is None:   # SM names the SR by 4 hex digits and its name: a known SR, never a guess
+            known = [uuid for uuid in self.state["srs"] if uuid.startswith(fields[1])]
+            sr_uuid = known[0] if len(known) == 1 else None
+        if sr_uuid is not None and not any(not run.get("ended") for run in self._runs_of_sr(sr_uuid)):
+            self._pend(fields[-1], sr_uuid, stamp)
 
-    def _on_vdi_disabled(self, run, match, stamp):
-        self._outcome(run, vdi_key(match.group(2)), DISABLED, match.group(0), stamp,
-                      {"switch": _SWITCHES[match.group(1)]})
+    def _on_candidate(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "candidate")
+        if run is not None:
+            self._close_candidate(run, stamp)
+            run["candidate"] = vdi_key(fields[1])
+            run.pop("tracker", None)
 
-    def _on_sr_disabled(self, run, match, stamp):
-        sr = self._sr(run["sr"])
-        sr["disabled"] = {"switch": _SWITCHES[match.group(1)], "message": match.group(1), "time": stamp}
-        if match.group(1).startswith("GC is disabled"):
-            self._finish(run, stamp, SKIPPED)
+    def _on_no_space(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "no_space")
+        if run is not None:
+            vdi = vdi_key(fields[1])
+            run["no_space"] = vdi
+            self._outcome(run, vdi, NO_SPACE, _said(fields), stamp, {"free_bytes": int(fields[2])})
 
-    def _on_concurrent(self, run, match, stamp):
-        if run.get("candidate"):
-            self._outcome(run, run["candidate"], CONCURRENT_CHANGE, match.group(1), stamp, {})
+    def _on_offline_fits(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "offline_fits")
+        outcome = run and self._sr(run["sr"])["vdis"].get(run.get("no_space") or "")
+        if outcome and outcome[0] == NO_SPACE and len(outcome) > 3:
+            outcome[3]["fits_without_snapshot_coalesce"] = True
+            outcome[1] = (outcome[1] + "; " + _said(fields))[:MAX_TEXT]
 
-    def _on_skip(self, run, match, stamp):
-        vdi = vdi_key(match.group(1)) if match.group(1) else run.get("candidate")
+    def _on_unpause_failed(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "unpause_failed")
+        if run is not None:
+            self._outcome(run, vdi_key(fields[1]), UNPAUSE_FAILED, _said(fields), stamp, {})
+            self._error(run, _said(fields))
+
+    def _on_vdi_disabled(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "vdi_disabled")
+        if run is not None:
+            said = _said(fields)
+            self._outcome(run, vdi_key(fields[1]), DISABLED, said, stamp, {"switch": _switch(said)})
+
+    def _on_sr_disabled(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "sr_disabled")
+        if run is not None:
+            said = _said(fields)
+            self._sr(run["sr"])["disabled"] = {"switch": _switch(said), "message": said, "time": stamp}
+            if said.startswith("GC is disabled"):
+                self._finish(run, stamp, SKIPPED)
+
+    def _on_concurrent(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "concurrent")
+        if run is not None and run.get("candidate"):
+            self._outcome(run, run["candidate"], CONCURRENT_CHANGE, _said(fields), stamp, {})
+
+    def _on_skip(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "skip")
+        if run is None:
+            return
+        vdi = vdi_key(fields[1]) if len(fields) > 2 else run.get("candidate")
         if vdi and not run.get("outcome"):
-            self._outcome(run, vdi, FAILED, match.group(0), stamp, {})
+            self._outcome(run, vdi, FAILED, _said(fields), stamp, {})
         run["outcome"] = run.get("outcome") or FAILED
 
-    def _on_reason(self, run, match, stamp):
-        run.setdefault("tracker", {})["reason"] = match.group(1)
+    def _on_reason(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "reason")
+        if run is not None:
+            run.setdefault("tracker", {})["reason"] = sys.intern(_said(fields))
 
-    def _on_end(self, run, match, stamp):
-        text = match.group(1)
-        result = {"Aborted": ABORTED, "Term requested": ABORTED,
-                  "Another GC instance already active, exiting": SKIPPED,
-                  "SR no longer attached, exiting": SKIPPED}.get(text)
-        self._finish(run, stamp, result)
+    def _on_iteration(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "iteration")
+        if run is not None:
+            run.setdefault("tracker", {})["rounds"] = int(fields[1])
 
-    def _on_error(self, run, match, stamp):
-        self._finish(run, stamp, RUN_FAILED)
+    def _on_size(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "size")
+        if run is not None and "tracker" in run:
+            run["tracker"][_said(fields).split(" ", 1)[0].lower()] = int(float(fields[1]))
 
-    def _on_exception(self, run, tag, cls, message, stamp):
+    def _on_end(self, fields, stamp):
+        said = _said(fields)
+        if said == _ANOTHER_GC and fields[-1] not in self.state["pids"]:
+            return   # a process that found the SR's GC at work (the plugin's pass): never that run's child
+        run = self._run_of(fields[-1], stamp, "end")
+        if run is not None:
+            self._finish(run, stamp, SKIPPED if said in (_ANOTHER_GC, "SR no longer attached, exiting") else None)
+
+    def _on_exiting(self, fields, stamp):
+        """Printed in a `finally`: the end of a pass, also after a failure (not a success signal)."""
+        run = self._run_of(fields[-1], stamp, "exiting")
+        if run is not None:
+            self._finish(run, stamp)
+
+    def _on_aborted(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "aborted")
+        if run is not None:
+            self._finish(run, stamp, ABORTED)
+
+    def _on_error(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "error")
+        if run is not None:
+            self._finish(run, stamp, RUN_FAILED)
+
+    def _on_exception(self, fields, stamp):
+        run = self._run_of(fields[-1], stamp, "exception")
+        if run is None:
+            return
+        tag, cls, message = fields[1], fields[2] or fields[3], fields[4]
         text = "{}: {}".format(cls, message)
+        self._error(run, text)
         if tag == "gc":
-            self._error(run, text)
             self._finish(run, stamp, RUN_FAILED)
             return
-        self._error(run, text)
         vdi = run.get("candidate")
-        figures = {"exception": cls, "error": message[:MAX_TEXT]}
+        figures = {"exception": sys.intern(cls), "error": message[:MAX_TEXT]}
         if "could not be coalesced" in message:
             full = _FULL.search(message)
             vdi = full.group(0) if full else vdi
@@ -416,6 +560,30 @@ class GcLog(object):
             kind = FAILED
         if vdi and (not run.get("outcome") or (run["outcome"] == FAILED and kind != FAILED)):
             self._outcome(run, vdi, kind, text, stamp, figures)
+
+    def _on_sm_line(self, fields, stamp):
+        """`SM` lines about the GC: a coalesce that failed (`Coalesce failed on SR`), no space to coalesce."""
+        if fields[1] is None:
+            self._sr(fields[3])["no_space_logged"] = stamp
+            return
+        self._sr(fields[1])
+        runs = self._runs_of_sr(fields[1])
+        run = max(runs, key=lambda item: item["last"]) if runs else None
+        if run is not None:
+            message = "Coalesce failed on SR: {}".format(fields[2])
+            self._error(run, message)
+            if run.get("candidate"):
+                self._outcome(run, run["candidate"], FAILED, message, stamp, {"error": fields[2]})
+
+
+def _said(fields):
+    """The text of the line a rule matched, as far as the rule reads it (fields[0] is the whole match)."""
+    whole = fields[0]
+    return whole[whole.index("] ") + 2:]
+
+
+def _switch(said):
+    return next(switch for words, switch in _SWITCHES.items() if said.startswith(words))
 
 
 def _tracker_figures(tracker):

@@ -11,7 +11,6 @@ lines not in syslog's form are counted.
 """
 import logging
 import os
-import re
 
 from . import jsonfile, smlog
 
@@ -21,15 +20,13 @@ STATE_FILE = "smlog.json"
 # The state is written SR by SR (file, log, srs): its text is never whole in memory.
 STATE_LARGE_LEVELS = 3
 MAX_BYTES_PER_READ = 128 << 20
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 128 << 10
 MAX_LINE_BYTES = 64 << 10
 ROTATED_SUFFIX = ".1"
 # A file's first bytes tell it from another that got the same inode number (a file replaced whole).
 HEAD_BYTES = 64
 
 OK, MISSING, UNREADABLE = "ok", "missing", "unreadable"
-# A line not in syslog's form (`Mon DD HH:MM:SS ...`: spaces at 3 and 15) after a newline, found in bulk.
-_NOT_SYSLOG_AFTER_NEWLINE = re.compile(r"\n(?![^\n]{3} [^\n]{11} )")
 
 
 def state_path(config):
@@ -149,51 +146,41 @@ class Follower(object):
         return {"inode": inode, "offset": offset, "skip": skip, "head": head}
 
     def _feed(self, log, data, cut=False):
-        """Complete lines (joined by newlines, without the last one) into the log."""
+        """Complete lines (joined by newlines, without the last one) into the log: decoded whole, unless
+        bytes that are not UTF-8 or a line longer than MAX_LINE_BYTES make it go line by line."""
         counts = log.state["lines"]
         if cut:
             counts["cut"] += 1
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8") if _lines_within(data, MAX_LINE_BYTES) else None
         except UnicodeDecodeError:
-            self._feed_each(log, counts, data, None)
-            return
-        not_syslog = len(_NOT_SYSLOG_AFTER_NEWLINE.findall(text))
-        lines = text.split("\n")
-        del text
-        if max(map(len, lines)) > MAX_LINE_BYTES:
-            self._feed_each(log, counts, data, lines)
-            return
-        # Most lines are not the GC's: they are counted in bulk, only the GC's in syslog's form are parsed.
-        wanted = [line for line in lines if (" SMGC: [" in line or (" SM: [" in line and "oalesce" in line))
-                  and line[3:4] == " " and line[15:16] == " "]
-        log.feed_lines(wanted)
-        counts["read"] += len(lines) - len(wanted)
-        counts["unreadable"] += _not_syslog(lines[0]) + not_syslog
-
-    @staticmethod
-    def _feed_each(log, counts, data, lines):
-        """The careful way, line by line: bytes that are not UTF-8, lines cut at MAX_LINE_BYTES."""
-        if lines is None:
-            lines = []
-            for raw in data.split(b"\n"):
-                try:
-                    lines.append(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    counts["not_utf8"] += 1
-                    lines.append(raw.decode("utf-8", "replace"))
-        wanted = []
-        for line in lines:
-            if len(line) > MAX_LINE_BYTES:
-                counts["cut"] += 1
-                line = line[:MAX_LINE_BYTES]
-            if " SMGC: [" in line or (" SM: [" in line and "oalesce" in line):
-                wanted.append(line)
-            elif _not_syslog(line):
-                counts["unreadable"] += 1
-        counts["read"] += len(lines) - len(wanted)
-        log.feed_lines(wanted)
+            text = None
+        log.feed_text(_careful_text(counts, data) if text is None else text)
 
 
-def _not_syslog(line):
-    return line[3:4] != " " or line[15:16] != " "
+def _lines_within(data, limit):
+    """No line of `data` is longer than `limit` bytes: found in a few steps of `limit` bytes, not line by line."""
+    position = 0
+    while len(data) - position > limit:
+        newline = data.rfind(b"\n", position, position + limit + 1)
+        if newline < 0:
+            return False
+        position = newline + 1
+    return True
+
+
+def _careful_text(counts, data):
+    """The lines of `data` one by one: bytes that are not UTF-8 replaced, lines cut at MAX_LINE_BYTES
+    characters, both counted."""
+    lines = []
+    for raw in data.split(b"\n"):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            counts["not_utf8"] += 1
+            line = raw.decode("utf-8", "replace")
+        if len(line) > MAX_LINE_BYTES:
+            counts["cut"] += 1
+            line = line[:MAX_LINE_BYTES]
+        lines.append(line)
+    return "\n".join(lines)
