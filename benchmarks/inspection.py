@@ -54,7 +54,8 @@ def peak_rss_mb():
 
 def child_inspect(conf):
     """Two inspections in a row: cold (no cached bitmaps) and warm (the daemon's steady state)."""
-    from xcoalesce_agent import config, inspection, model, vhdutil
+    from xcoalesce_agent import config, model
+    from xcoalesce_agent.inspect import inspection, vhdutil
     settings = config.load(conf)
     cache = inspection.BitmapCache()
     runs = []
@@ -75,7 +76,8 @@ def child_inspect(conf):
 
 def child_baseline(conf):
     """The common script: every VDI from xapi, then `vhd-util query -n PATH -v -s -p -f` for each."""
-    from xcoalesce_agent import config, inventory, vhdutil, xapi
+    from xcoalesce_agent import config
+    from xcoalesce_agent.inspect import inventory, vhdutil, xapi
     settings = config.load(conf)
     inventory.host_uuid(settings.xapi.inventory)
     tools = vhdutil.VhdUtil(settings)

@@ -26,9 +26,10 @@ import psutil
 from tests import model_samples
 from tests.agent_process import REPOSITORY, Agent
 from tests.dom0sim.host import SimHost
-from xcoalesce_agent import collector, history
-from xcoalesce_agent.http import MetricsServer
-from xcoalesce_agent.plans import RunRecord
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.reclaim import history
+from xcoalesce_agent.export.http import MetricsServer
+from xcoalesce_agent.reclaim.plans import RunRecord
 
 VDIS = 10000
 SCRAPES = 300

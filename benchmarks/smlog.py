@@ -25,7 +25,8 @@ TARGET_RSS_MB = 5.0
 
 MEASURE = """
 import json, resource, sys, time
-from xcoalesce_agent import config, smlogfile
+from xcoalesce_agent import config
+from xcoalesce_agent.inspect import smlogfile
 conf = config.load(sys.argv[1])
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cpu, wall = time.process_time(), time.monotonic()

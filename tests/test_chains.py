@@ -1,8 +1,10 @@
 """Verification of a run from the VHD forest of an inspection, never from xapi's `vhd-parent`."""
-from xcoalesce_agent import chains, model, planner, plans, vhdtree
+from xcoalesce_agent import model
+from xcoalesce_agent.inspect import chains, vhdtree
+from xcoalesce_agent.reclaim import planner, plans
 from xcoalesce_agent.model import Inspection, SrReport, VdiReport
-from xcoalesce_agent.plans import PlanEntry
-from xcoalesce_agent.vhdtree import ScanRecord, VdiFacts
+from xcoalesce_agent.reclaim.plans import PlanEntry
+from xcoalesce_agent.inspect.vhdtree import ScanRecord, VdiFacts
 
 MIB = 1024 * 1024
 SR = "22222222-0000-0000-0000-000000000001"

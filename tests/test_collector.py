@@ -8,7 +8,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import model_samples
 from tests.helpers import require_tool
 from tests.test_history import a_run
-from xcoalesce_agent import collector, history, model
+from xcoalesce_agent import model
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.reclaim import history
 
 AWKWARD_VM_NAME = 'quote " backslash \\ newline \n end, Ünïcødé ☃ 名前'
 

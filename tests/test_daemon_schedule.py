@@ -11,7 +11,9 @@ from tests.agent_process import Agent, wait_for
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, files, other_configs,
                                   power_states, small_scenario)
 from tests.test_daemon import value, write_config
-from xcoalesce_agent import config as config_module, inspection, journal
+from xcoalesce_agent import config as config_module
+from xcoalesce_agent.inspect import inspection
+from xcoalesce_agent.reclaim import journal
 
 OPEN_WINDOW = "Mon-Sun 00:00-24:00"
 

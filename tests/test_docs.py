@@ -8,7 +8,9 @@ import tempfile
 import pytest
 
 from tests import model_samples
-from xcoalesce_agent import collector, config, history
+from xcoalesce_agent import config
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.reclaim import history
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from tests.dom0sim import vhdfile
-from xcoalesce_agent import estimate
+from xcoalesce_agent.inspect import estimate
 
 MIB = 1024 * 1024
 BLOCK = estimate.BLOCK_SIZE

@@ -3,7 +3,9 @@ gives: on a simulated host, against the full records and through a plan that ref
 import pytest
 
 from tests.dom0sim.scenarios import delete_snapshot, disk, pool, snapshot, sr, vm, write
-from xcoalesce_agent import config, facts, inspection, planner, plans, xapi
+from xcoalesce_agent import config
+from xcoalesce_agent.reclaim import facts, planner, plans
+from xcoalesce_agent.inspect import inspection, xapi
 
 MERGED_SNAPSHOT = [write(0, 2), snapshot("s"), write(2, 2), delete_snapshot("s")]
 

@@ -10,7 +10,9 @@ import pytest
 
 from tests.dom0sim import scenarios as sc
 from tests.dom0sim import sm
-from xcoalesce_agent import collector, config, inspection, report, smlogfile
+from xcoalesce_agent import config
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.inspect import inspection, report, smlogfile
 
 MIB = 1 << 20
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

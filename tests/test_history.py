@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from xcoalesce_agent import history, plans
-from xcoalesce_agent.plans import RunRecord
+from xcoalesce_agent.reclaim import history, plans
+from xcoalesce_agent.reclaim.plans import RunRecord
 
 SR_A = "11111111-1111-1111-1111-111111111111"
 SR_B = "22222222-2222-2222-2222-222222222222"
@@ -69,7 +69,7 @@ def test_totals_survive_a_new_instance(tmp_path):
 def test_totals_follow_runs_recorded_by_another_process(tmp_path):
     reader = history.RunHistory(str(tmp_path))
     assert reader.totals()["runs"] == 0
-    script = ("import sys; from xcoalesce_agent import history; from tests.test_history import a_run; "
+    script = ("import sys; from xcoalesce_agent.reclaim import history; from tests.test_history import a_run; "
               "history.RunHistory(sys.argv[1]).record(a_run(reclaimed_bytes=123))")
     subprocess.check_call([sys.executable, "-c", script, str(tmp_path)],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

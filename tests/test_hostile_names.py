@@ -11,8 +11,10 @@ import pytest
 
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import REPOSITORY
-from xcoalesce_agent import model, printable, report, runresult
-from xcoalesce_agent.plans import PlanEntry
+from xcoalesce_agent import model, printable
+from xcoalesce_agent.inspect import report
+from xcoalesce_agent.reclaim import runresult
+from xcoalesce_agent.reclaim.plans import PlanEntry
 
 # Every kind of line break xapi can carry in a name (XML 1.0 carries no other C0 character).
 FORGED = "x\nERROR: forged\r\tz\u2028y\u2029v\u0085w\x7f"

@@ -13,10 +13,11 @@ import pytest
 
 from tests import model_samples
 from tests.helpers import require_tool
-from xcoalesce_agent import collector, history
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.reclaim import history
 from xcoalesce_agent.errors import ConfigError
-from xcoalesce_agent.connections import HANDLER_THREADS
-from xcoalesce_agent.http import MetricsServer, parse_listen_address
+from xcoalesce_agent.export.connections import HANDLER_THREADS
+from xcoalesce_agent.export.http import MetricsServer, parse_listen_address
 
 PASSWORD = "s3cret: with colon ✓"
 PASSWORD_SHA256 = hashlib.sha256(PASSWORD.encode("utf-8")).hexdigest()

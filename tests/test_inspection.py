@@ -12,7 +12,8 @@ import pytest
 from tests.dom0sim import lvm, scenarios, sm, vhdfile
 from tests.dom0sim.host import SimHost
 from tests.dom0sim.scenarios import delete_snapshot, disk, pool, snapshot, sr, vm, write
-from xcoalesce_agent import config, inspection, model, vhdutil, xapi
+from xcoalesce_agent import config, model
+from xcoalesce_agent.inspect import inspection, vhdutil, xapi
 from xcoalesce_agent.errors import HostUnreachable
 
 BLOCK_COST = 2 * 1024 * 1024 + 4096

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from xcoalesce_agent import errors, journal, lock
+from xcoalesce_agent import errors
+from xcoalesce_agent.reclaim import journal, lock
 
 
 def test_journal_records_steps_and_clears(tmp_path):
@@ -42,7 +43,7 @@ def test_repair_with_nothing_open_needs_no_session(tmp_path):
     assert journal.repair(None, journal.Journal(str(tmp_path))) == []
 
 
-HOLD = "import sys, time; from xcoalesce_agent import lock; l = lock.HostLock(sys.argv[1]); l.acquire(); " \
+HOLD = "import sys, time; from xcoalesce_agent.reclaim import lock; l = lock.HostLock(sys.argv[1]); l.acquire(); " \
        "print('held', flush=True); time.sleep(30)"
 
 

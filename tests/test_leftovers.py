@@ -14,7 +14,9 @@ from tests.runner_support import (REPOSITORY, agent_command, configure, digests,
                                   run_now, small_scenario)
 from tests.test_daemon import value, write_config
 from tests.test_runner_faults import journal_steps, settle, start_agent, when_step
-from xcoalesce_agent import collector, config as config_module, inspection, marks
+from xcoalesce_agent import config as config_module
+from xcoalesce_agent.export import collector
+from xcoalesce_agent.inspect import inspection, marks
 
 OTHER_HOST = "0b5e7b0a-3a1e-4b53-9d5b-6f0c2a1d9e77"
 

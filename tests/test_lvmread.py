@@ -8,7 +8,8 @@ import zlib
 import pytest
 
 from tests.dom0sim import lvm, vhdfile, vhdutil_cli
-from xcoalesce_agent import config, inspection, lvmread, model, vhdmeta, vhdutil
+from xcoalesce_agent import config, model
+from xcoalesce_agent.inspect import inspection, lvmread, vhdmeta, vhdutil
 
 MIB = 1024 * 1024
 EXTENT = 4 * MIB

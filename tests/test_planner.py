@@ -1,5 +1,6 @@
 """Eligibility, pre-flight reasons, strategy choice and caps, on plain data."""
-from xcoalesce_agent import model, planner
+from xcoalesce_agent import model
+from xcoalesce_agent.reclaim import planner
 from xcoalesce_agent.model import Inspection, SrReport, VdiReport
 
 MIB = 1024 * 1024

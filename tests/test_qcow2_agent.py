@@ -21,7 +21,8 @@ from tests.dom0sim import scenarios
 from tests.helpers import require_tool
 from tests.runner_support import REPOSITORY, agent_command, configure, run_now
 from tests.test_qcow2meta import create, set_hidden, write
-from xcoalesce_agent import config, inspection, model
+from xcoalesce_agent import config, model
+from xcoalesce_agent.inspect import inspection
 
 MIB = 1024 * 1024
 CLUSTER = 65536

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from tests.helpers import require_tool
-from xcoalesce_agent import estimate, qcow2meta
+from xcoalesce_agent.inspect import estimate, qcow2meta
 
 MIB = 1024 * 1024
 

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from tests.dom0sim.host import SimHost
-from xcoalesce_agent import model, report
+from xcoalesce_agent import model
+from xcoalesce_agent.inspect import report
 
 UUID_SR = "5e1ec7ed-0000-4000-8000-00000000000a"
 

@@ -5,7 +5,8 @@ import subprocess
 from tests.dom0sim import scenarios as sc, vhdfile
 from tests.runner_support import (KEEP_SNAPSHOT, agent_command, chain_parent, configure, digests, downtime, files,
                                   other_configs, power_states, run_now, small_scenario, sr_free, REPOSITORY)
-from xcoalesce_agent import config as config_module, history, repair, scheduled, snapshot_trigger
+from xcoalesce_agent import config as config_module
+from xcoalesce_agent.reclaim import history, repair, scheduled, snapshot_trigger
 
 SM_GENERATIONS = ("3.2", "4.1")
 
@@ -135,7 +136,7 @@ def test_scheduled_run_honours_mode_window_and_caps(sim_host):
 
 
 def _inspect(config):
-    from xcoalesce_agent import inspection
+    from xcoalesce_agent.inspect import inspection
     return inspection.inspect(config)
 
 
@@ -166,7 +167,7 @@ def test_snapshot_deletion_marks_the_sr_pending_once_the_gc_settled(sim_host):
 
 
 def test_another_run_holding_the_lock_exits_4(demo_host):
-    from xcoalesce_agent.lock import HostLock
+    from xcoalesce_agent.reclaim.lock import HostLock
     with HostLock(os.path.join(demo_host.state_dir, "agent-state")):
         code, document, stderr = run_now(demo_host)
     assert (code, document) == (4, None)
@@ -174,7 +175,7 @@ def test_another_run_holding_the_lock_exits_4(demo_host):
 
 
 def test_startup_repair_undoes_what_an_interrupted_run_left(demo_host):
-    from xcoalesce_agent import journal
+    from xcoalesce_agent.reclaim import journal
     config = config_module.load(demo_host.agent_conf)
     assert repair.startup_repair(config) == []
     vdi_ref, vm_ref = demo_host.vdi_ref("web-01-root"), demo_host.vm_ref("db-01")
@@ -206,7 +207,7 @@ def snapshot_vdi(host):
 
 
 def snapshot_report(host):
-    from xcoalesce_agent import inspection
+    from xcoalesce_agent.inspect import inspection
     uuid = snapshot_vdi(host)
     reports = {vdi.uuid: vdi for sr in inspection.inspect(config_module.load(host.agent_conf)).srs
                for vdi in sr.vdis}

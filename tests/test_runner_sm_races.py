@@ -13,7 +13,8 @@ from tests.agent_process import wait_for
 from tests.dom0sim import scenarios as sc
 from tests.runner_support import (REPOSITORY, agent_command, chain_parent, configure, digests, downtime,
                                   journal_steps, other_configs, power_states, run_now, small_scenario)
-from xcoalesce_agent import config as config_module, repair
+from xcoalesce_agent import config as config_module
+from xcoalesce_agent.reclaim import repair
 
 SM_GENERATIONS = ("3.2", "4.1")
 

@@ -1,7 +1,7 @@
 """Maintenance windows and caps, on plain datetimes."""
 import datetime
 
-from xcoalesce_agent import schedule
+from xcoalesce_agent.reclaim import schedule
 from xcoalesce_agent.configvalues import Window, windows as parse_windows
 
 # 2026-11-23 is a Monday.

@@ -8,7 +8,9 @@ import threading
 
 from tests.dom0sim.xapi import tasks
 from tests.runner_support import configure, other_configs, power_states, run_now, small_scenario
-from xcoalesce_agent import config as config_module, inspection, journal, repair, smgc
+from xcoalesce_agent import config as config_module
+from xcoalesce_agent.inspect import inspection, smgc
+from xcoalesce_agent.reclaim import journal, repair
 
 HOLDER = """
 import fcntl, sys, time

@@ -5,7 +5,8 @@ import os
 import resource
 import time
 
-from xcoalesce_agent import config, smlog, smlogfile, smlogrules
+from xcoalesce_agent import config
+from xcoalesce_agent.inspect import smlog, smlogfile, smlogrules
 
 SR = "4659a1b2-0000-4000-8000-000000000001"
 LEAF = "1234abcd-0000-4000-8000-000000000009"

@@ -19,7 +19,7 @@ from tests.runner_support import (KEEP_SNAPSHOT, REPOSITORY, agent_command, chai
                                   journal_steps, other_configs, power_states)
 from tests.test_daemon import write_config
 from tests.test_daemon_schedule import OPEN_WINDOW, set_mode
-from xcoalesce_agent import history
+from xcoalesce_agent.reclaim import history
 
 SM_GENERATIONS = ("3.2", "4.1")
 

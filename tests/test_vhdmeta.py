@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from tests.dom0sim import vhdfile, vhdutil_cli
-from xcoalesce_agent import vhdmeta
+from xcoalesce_agent.inspect import vhdmeta
 
 MIB = 1024 * 1024
 

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from xcoalesce_agent import model, vhdtree
-from xcoalesce_agent.vhdtree import Policy, ScanRecord, VdiFacts
+from xcoalesce_agent import model
+from xcoalesce_agent.inspect import vhdtree
+from xcoalesce_agent.inspect.vhdtree import Policy, ScanRecord, VdiFacts
 
 TRANSCRIPTS = "/work/shared/reference/vhd-util-transcripts"
 

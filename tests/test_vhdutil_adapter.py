@@ -5,7 +5,8 @@ import tempfile
 import pytest
 
 from tests.dom0sim import lvm, tools, vhdfile
-from xcoalesce_agent import config, vhdutil
+from xcoalesce_agent import config
+from xcoalesce_agent.inspect import vhdutil
 from xcoalesce_agent.errors import HostUnreachable
 
 SR = "5e1ec7ed-0000-4000-8000-00000000000a"

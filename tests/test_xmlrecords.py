@@ -5,7 +5,7 @@ import pytest
 import XenAPI
 
 from tests.dom0sim.xapi import wire
-from xcoalesce_agent import xmlrecords
+from xcoalesce_agent.inspect import xmlrecords
 
 FIELDS = ("uuid", "name_label", "tags", "other_config", "is_a_snapshot", "virtual_size", "sm_config")
 RECORDS = {

@@ -104,7 +104,7 @@ def setup_progress(config, service):
 
 
 def report(config, as_json):
-    from . import inspection, report as report_module
+    from .inspect import inspection, report as report_module
     try:
         result = inspection.inspect(config)
     finally:
@@ -129,7 +129,7 @@ def run_mode(config, args):
     if args.report:
         return report(config, args.json)
     if args.now:
-        from . import runner
+        from .reclaim import runner
         # `systemctl stop` of the timer's unit: end the current step, undo it, begin no other.
         signal.signal(signal.SIGTERM, lambda number, frame: stopping.request())
         code = runner.run_now(config, args)
@@ -138,7 +138,7 @@ def run_mode(config, args):
             return EXIT_INTERRUPTED
         return code
     if args.repair:
-        from . import repair
+        from .reclaim import repair
         return repair.run_repair(config, args.json)
     from . import daemon
     return daemon.run(config, args.web_listen_address)

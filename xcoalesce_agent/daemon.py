@@ -17,8 +17,10 @@ import socket
 import threading
 import time
 
-from . import collector, config as config_module, history, http, inspection, plans, scheduled, xapi
-from . import leftovers, repair, snapshot_trigger, stopping
+from . import config as config_module, stopping
+from .export import collector, http
+from .inspect import inspection, xapi
+from .reclaim import history, leftovers, plans, repair, scheduled, snapshot_trigger
 from .errors import AgentError, ConfigError, HostUnreachable
 
 LOG = logging.getLogger(__name__)

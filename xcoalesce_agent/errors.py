@@ -1,4 +1,4 @@
-"""Errors that reach the user as one line and a defined exit code (see docs/design.md)."""
+"""Errors that reach the user as one line and a defined exit code (docs/operations.md, "Exit codes")."""
 
 EXIT_OK = 0
 EXIT_RUNS_FAILED = 1

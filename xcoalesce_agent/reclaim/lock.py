@@ -3,7 +3,7 @@ import errno
 import fcntl
 import os
 
-from .errors import LockHeld
+from ..errors import LockHeld
 
 FILE_NAME = "run.lock"
 

@@ -11,10 +11,10 @@ import sys
 import XenAPI
 
 from . import journal as journal_module, leftovers
-from .errors import EXIT_OK, EXIT_RUNS_FAILED, AgentError, LockHeld
+from ..errors import EXIT_OK, EXIT_RUNS_FAILED, AgentError, LockHeld
 from .lock import HostLock
-from .smgc import wait_gc_idle
-from .xapi import TRANSPORT_ERRORS, describe, open_session
+from ..inspect.smgc import wait_gc_idle
+from ..inspect.xapi import TRANSPORT_ERRORS, describe, open_session
 
 LOG = logging.getLogger(__name__)
 

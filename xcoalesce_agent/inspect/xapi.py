@@ -16,7 +16,7 @@ import xmlrpc.client
 import XenAPI
 
 from . import xmlrecords
-from .errors import HostUnreachable
+from ..errors import HostUnreachable
 
 ORIGINATOR = "xcoalesce-agent"
 NULL_REF = "OpaqueRef:NULL"

@@ -7,8 +7,8 @@ import time
 import XenAPI
 
 from . import planner
-from .errors import HostUnreachable
-from .xapi import TRANSPORT_ERRORS, describe, open_session
+from ..errors import HostUnreachable
+from ..inspect.xapi import TRANSPORT_ERRORS, describe, open_session
 
 LOG = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from . import __version__
+from .. import __version__
 from .connections import MAX_CONNECTIONS, ConnectionPool
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LOG = logging.getLogger(__name__)
 

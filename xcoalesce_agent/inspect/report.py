@@ -2,8 +2,9 @@
 import json
 import time
 
-from . import gcaccount, model, smlogrules
-from .printable import MESSAGE_WIDTH, cell, one_line, table
+from .. import model
+from . import gcaccount, smlogrules
+from ..printable import MESSAGE_WIDTH, cell, one_line, table
 
 COLUMNS = ("VM", "VDI", "CHAIN", "STATE", "RECLAIMABLE", "REASON")
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")

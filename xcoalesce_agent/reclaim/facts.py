@@ -3,8 +3,8 @@ speed log and the agent's own measured runs) and Dom0's load; and the speed stor
 import os
 
 from . import planner
-from .jsonfile import read_json, write_json
-from .xapi import iter_records
+from ..jsonfile import read_json, write_json
+from ..inspect.xapi import iter_records
 
 SPEEDS_FILE = "merge-speeds.json"
 SPEEDS_KEPT = 10

@@ -8,10 +8,10 @@ import time
 
 import XenAPI
 
-from .errors import HostUnreachable
-from .jsonfile import read_json, write_json
-from .smgc import GC_START_SECONDS, gc_running
-from .xapi import TRANSPORT_ERRORS, describe, open_session
+from ..errors import HostUnreachable
+from ..jsonfile import read_json, write_json
+from ..inspect.smgc import GC_START_SECONDS, gc_running
+from ..inspect.xapi import TRANSPORT_ERRORS, describe, open_session
 
 LOG = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ import xmlrpc.client
 
 import XenAPI
 
-from . import estimate, gcaccount, inventory, lvmread, marks, model, progress, qcow2images
+from .. import model, progress
+from . import estimate, gcaccount, inventory, lvmread, marks, qcow2images
 from . import qcow2meta, smgc, smlogfile, vhdmeta, vhdtree, vhdutil, xapi
-from .errors import HostUnreachable
+from ..errors import HostUnreachable
 
 LOG = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import os
 
 import XenAPI
 
-from . import marks
-from .marks import FORCE, HOLD, LEAF_COALESCE_KEY  # noqa: F401 (the journal's steps speak of them)
-from .xapi import TRANSPORT_ERRORS, describe
+from ..inspect import marks
+from ..inspect.marks import FORCE, HOLD, LEAF_COALESCE_KEY  # noqa: F401 (the journal's steps speak of them)
+from ..inspect.xapi import TRANSPORT_ERRORS, describe
 
 LOG = logging.getLogger(__name__)
 

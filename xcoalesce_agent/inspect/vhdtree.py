@@ -1,13 +1,13 @@
 """`vhd-util scan` output → records → the VHD forest of one SR → a state and a reason per VHD.
 
 Pure: plain text and plain objects in, plain objects out. The rules follow the storage manager's
-own (docs/design.md, storage-manager.md): coalesceable = hidden inner node whose parent has only
+own (docs/operations.md, "What is stuck"): coalesceable = hidden inner node whose parent has only
 it; leaf-coalesceable = visible leaf whose parent has only it, a snapshot VDI included (SM does not
 tell snapshots apart there); garbage = hidden with no visible descendant.
 """
 import re
 
-from . import model
+from .. import model
 
 FILE_SUFFIX = ".vhd"
 LV_PREFIX = "VHD-"

@@ -12,7 +12,8 @@ lines not in syslog's form are counted.
 import logging
 import os
 
-from . import jsonfile, smlog
+from .. import jsonfile
+from . import smlog
 
 LOG = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import logging
 
 import XenAPI
 
-from . import inspection, inventory, marks, smgc, xapi
-from .errors import HostUnreachable
-from .marks import HOLD, LEAF_COALESCE_KEY, VDI_MARK_KEY, VM_MARK_KEY
+from ..inspect import inspection, inventory, marks, smgc, xapi
+from ..errors import HostUnreachable
+from ..inspect.marks import HOLD, LEAF_COALESCE_KEY, VDI_MARK_KEY, VM_MARK_KEY
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """This host's identity from `/etc/xensource-inventory` (`KEY='value'` lines, as xapi writes it)."""
 import shlex
 
-from .errors import HostUnreachable
+from ..errors import HostUnreachable
 
 
 def read(path):

@@ -9,9 +9,11 @@ from xml.parsers.expat import ExpatError
 
 import XenAPI
 
-from . import inventory, journal as journal_module, marks, planner, progress, stopping
-from .smgc import POLL_SECONDS, GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
-from .xapi import NULL_REF, describe
+from .. import progress, stopping
+from ..inspect import inventory, marks
+from . import journal as journal_module, planner
+from ..inspect.smgc import POLL_SECONDS, GcBusy, foreign_gc, gc_activity, gc_pass, require_gc_idle, wait_gc_idle
+from ..inspect.xapi import NULL_REF, describe
 
 LOG = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Input is plain data: an `model.Inspection`, the xapi records of the VMs, VDIs an
 UUID (`HostFacts`), and the policy from `[coalesce]` (`Policy`). Output is one `plans.PlanEntry`
 per leaf-coalesceable VDI: the strategy to use, or the reason it is skipped.
 
-Strategies, least disruptive first (see docs/design.md):
+Strategies, least disruptive first (docs/operations.md, "Strategies"):
   gc      the SR's normal GC merges the leaf by itself (SM's own short live freeze)
   live    `other-config:leaf-coalesce=force` + GC: the VM runs on, its disk I/O frozen for the merge
   plugin  the `coalesce-leaf` plugin (LVM SRs): the VM is suspended for the merge
@@ -15,7 +15,7 @@ live merge that SM bounds itself.
 import io
 import math
 
-from . import model
+from .. import model
 from .plans import GC, LIVE, PLANNED, PLUGIN, SKIPPED, STRATEGY_ORDER, PlanEntry
 
 # SM leaf-coalesces live on its own when the leaf's allocated bytes, integer-divided by the speed

@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from . import __version__, gcaccount, history, model, smlogrules
+from .. import __version__, model
+from ..inspect import gcaccount, smlogrules
+from ..reclaim import history
 
 SR_LABELS = ("host", "sr_uuid", "sr_name", "sr_type")
 VDI_LABELS = ("host", "sr_uuid", "vdi_uuid", "vm_uuid", "vm_name")

@@ -7,12 +7,13 @@ import time
 
 import XenAPI
 
-from . import model, planner, plans, schedule
-from .errors import AgentError
-from .jsonfile import read_json, write_json
+from .. import model
+from . import planner, plans, schedule
+from ..errors import AgentError
+from ..jsonfile import read_json, write_json
 from .runner import plan_and_run
 from .snapshot_trigger import PendingSrs
-from .xapi import TRANSPORT_ERRORS, describe
+from ..inspect.xapi import TRANSPORT_ERRORS, describe
 
 LOG = logging.getLogger(__name__)
 

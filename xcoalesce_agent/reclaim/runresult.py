@@ -4,8 +4,8 @@
 import json
 
 from . import plans
-from .printable import MESSAGE_WIDTH, cell, one_line, table
-from .report import human_bytes
+from ..printable import MESSAGE_WIDTH, cell, one_line, table
+from ..inspect.report import human_bytes
 
 
 def render_json(runs, dry_run=False):

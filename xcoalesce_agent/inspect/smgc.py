@@ -22,7 +22,7 @@ import time
 
 import XenAPI
 
-from . import progress, stopping
+from .. import progress, stopping
 
 LOG = logging.getLogger(__name__)
 

@@ -13,18 +13,21 @@ import time
 
 import XenAPI
 
-from . import chains, history as history_module, inspection as inspection_module, journal as journal_module
-from . import inventory, model, planner, plans, schedule, statedir, stopping
+from ..inspect import chains, inspection as inspection_module
+from . import history as history_module, journal as journal_module
+from .. import model, statedir, stopping
+from ..inspect import inventory
+from . import planner, plans, schedule
 from .repair import repair, repair_marks
-from .errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable
+from ..errors import EXIT_OK, EXIT_RUNS_FAILED, EXIT_UNREACHABLE, AgentError, HostUnreachable
 from .facts import gather_facts, record_speed
 from .freeze import FreezeMeter
 from .lock import HostLock
 from .plans import RunRecord
 from .runresult import render_json, render_text
-from .smgc import GcBusy, gc_pass, wait_gc_idle
+from ..inspect.smgc import GcBusy, gc_pass, wait_gc_idle
 from .strategies import close_step, run_live, run_plugin, set_leaf_coalesce
-from .xapi import TRANSPORT_ERRORS, describe, open_session
+from ..inspect.xapi import TRANSPORT_ERRORS, describe, open_session
 
 LOG = logging.getLogger(__name__)
 
@@ -320,7 +323,7 @@ def _settled(config, session, runner, inspection, srs):
 
 
 def run_now(config, options):
-    """`xcoalesce-agent --now`: returns the exit code (docs/design.md)."""
+    """`xcoalesce-agent --now`: returns the exit code (docs/operations.md, "Exit codes")."""
     dry_run = bool(getattr(options, "dry_run", False))
     policy = planner.Policy.from_config(config.coalesce, getattr(options, "max_freeze_seconds", None))
     caps = schedule.caps_left(policy.max_vms_per_window, policy.max_bytes_per_window, 0, 0)

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 
 from . import qcow2meta, vhdtree
-from .errors import HostUnreachable
+from ..errors import HostUnreachable
 
 LVM_VG_PREFIX = "VG_XenStorage-"
 LVM_LV_PATTERN = vhdtree.LV_PREFIX + "*"

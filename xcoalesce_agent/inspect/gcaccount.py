@@ -7,7 +7,8 @@ Where xapi's signals and the log disagree, both are kept: `gc["signals"]` lists 
 """
 import collections
 
-from . import model, smlogrules
+from .. import model
+from . import smlogrules
 
 NO_SPACE_MESSAGE = "SM_GC_NO_SPACE"
 UNPAUSE_MESSAGE = "failed to unpause tapdisk"

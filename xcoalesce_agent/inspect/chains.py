@@ -1,7 +1,7 @@
 """What a run asks of an inspection about a VDI's chain: is it shorter than planned, is nothing
 left to leaf-coalesce, how many bytes does its own part hold. Pure: comparing the answers before
 and after a run verifies it and measures what it freed."""
-from . import model
+from .. import model
 
 
 def find_vdi(inspection, vdi_uuid):

@@ -1,0 +1,1 @@
+"""Telling: the Prometheus collector and the HTTP endpoint that serves it."""

@@ -1,0 +1,1 @@
+"""Acting: planning leaf coalesces and running them safely through the storage manager."""
