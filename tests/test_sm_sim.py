@@ -637,6 +637,18 @@ def test_plugin_passes_of_sm_3_2_are_gc_calls_and_the_last_a_daemon(sim_host, xa
     assert gc["vdis"][host.vdis["disk"][:8]][0] == "merged"
 
 
+def test_plugin_passes_of_sm_4_1_are_runs_when_smlog_holds_no_start_line_of_the_sr(sim_host, xapi_session):
+    """The plugin's first pass (the one that merged the leaf here) starts at the SR's state summary,
+    which names the SR by 4 hex digits; its `Coalescing all in SR <uuid>` comes only later."""
+    host = sim_host(lvm_vm_pool(), sm="4.1")
+    session = xapi_session(host)
+    assert plugin(session, host, host.vms["vm"]) == "Success"
+    assert "=== SR" not in smlog(host) and list(forest(host).images) == [host.vdis["disk"]]
+    gc = gc_runs_read(host, host.srs["sr"])
+    assert gc["runs_total"] == 3 and gc["results"] == {"success": 3}
+    assert gc["vdis"][host.vdis["disk"][:8]][0] == "merged"
+
+
 def test_an_sr_with_no_name_is_summarised_by_its_full_uuid(sim_host, xapi_session):
     host = sim_host(one_disk_pool())
     session = xapi_session(host)
