@@ -5,7 +5,7 @@ import os
 import resource
 import time
 
-from xcoalesce_agent import config, smlog, smlogfile
+from xcoalesce_agent import config, smlog, smlogfile, smlogrules
 
 SR = "4659a1b2-0000-4000-8000-000000000001"
 LEAF = "1234abcd-0000-4000-8000-000000000009"
@@ -37,7 +37,7 @@ def test_the_public_excerpts_give_a_failed_coalesce_with_its_exception():
                  exception(3802739, "coalesce", "util.CommandException", "No such file or directory"),
                  lines(3802739, "Coalesce failed, skipping", "GC process exiting, no work left"))
     sr = state["srs"][SR]
-    outcome = smlog.outcome(sr["vdis"]["85ff84a8"])
+    outcome = smlogrules.outcome(sr["vdis"]["85ff84a8"])
     assert outcome["kind"] == "failed"
     assert outcome["figures"] == {"exception": "util.CommandException", "error": "No such file or directory"}
     assert sr["last_run"]["result"] == "partial" and sr["failures"] == {"failed": 1}
@@ -46,7 +46,7 @@ def test_the_public_excerpts_give_a_failed_coalesce_with_its_exception():
 def test_a_failed_coalesce_with_no_exception_logged_fails_its_candidate():
     state = feed(lines(12345678, "=== SR {}: gc ===".format(SR), "Coalescing *aaaabbbb(1G/1M/1M) -> *3333(1G/1M/1M)",
                        "Coalesce failed, skipping", "GC process exiting, no work left"))
-    assert smlog.outcome(state["srs"][SR]["vdis"]["aaaabbbb"])["kind"] == "failed"
+    assert smlogrules.outcome(state["srs"][SR]["vdis"]["aaaabbbb"])["kind"] == "failed"
     assert list(state["srs"][SR]["vdis"]) == ["aaaabbbb"]
 
 
@@ -59,7 +59,7 @@ def test_gave_up_keeps_sms_sizes_and_rounds():
                        "Final size was            1395864371", "Minimum size achieved was 1288490188"),
                  exception(7, "leaf-coalesce", "util.SMException", "VDI {} could not be coalesced".format(LEAF)),
                  lines(7, "Leaf-coalesce failed on 1234abcd(10.000G/1.200G/1.2G), skipping"))
-    outcome = smlog.outcome(state["srs"][SR]["vdis"][LEAF])
+    outcome = smlogrules.outcome(state["srs"][SR]["vdis"][LEAF])
     assert outcome["kind"] == "gave_up"
     assert {key: outcome["figures"][key] for key in ("start_bytes", "final_bytes", "rounds", "reason")} == {
         "start_bytes": 1288490188, "final_bytes": 1395864371, "rounds": 10, "reason": "Max iterations (10) exceeded"}
@@ -81,7 +81,7 @@ def test_space_timeouts_pauses_switches_and_merges():
                        "Coalescing *ccccdddd(1G/1M/1M) -> *33332222(1G/1M/1M)", "No work, exiting",
                        "GC process exiting, no work left"),
                  lines(9, "Could not coalesce due to a lack of space in SR {}".format(SR), ident="SM"))
-    vdis = {key: smlog.outcome(value) for key, value in state["srs"][SR]["vdis"].items()}
+    vdis = {key: smlogrules.outcome(value) for key, value in state["srs"][SR]["vdis"].items()}
     assert vdis["99998888"]["kind"] == "no_space"
     assert vdis["99998888"]["figures"] == {"free_bytes": 4194304, "fits_without_snapshot_coalesce": True}
     assert vdis["77776666"]["figures"] == {"switch": "on-boot=reset"}
@@ -199,7 +199,7 @@ def test_the_plugins_gc_passes_without_a_start_line_are_runs_of_their_own():
                        summary))
     sr = state["srs"][SR]
     assert sr["runs_total"] == 4 and sr["results"] == {"success": 3, "partial": 1}
-    assert smlog.outcome(sr["vdis"]["1234abcd"])["kind"] == "pause_failed"
+    assert smlogrules.outcome(sr["vdis"]["1234abcd"])["kind"] == "pause_failed"
     assert sr["last_run"]["result"] == "partial" and sr["last_run"]["errors"] == [
         "util.SMException: Failed to pause VDI 1234abcd"]
 
@@ -214,7 +214,7 @@ def test_the_plugins_passes_with_a_start_line_and_a_daemon_are_counted_once():
                        "GC process exiting, no work left", summary))
     sr = state["srs"][SR]
     assert sr["runs_total"] == 2 and sr["results"] == {"success": 2}
-    assert smlog.outcome(sr["vdis"]["aaaabbbb"])["kind"] == "merged"
+    assert smlogrules.outcome(sr["vdis"]["aaaabbbb"])["kind"] == "merged"
 
 
 def test_a_summary_names_a_run_only_for_an_sr_known_by_its_four_digits():
@@ -259,7 +259,7 @@ def test_a_state_file_of_the_earlier_form_is_read_and_a_mangled_one_starts_afres
         json.dump(saved, stream)
     log, health = smlogfile.read(conf)
     vdis = log.state["srs"][SR]["vdis"]
-    assert smlog.outcome(vdis["1234abcd"]) == earlier and vdis["5678abcd"] == ["merged", "No space", 5.0]
+    assert smlogrules.outcome(vdis["1234abcd"]) == earlier and vdis["5678abcd"] == ["merged", "No space", 5.0]
     assert log.state["srs"][SR]["runs_total"] == 8
     srs[SR]["vdis"]["1234abcd"] = ["no kind of ours", "x", 1.0]
     saved["file"] = None

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from . import __version__, gcaccount, history, model, smlog
+from . import __version__, gcaccount, history, model, smlogrules
 
 SR_LABELS = ("host", "sr_uuid", "sr_name", "sr_type")
 VDI_LABELS = ("host", "sr_uuid", "vdi_uuid", "vm_uuid", "vm_name")
@@ -27,8 +27,8 @@ LEAF_STATES = (model.LEAF, model.LEAF_COALESCEABLE, model.SNAPSHOT_PRESENT, mode
 _FREEZE_BOUNDS = [repr(bound) for bound in history.FREEZE_BUCKETS] + ["+Inf"]
 
 # GC outcomes that keep a chain unmerged (every kind but `merged`); failures counted per kind.
-BLOCKING_KINDS = tuple(kind for kind in smlog.KINDS if kind != smlog.MERGED)
-GC_RESULTS = tuple(result for result in smlog.RESULTS if result != smlog.RUNNING)
+BLOCKING_KINDS = tuple(kind for kind in smlogrules.KINDS if kind != smlogrules.MERGED)
+GC_RESULTS = tuple(result for result in smlogrules.RESULTS if result != smlogrules.RUNNING)
 
 
 class AgentStatus(object):

@@ -7,7 +7,7 @@ Where xapi's signals and the log disagree, both are kept: `gc["signals"]` lists 
 """
 import collections
 
-from . import model, smlog
+from . import model, smlogrules
 
 NO_SPACE_MESSAGE = "SM_GC_NO_SPACE"
 UNPAUSE_MESSAGE = "failed to unpause tapdisk"
@@ -68,7 +68,7 @@ def resolve(sr, outcomes):
         by_prefix[uuid[:8]].append(uuid)
     resolved = {}
     for key, value in outcomes.items():
-        outcome = smlog.outcome(value)
+        outcome = smlogrules.outcome(value)
         if key in uuids:
             target = key
         elif len(key) == 8 and len(by_prefix.get(key, ())) == 1:
@@ -97,12 +97,12 @@ def _vdi_gc(vdi, outcome, signals, alive_no_space, sr_messages):
         return None
     if outcome is None:
         first = own[0]
-        kind = smlog.UNPAUSE_FAILED if first["name"] == UNPAUSE_MESSAGE else smlog.NO_SPACE
+        kind = smlogrules.UNPAUSE_FAILED if first["name"] == UNPAUSE_MESSAGE else smlogrules.NO_SPACE
         gc = {"kind": kind, "message": first["body"], "time": first["time"], "figures": {}, "source": "xapi"}
     else:
         gc = {"kind": outcome["kind"], "message": outcome["message"], "time": outcome["time"],
               "figures": dict(outcome.get("figures") or {}), "source": "smlog"}
-    if gc["kind"] == smlog.NO_SPACE and vdi.state in MERGEABLE_STATES:
+    if gc["kind"] == smlogrules.NO_SPACE and vdi.state in MERGEABLE_STATES:
         gc["figures"]["needed_bytes"] = vdi.merge_free_bytes
     gc["signals"] = own
     return gc
@@ -111,6 +111,6 @@ def _vdi_gc(vdi, outcome, signals, alive_no_space, sr_messages):
 def blocked(vdi):
     """The kind of GC outcome that keeps a chain SM should have merged unmerged, or None."""
     gc = vdi.gc
-    if gc is None or vdi.state not in MERGEABLE_STATES or gc["kind"] == smlog.MERGED:
+    if gc is None or vdi.state not in MERGEABLE_STATES or gc["kind"] == smlogrules.MERGED:
         return None
     return gc["kind"]

@@ -2,7 +2,7 @@
 import json
 import time
 
-from . import gcaccount, model, smlog
+from . import gcaccount, model, smlogrules
 from .printable import MESSAGE_WIDTH, cell, one_line, table
 
 COLUMNS = ("VM", "VDI", "CHAIN", "STATE", "RECLAIMABLE", "REASON")
@@ -62,21 +62,21 @@ def gc_reason(vdi, now=None):
     now = time.time() if now is None else now
     gc = vdi.gc
     figures, when = gc["figures"], _when(gc["time"], now)
-    if kind == smlog.GAVE_UP and "start_bytes" in figures and "final_bytes" in figures:
+    if kind == smlogrules.GAVE_UP and "start_bytes" in figures and "final_bytes" in figures:
         text = "GC gave up at {}: leaf grew {} -> {}{}".format(
             when, human_bytes(figures["start_bytes"]), human_bytes(figures["final_bytes"]),
             " over {} rounds".format(figures["rounds"]) if "rounds" in figures else "")
-    elif kind == smlog.NO_SPACE and "free_bytes" in figures:
+    elif kind == smlogrules.NO_SPACE and "free_bytes" in figures:
         text = "GC had no space at {}: SR free {}, the merge needs {}".format(
             when, human_bytes(figures["free_bytes"]), human_bytes(figures.get("needed_bytes") or 0))
     else:
-        words = {smlog.GAVE_UP: "GC gave up", smlog.NO_SPACE: "GC had no space",
-                 smlog.TIMED_OUT: "GC's merge timed out",
-                 smlog.FAILED: "GC's merge failed", smlog.PAUSE_FAILED: "GC could not pause the VDI",
-                 smlog.UNPAUSE_FAILED: "GC could not unpause the VDI (its VM lost the disk)",
-                 smlog.DISABLED: "GC skips it", smlog.CONCURRENT_CHANGE: "GC stopped as the chain changed"}
+        words = {smlogrules.GAVE_UP: "GC gave up", smlogrules.NO_SPACE: "GC had no space",
+                 smlogrules.TIMED_OUT: "GC's merge timed out",
+                 smlogrules.FAILED: "GC's merge failed", smlogrules.PAUSE_FAILED: "GC could not pause the VDI",
+                 smlogrules.UNPAUSE_FAILED: "GC could not unpause the VDI (its VM lost the disk)",
+                 smlogrules.DISABLED: "GC skips it", smlogrules.CONCURRENT_CHANGE: "GC stopped as the chain changed"}
         text = "{} at {}: {}".format(words[kind], when, gc["message"])
-    if any(signal["name"] == gcaccount.NO_SPACE_MESSAGE for signal in gc["signals"]) and kind != smlog.NO_SPACE:
+    if any(signal["name"] == gcaccount.NO_SPACE_MESSAGE for signal in gc["signals"]) and kind != smlogrules.NO_SPACE:
         text += "; xapi: SM_GC_NO_SPACE"
     return text
 
@@ -87,7 +87,7 @@ def _gc_heading(sr, now):
     if not run:
         return []
     line = "  last GC run {} at {}: {}, {} merged".format(
-        "started" if run["result"] == smlog.RUNNING else "ended", _when(run["finished"] or run["started"], now),
+        "started" if run["result"] == smlogrules.RUNNING else "ended", _when(run["finished"] or run["started"], now),
         run["result"], run["merged"])
     if gc.get("last_success") is not None:
         line += "; last success {}".format(_when(gc["last_success"], now))

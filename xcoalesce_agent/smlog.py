@@ -1,9 +1,6 @@
 """The storage manager's garbage collector in its own words: SMlog lines → GC runs per SR and the
-latest outcome per VDI. Pure: text in, a JSON-able state out (smlogfile.py reads the file).
-
-A line is `Mon DD HH:MM:SS host IDENT: [pid] text`; GC lines have ident `SMGC`, a few `SM`. One
-pattern finds, in a whole block of lines at once, the few lines a rule acts on (two more the rarer
-exception and `SM` lines); the rest (most of SMlog) are only counted, never split into lines.
+latest outcome per VDI. Pure: text in, a JSON-able state out (smlogfile.py reads the file; smlogrules.py
+holds the rules that recognise GC lines, the outcome kinds and the caps).
 
 A GC run is the pid that logged `=== SR <uuid>: gc ===`. The GC passes the `coalesce-leaf` plugin
 runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at `Coalescing all in SR
@@ -11,219 +8,36 @@ runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at `C
 trees):`) of a process with no run, or at a new pass's first line from a process whose pass has
 ended. Lines of a pid with no run (the forked child that runs the VHD coalesce) go to the open run
 that logged last. `<tag>: EXCEPTION <class 'X'>, message` is the event of an exception block.
-
-Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM names them: mostly the
-first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
 """
-import re
 import sys
 import time
 
-GAVE_UP = "gave_up"
-NO_SPACE = "no_space"
-TIMED_OUT = "timed_out"
-FAILED = "failed"
-PAUSE_FAILED = "pause_failed"
-UNPAUSE_FAILED = "unpause_failed"
-DISABLED = "disabled"
-CONCURRENT_CHANGE = "concurrent_change"
-MERGED = "merged"
-KINDS = (GAVE_UP, NO_SPACE, TIMED_OUT, FAILED, PAUSE_FAILED, UNPAUSE_FAILED, DISABLED, CONCURRENT_CHANGE, MERGED)
-MERGED_TEXT = "merged into its parent"
+from .smlogrules import (ABORTED, ANOTHER_GC, CHILD_WINDOW_SECONDS, CONCURRENT_CHANGE, DISABLED, FAILED, FULL_UUID,
+                         GAVE_UP, MAX_OPEN_RUNS, MAX_RUN_ERRORS, MAX_SRS, MAX_STAMPS, MAX_TEXT, MAX_VDIS_PER_SR,
+                         MERGED, MERGED_TEXT, NO_SPACE, NOT_SYSLOG_AFTER_NEWLINE, PARTIAL, PAUSE_FAILED, RULES,
+                         RUN_FAILED, RUNNING, SIDES, SKIPPED, STAMP, SUCCESS, TIMED_OUT, UNPAUSE_FAILED, WANTED,
+                         compact_outcomes, parse_time, said_in, switch_of, tracker_figures, vdi_key)
 
-# How a run ended: `result` of an SR's last run.
-RUNNING, SUCCESS, PARTIAL, RUN_FAILED = "running", "success", "partial", "failed"
-ABORTED, SKIPPED = "aborted", "skipped"
-RESULTS = (RUNNING, SUCCESS, PARTIAL, RUN_FAILED, ABORTED, SKIPPED)
-
-# Bounds on what the state keeps, whatever the log holds.
-MAX_SRS = 1024
-MAX_VDIS_PER_SR = 4096
-MAX_OPEN_RUNS = 64
-MAX_RUN_ERRORS = 10
-MAX_TEXT = 500
-# An SR's name as its state summary gives it (longer ones: that summary is not read).
-MAX_SR_NAME = 256
-# A child's line is tied to a run that logged within this many seconds.
-CHILD_WINDOW_SECONDS = 24 * 3600
-# Syslog stamps read so far, by their text (logs are in time order: a few are enough).
-MAX_STAMPS = 256
-
-_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, 1)}
-_STAMP = re.compile(r"({}) ([ \d]\d) ([01]\d|2[0-3]):([0-5]\d):([0-5]\d)$".format("|".join(_MONTH_NAMES)))
-# Lines not in syslog's form (`Mon DD HH:MM:SS ...`: spaces at 3 and 15) after a newline, found in bulk.
-_NOT_SYSLOG_AFTER_NEWLINE = re.compile(r"\n(?![^\n]{3} [^\n]{11} )")
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_FULL = re.compile(_UUID)
-# A VDI as SM prints it: `*85ff84a8[VHD](65.000G//33.836G|n)`, `cf4a78da(50.000G/1.2G/?)`, or a full UUID.
-_VDI = r"(\*?(?:{}|[0-9a-f]{{8}})(?:\[[A-Z]{{1,8}}\])?(?:\([^)\n]{{0,200}}\))?(?:\[RAW\])?)".format(_UUID)
-_VDI_KEY = re.compile(r"\*?({}|[0-9a-f]{{8}})".format(_UUID))
-_ANOTHER_GC = "Another GC instance already active, exiting"
-# What the reader acts on: (rule, pattern of the text after `SMGC: [pid] `), tried in this order. Each
-# pattern begins with a literal character, which lets the regex engine pass over the others at once;
-# none reads more than a bounded stretch of a line past where it begins (the pattern is also tried
-# within lines' text, see GcLog.feed_text).
-_GC_RULES = (
-    ("start", r"=== SR ({}): gc ===$".format(_UUID)),
-    ("plugin_pass", r"Coalescing all in SR ({})\.\.\.$".format(_UUID)),
-    ("summary", r"SR (?:([0-9a-f]{{4}}) \('.{{0,{}}}'\)|({})) \(\d+ VDIs in \d+ VHD trees\):".format(
-        MAX_SR_NAME, _UUID)),
-    ("candidate", r"Leaf-[Cc]oalescing {} -> ".format(_VDI)),
-    ("candidate", r"[Cc]oalescing {} -> ".format(_VDI)),
-    ("no_space", r"No space to (?:leaf-)?coalesce {} \(free space: (-?\d+)\)$".format(_VDI)),
-    ("offline_fits", r"\.\.\.but enough space if skip snap-coalesce$"),
-    ("unpause_failed", r"ERROR: Failed to unpause VDI {}".format(_VDI)),
-    ("vdi_disabled", r"Leaf-coalesce disabled for {}".format(_VDI)),
-    ("vdi_disabled", r"Skipping (?:reset-on-boot|allow_caching=true) {}".format(_VDI)),
-    ("sr_disabled", r"GC is disabled for this SR, abort$"),
-    ("sr_disabled", r"Coalesce disabled for this SR$"),
-    ("sr_disabled", r"Leaf-coalesce disabled for this SR$"),
-    ("concurrent", r"The VDI (?:appears to have been concurrently (?:deleted|snapshotted)|"
-                   r"tree appears to have been altered since|is no longer leaf-coalesceable)"),
-    ("skip", r"Leaf-coalesce failed on {}, skipping".format(_VDI)),
-    ("skip", r"Coalesce failed, skipping"),
-    ("reason", r"Max iterations \(\d+\) exceeded$"),
-    ("reason", r"No progress made for \d+ iterations$"),
-    ("reason", r"Unexpected bump in size, compared to minimum achieved$"),
-    ("end", r"No work, exiting$"),
-    ("end", r"SR no longer attached, exiting$"),
-    ("end", _ANOTHER_GC + "$"),
-    ("exiting", r"GC process exiting, no work left$"),
-    ("aborted", r"Aborted$"),
-    ("aborted", r"Term requested$"),
-    ("error", r"\* \* \* \* \* SR ({}): ERROR$".format(_UUID)),
-    ("iteration", r"Iteration: (\d+) -- Initial size (\d+) --> Final size (\d+)$"),
-    ("size", r"Starting size was +(\d+(?:\.\d+)?)$"),
-    ("size", r"Final size was +(\d+(?:\.\d+)?)$"),
-    ("size", r"Minimum size achieved was +(\d+(?:\.\d+)?)$"),
-)
-# Lines rarer than those, each found by a pattern of its own (its literal start found fast), and what
-# comes before that start on its line: (rule, pattern, pattern of the line from its host to that start).
-_SIDE_RULES = (
-    ("exception", r": EXCEPTION (?:<(?:class|type) '([^'\n]{{0,{0}}})'>|(\S+)), ?(.{{0,{0}}})".format(MAX_TEXT),
-     r"[^ \n]+ SMGC: \[(\d+)\] (\S+)"),
-    ("sm_line", r"\] Co(?:alesce failed on SR ({0}): (.{{0,{1}}})|"
-                r"uld not coalesce due to a lack of space in SR ({0})$)".format(_UUID, MAX_TEXT),
-     r"[^ \n]+ SM: \[(\d+)"),
-)
-# Figures whose words repeat from outcome to outcome: kept once.
-_SHARED_FIGURES = frozenset(("exception", "reason"))
 # What a pass logs once it ended (SM's `finally` and error handling), not a start of the process's next pass.
 _AMENDING = frozenset(("exiting", "aborted", "error", "exception"))
-_SWITCHES = {"GC is disabled for this SR, abort": "gc", "Coalesce disabled for this SR": "coalesce",
-             "Leaf-coalesce disabled for this SR": "leaf-coalesce", "Leaf-coalesce disabled for": "leaf-coalesce",
-             "Skipping reset-on-boot": "on-boot=reset", "Skipping allow_caching=true": "allow-caching"}
-
-
-def _compile_wanted():
-    """One pattern for the rules, its match found from ` SMGC: [`; and by the number of the empty group
-    that ends each rule's pattern (the group that matched last), (rule, the groups to read: the whole
-    match, the rule's own groups, the pid's)."""
-    wanted = re.compile(r" SMGC: \[(?:(\d+)\] {}|(?!\d+\]))".format(
-        _alternation(["{}(?P<rule{}>)".format(pattern, number) for number, (_, pattern) in enumerate(_GC_RULES)])),
-        re.MULTILINE)
-    rules = {}
-    for number, (name, pattern) in enumerate(_GC_RULES):
-        marker = wanted.groupindex["rule{}".format(number)]
-        rules[marker] = (name, (0,) + tuple(range(marker - re.compile(pattern).groups, marker)) + (1,))
-    return wanted, rules
-
-
-def _alternation(patterns):
-    """The patterns as one alternation in which those that begin with the same literal characters share
-    them, down to where they differ: the regex engine tries fewer of them (and their order among those
-    that begin alike is kept; rules that begin differently never match the same text)."""
-    items = _alternatives(patterns)
-    return items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
-
-
-def _alternatives(patterns):
-    shared, items = {}, []
-    for pattern in patterns:
-        atom = _literal_atom(pattern)
-        if atom is None:
-            items.append(pattern)
-        elif atom in shared:
-            shared[atom].append(pattern[len(atom):])
-        else:
-            shared[atom] = [pattern[len(atom):]]
-            items.append(atom)
-    return [item + _alternation(shared[item]) if item in shared else item for item in items]
-
-
-def _literal_atom(pattern):
-    """The literal character a pattern begins with, as written (`a`, `\\.`), None when it begins otherwise."""
-    atom = pattern[:2] if pattern[:1] == "\\" and not pattern[1:2].isalnum() else pattern[:1]
-    if not atom or atom in "^$.|?*+()[]{}\\" or pattern[len(atom):len(atom) + 1] in ("*", "+", "?", "{"):
-        return None
-    return atom
-
-
-_WANTED, _RULES = _compile_wanted()
-_SIDES = tuple((name, re.compile(pattern, re.MULTILINE), re.compile(head)) for name, pattern, head in _SIDE_RULES)
-
-
-def vdi_key(text):
-    """`85ff84a8` of `*85ff84a8[VHD](...)`, the full UUID when SM printed one."""
-    match = _VDI_KEY.match(text)
-    return match.group(1) if match else ""
-
-
-def parse_time(month, day, hour, minute, second, now):
-    """Unix time of a syslog stamp (local time, no year): the year that puts it at most a day ahead of `now`."""
-    year = time.localtime(now).tm_year
-    fields = (year, _MONTHS[month], int(day), int(hour), int(minute), int(second), 0, 0, -1)
-    stamp = time.mktime(fields)
-    if stamp > now + 86400:
-        stamp = time.mktime((year - 1,) + fields[1:])
-    return stamp
 
 
 def new_state():
     """What the reader keeps between inspections (JSON-able): per SR its runs and its VDIs' latest
-    outcomes (compact: see `outcome`), and the runs by pid."""
+    outcomes (compact: see `smlogrules.outcome`), and the runs by pid."""
     return {"srs": {}, "pids": {}, "lines": {"read": 0, "unreadable": 0, "cut": 0, "not_utf8": 0}}
-
-
-def outcome(value):
-    """An outcome as the state keeps it, `[kind, message, time]` and SM's figures when it gave some,
-    as a dict {kind, message, time, figures}."""
-    return {"kind": value[0], "message": value[1], "time": value[2],
-            "figures": dict(value[3]) if len(value) > 3 and isinstance(value[3], dict) else {}}
-
-
-def _compact_outcomes(state):
-    """The outcomes of a state read back, with shared words; those of an older state (dicts) converted.
-    False when the state is not what this reader writes."""
-    kinds = {kind: kind for kind in KINDS}
-    try:
-        for sr in state["srs"].values():
-            vdis = sr["vdis"]
-            for key, value in vdis.items():
-                if type(value) is dict:
-                    figures = [value["figures"]] if value.get("figures") else []
-                    value = vdis[key] = [value["kind"], value["message"], value["time"]] + figures
-                value[0] = kinds[value[0]]
-                if value[1] == MERGED_TEXT:
-                    value[1] = MERGED_TEXT
-                for name in _SHARED_FIGURES.intersection(value[3] if len(value) > 3 else ()):
-                    value[3][name] = sys.intern(value[3][name])
-    except (TypeError, KeyError, IndexError, AttributeError):
-        return False
-    return True
 
 
 class GcLog(object):
     """Feeds SMlog lines into a state; `state` is the dict to persist."""
 
     def __init__(self, state=None, now=None):
-        self.state = state if _well_formed(state) and _compact_outcomes(state) else new_state()
+        self.state = state if _well_formed(state) and compact_outcomes(state) else new_state()
         self.now = time.time() if now is None else now
         self._stamps = {}
         self._minutes = {}
-        self._rules = {index: (getattr(self, "_on_" + name), groups) for index, (name, groups) in _RULES.items()}
-        self._sides = tuple((getattr(self, "_on_" + name), pattern, head) for name, pattern, head in _SIDES)
+        self._rules = {index: (getattr(self, "_on_" + name), groups) for index, (name, groups) in RULES.items()}
+        self._sides = tuple((getattr(self, "_on_" + name), pattern, head) for name, pattern, head in SIDES)
 
     # -- lines --
 
@@ -236,12 +50,12 @@ class GcLog(object):
         syslog's form counted unreadable, and only the lines a rule matches looked at one by one."""
         counts = self.state["lines"]
         counts["read"] += text.count("\n") + 1
-        unreadable = len(_NOT_SYSLOG_AFTER_NEWLINE.findall(text)) + (text[3:4] != " " or text[15:16] != " ")
+        unreadable = len(NOT_SYSLOG_AFTER_NEWLINE.findall(text)) + (text[3:4] != " " or text[15:16] != " ")
         stamps, rules = self._stamps, self._rules
         rare = self._rare_lines(text)
         upcoming = rare[0][0] if rare else len(text)
         previous = 0
-        for match in _WANTED.finditer(text):
+        for match in WANTED.finditer(text):
             at = match.start()
             if at > upcoming:
                 rare, upcoming = self._replay(rare, at, len(text))
@@ -265,7 +79,7 @@ class GcLog(object):
         counts["unreadable"] += unreadable
 
     def _rare_lines(self, text):
-        """The lines of _SIDE_RULES, [(where, handler, fields, stamp)] in the text's order."""
+        """The lines of the side rules (SIDES), [(where, handler, fields, stamp)] in the text's order."""
         found = []
         for handler, pattern, head in self._sides:
             previous = 0
@@ -294,7 +108,7 @@ class GcLog(object):
 
     def _stamp(self, head):
         """Unix time of a syslog stamp (`Jan  2 16:01:16`), None when it is not one."""
-        match = _STAMP.match(head)
+        match = STAMP.match(head)
         if match is None:
             return None
         minute = head[:12]
@@ -451,39 +265,39 @@ class GcLog(object):
         if run is not None:
             vdi = vdi_key(fields[1])
             run["no_space"] = vdi
-            self._outcome(run, vdi, NO_SPACE, _said(fields), stamp, {"free_bytes": int(fields[2])})
+            self._outcome(run, vdi, NO_SPACE, said_in(fields), stamp, {"free_bytes": int(fields[2])})
 
     def _on_offline_fits(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "offline_fits")
         outcome = run and self._sr(run["sr"])["vdis"].get(run.get("no_space") or "")
         if outcome and outcome[0] == NO_SPACE and len(outcome) > 3:
             outcome[3]["fits_without_snapshot_coalesce"] = True
-            outcome[1] = (outcome[1] + "; " + _said(fields))[:MAX_TEXT]
+            outcome[1] = (outcome[1] + "; " + said_in(fields))[:MAX_TEXT]
 
     def _on_unpause_failed(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "unpause_failed")
         if run is not None:
-            self._outcome(run, vdi_key(fields[1]), UNPAUSE_FAILED, _said(fields), stamp, {})
-            self._error(run, _said(fields))
+            self._outcome(run, vdi_key(fields[1]), UNPAUSE_FAILED, said_in(fields), stamp, {})
+            self._error(run, said_in(fields))
 
     def _on_vdi_disabled(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "vdi_disabled")
         if run is not None:
-            said = _said(fields)
-            self._outcome(run, vdi_key(fields[1]), DISABLED, said, stamp, {"switch": _switch(said)})
+            said = said_in(fields)
+            self._outcome(run, vdi_key(fields[1]), DISABLED, said, stamp, {"switch": switch_of(said)})
 
     def _on_sr_disabled(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "sr_disabled")
         if run is not None:
-            said = _said(fields)
-            self._sr(run["sr"])["disabled"] = {"switch": _switch(said), "message": said, "time": stamp}
+            said = said_in(fields)
+            self._sr(run["sr"])["disabled"] = {"switch": switch_of(said), "message": said, "time": stamp}
             if said.startswith("GC is disabled"):
                 self._finish(run, stamp, SKIPPED)
 
     def _on_concurrent(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "concurrent")
         if run is not None and run.get("candidate"):
-            self._outcome(run, run["candidate"], CONCURRENT_CHANGE, _said(fields), stamp, {})
+            self._outcome(run, run["candidate"], CONCURRENT_CHANGE, said_in(fields), stamp, {})
 
     def _on_skip(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "skip")
@@ -491,13 +305,13 @@ class GcLog(object):
             return
         vdi = vdi_key(fields[1]) if len(fields) > 2 else run.get("candidate")
         if vdi and not run.get("outcome"):
-            self._outcome(run, vdi, FAILED, _said(fields), stamp, {})
+            self._outcome(run, vdi, FAILED, said_in(fields), stamp, {})
         run["outcome"] = run.get("outcome") or FAILED
 
     def _on_reason(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "reason")
         if run is not None:
-            run.setdefault("tracker", {})["reason"] = sys.intern(_said(fields))
+            run.setdefault("tracker", {})["reason"] = sys.intern(said_in(fields))
 
     def _on_iteration(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "iteration")
@@ -507,15 +321,15 @@ class GcLog(object):
     def _on_size(self, fields, stamp):
         run = self._run_of(fields[-1], stamp, "size")
         if run is not None and "tracker" in run:
-            run["tracker"][_said(fields).split(" ", 1)[0].lower()] = int(float(fields[1]))
+            run["tracker"][said_in(fields).split(" ", 1)[0].lower()] = int(float(fields[1]))
 
     def _on_end(self, fields, stamp):
-        said = _said(fields)
-        if said == _ANOTHER_GC and fields[-1] not in self.state["pids"]:
+        said = said_in(fields)
+        if said == ANOTHER_GC and fields[-1] not in self.state["pids"]:
             return   # a process that found the SR's GC at work (the plugin's pass): never that run's child
         run = self._run_of(fields[-1], stamp, "end")
         if run is not None:
-            self._finish(run, stamp, SKIPPED if said in (_ANOTHER_GC, "SR no longer attached, exiting") else None)
+            self._finish(run, stamp, SKIPPED if said in (ANOTHER_GC, "SR no longer attached, exiting") else None)
 
     def _on_exiting(self, fields, stamp):
         """Printed in a `finally`: the end of a pass, also after a failure (not a success signal)."""
@@ -546,10 +360,10 @@ class GcLog(object):
         vdi = run.get("candidate")
         figures = {"exception": sys.intern(cls), "error": message[:MAX_TEXT]}
         if "could not be coalesced" in message:
-            full = _FULL.search(message)
+            full = FULL_UUID.search(message)
             vdi = full.group(0) if full else vdi
             kind = GAVE_UP
-            figures.update(_tracker_figures(run.get("tracker") or {}))
+            figures.update(tracker_figures(run.get("tracker") or {}))
         elif "Timed out" in message:
             kind = TIMED_OUT
         elif "Failed to unpause" in message:
@@ -574,25 +388,6 @@ class GcLog(object):
             self._error(run, message)
             if run.get("candidate"):
                 self._outcome(run, run["candidate"], FAILED, message, stamp, {"error": fields[2]})
-
-
-def _said(fields):
-    """The text of the line a rule matched, as far as the rule reads it (fields[0] is the whole match)."""
-    whole = fields[0]
-    return whole[whole.index("] ") + 2:]
-
-
-def _switch(said):
-    return next(switch for words, switch in _SWITCHES.items() if said.startswith(words))
-
-
-def _tracker_figures(tracker):
-    figures = {}
-    for name, field in (("starting", "start_bytes"), ("final", "final_bytes"), ("minimum", "minimum_bytes"),
-                        ("rounds", "rounds"), ("reason", "reason")):
-        if name in tracker:
-            figures[field] = tracker[name]
-    return figures
 
 
 def _well_formed(state):
