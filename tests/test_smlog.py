@@ -326,3 +326,16 @@ def test_passes_of_srs_that_share_four_digits_are_never_guessed():
     state = feed(plugin_pass(73, "4659 ('a')"), plugin_pass(73, "4659 ('b')"), forced_pass(73, SR, "4659 ('a')"))
     assert state["srs"][SR]["runs_total"] == 1 and state["srs"][SR]["vdis"] == {}
     assert state["lines"]["ambiguous"] == 6 and state["held"] == {}
+
+
+def test_a_plugin_call_over_a_known_sr_and_an_unknown_one_reads_each_pass_as_its_srs():
+    """The plugin's first passes go SR by SR, then `Coalescing all in SR` comes in the same order: the
+    pass of the SR known by its digits is read at once, the other one when its SR is named."""
+    other = "77770000-0000-4000-8000-000000000003"
+    state = feed(lines(80, "=== SR {}: gc ===".format(SR), "No work, exiting", "GC process exiting, no work left"),
+                 plugin_pass(81, "4659 ('known')")[:-1], plugin_pass(81, "7777 ('new')")[1:],
+                 forced_pass(81, SR, "4659 ('known')"), forced_pass(81, other, "7777 ('new')"))
+    assert state["srs"][SR]["runs_total"] == 3 and state["srs"][other]["runs_total"] == 2
+    assert [smlogrules.outcome(state["srs"][uuid]["vdis"]["1234abcd"])["kind"] for uuid in (SR, other)] == [
+        "merged", "merged"]
+    assert state["held"] == {} and "unattributed" not in state["lines"]

@@ -8,6 +8,9 @@ exception and `SM` lines); the rest (most of SMlog) are only counted, never spli
 
 Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM names them: mostly the
 first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
+
+Also the pure parts of the reader's state: syslog stamps, and the passes held until their process
+names their SR in full (`held`: by pid, [named, ambiguous, first stamp, GC lines]).
 """
 import re
 import sys
@@ -243,7 +246,10 @@ def well_formed(state):
     if not (isinstance(state, dict) and isinstance(state.get("srs"), dict) and isinstance(state.get("pids"), dict)
             and isinstance(state.get("lines"), dict)):
         return False
-    return isinstance(state.setdefault("held", {}), dict)
+    held = state.setdefault("held", {})
+    return isinstance(held, dict) and all(
+        isinstance(passes, list) and all(isinstance(item, list) and len(item) == 4 for item in passes)
+        for passes in held.values())
 
 
 def hold_pass(state, pid, named, ambiguous, stamp):
