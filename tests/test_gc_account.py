@@ -126,7 +126,7 @@ def test_a_tapdisk_that_fails_to_unpause_and_a_rotation_mid_run(sim_host, genera
     host = sim_host(one_disk_pool(), sm=generation)
     host.sm.sm_log("sr_attach {}".format(host.srs["sr"]))   # SM logs before any GC
     account(host)   # the reader stands at the end of the log
-    host.sm.smlog.max_bytes = os.path.getsize(host.sm.log_path) + 1500   # rotates once, during the GC run
+    host.sm.smlog.max_bytes = os.path.getsize(host.sm.log_path) + 2000   # rotates once, during the GC run
     host.sm.fail_unpause(host.vdis["disk"])
     scan(host)
     assert host.sm.smlog.rotations == 1

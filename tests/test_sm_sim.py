@@ -13,6 +13,7 @@ import XenAPI
 from tests.dom0sim import scenarios as sc
 from tests.dom0sim import sm, vhdfile
 from tests.dom0sim.host import wait_until
+from xcoalesce_agent import config, smlogfile
 
 MIB = 1024 * 1024
 BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES
@@ -576,6 +577,85 @@ def test_plugin_of_sm_3_2_ends_with_a_background_gc_that_keeps_the_quiet_period(
     assert [t["name_label"] for t in session.xenapi.task.get_all_records().values()] == ["Garbage Collection"]
     host.sm.stop(10)
     assert not host.sm.gc_running(host.srs["sr"])
+
+
+def pid_lines(log, pid):
+    """The texts SMlog holds from process `pid`."""
+    return [line.split("] ", 1)[1] for line in log.splitlines() if " [{}] ".format(pid) in line]
+
+
+def gc_runs_read(host, sr_uuid):
+    """The SR's GC runs as the agent reads them from the host's SMlog."""
+    log, health = smlogfile.read(config.load(host.agent_conf))
+    assert health["status"] == "ok"
+    return log.state["srs"][sr_uuid]
+
+
+def plugin_after_a_unit_run(sim_host, xapi_session, generation):
+    """The SR's SMGC unit ran once (leaf-coalesce off for the SR, so the leaf is left), then the plugin
+    merged the leaf: (host, SMlog, the plugin's pid)."""
+    host = sim_host(lvm_vm_pool(sr_other={"leaf-coalesce": "false"}), sm=generation)
+    session = xapi_session(host)
+    scan(session, host)
+    session.xenapi.SR.remove_from_other_config(host.sr_ref("sr"), "leaf-coalesce")
+    assert plugin(session, host, host.vms["vm"]) == "Success"
+    assert host.sm.wait_idle(30) and list(forest(host).images) == [host.vdis["disk"]]
+    log = smlog(host)
+    return host, log, re.search(r"\[(\d+)\] VDI to consider: ", log).group(1)
+
+
+def test_plugin_passes_of_sm_4_1_are_run_gc_calls_with_no_start_line(sim_host, xapi_session):
+    host, log, plugin_pid = plugin_after_a_unit_run(sim_host, xapi_session, "4.1")
+    sr_uuid = host.srs["sr"]
+    texts = pid_lines(log, plugin_pid)
+    assert log.count("=== SR {}: gc ===".format(sr_uuid)) == 1 and not any(t.startswith("=== SR") for t in texts)
+    # each scan and the end of each pass: the SR's state summary, every tree the first time in a pass
+    summary = "SR {} ('sr') (".format(sr_uuid[:4])
+    assert texts[texts.index("GC process exiting, no work left") + 1].startswith(summary)
+    assert texts.count("GC process exiting, no work left") == 3
+    assert sum(1 for t in texts if t.startswith(summary) and t.endswith("VHD trees): ")) == 4  # leaves + 3 passes
+    assert "        {}".format(host.sm.label(forest(host).get(host.vdis["disk"]))) in texts
+    gc = gc_runs_read(host, sr_uuid)   # the unit's run and the plugin's three passes
+    assert gc["runs_total"] == 4 and gc["results"] == {"success": 4}
+    assert gc["vdis"][host.vdis["disk"][:8]][0] == "merged"
+
+
+def test_plugin_passes_of_sm_3_2_are_gc_calls_and_the_last_a_daemon(sim_host, xapi_session):
+    host, log, plugin_pid = plugin_after_a_unit_run(sim_host, xapi_session, "3.2")
+    sr_uuid = host.srs["sr"]
+    texts = pid_lines(log, plugin_pid)
+    assert texts.count("=== SR {}: gc ===".format(sr_uuid)) == 3
+    first_child = re.search(r"New PID \[(\d+)\]", "\n".join(texts)).group(1)
+    daemon = re.search(r"Will finish as PID \[(\d+)\]", "\n".join(pid_lines(log, first_child))).group(1)
+    assert texts[-2:] == ["=== SR {}: gc ===".format(sr_uuid), "New PID [{}]".format(first_child)]
+    daemon_texts = pid_lines(log, daemon)
+    assert daemon_texts[0].startswith("SR {} ('sr') (1 VDIs in 1 VHD trees): ".format(sr_uuid[:4]))
+    assert daemon_texts[-2:] == ["GC process exiting, no work left",
+                                 "SR {} ('sr') (1 VDIs in 1 VHD trees): no changes".format(sr_uuid[:4])]
+    gc = gc_runs_read(host, sr_uuid)   # the unit's run and the plugin's three passes, the daemon's its last
+    assert gc["runs_total"] == 4 and gc["results"] == {"success": 4}
+    assert gc["vdis"][host.vdis["disk"][:8]][0] == "merged"
+
+
+def test_plugin_passes_of_sm_4_1_are_runs_when_smlog_holds_no_start_line_of_the_sr(sim_host, xapi_session):
+    """The plugin's first pass (the one that merged the leaf here) starts at the SR's state summary,
+    which names the SR by 4 hex digits; its `Coalescing all in SR <uuid>` comes only later."""
+    host = sim_host(lvm_vm_pool(), sm="4.1")
+    session = xapi_session(host)
+    assert plugin(session, host, host.vms["vm"]) == "Success"
+    assert "=== SR" not in smlog(host) and list(forest(host).images) == [host.vdis["disk"]]
+    gc = gc_runs_read(host, host.srs["sr"])
+    assert gc["runs_total"] == 3 and gc["results"] == {"success": 3}
+    assert gc["vdis"][host.vdis["disk"][:8]][0] == "merged"
+
+
+def test_an_sr_with_no_name_is_summarised_by_its_full_uuid(sim_host, xapi_session):
+    host = sim_host(one_disk_pool())
+    session = xapi_session(host)
+    session.xenapi.SR.set_name_label(host.sr_ref("sr"), "")
+    scan(session, host)
+    assert "SMGC: [{}] SR {} (2 VDIs in 1 VHD trees): \n".format(
+        re.search(r"\[(\d+)\] === SR", smlog(host)).group(1), host.srs["sr"]) in smlog(host)
 
 
 def test_async_task_of_a_failing_call_and_destroy_of_a_pending_task(sim_host, xapi_session):

@@ -268,3 +268,75 @@ def test_a_state_file_of_the_earlier_form_is_read_and_a_mangled_one_starts_afres
         json.dump(saved, stream)
     log, health = smlogfile.read(conf)
     assert log.state["srs"][SR]["runs_total"] == 1 and health["status"] == "ok"
+
+
+def plugin_pass(pid, named):
+    """What SM 4.1's plugin logs before it names the SR in full: its scan, then a run_gc pass that merges
+    the leaf (the summaries name the SR by 4 hex digits and its name)."""
+    summary = "SR {} (2 VDIs in 1 VHD trees): no changes".format(named)
+    leaf = "1234abcd[VHD](10.000G//1.200G/1.3G|a)"
+    return lines(pid, "VDI to consider: {}".format(LEAF), summary, summary, "Leaf-coalesce candidate: " + leaf,
+                 "Leaf-coalescing {} -> *cf4a78da[VHD](10.000G//5.0G/5.1G|a)".format(leaf), "No work, exiting",
+                 "GC process exiting, no work left", summary, "Suspending VM 0000")
+
+
+def forced_pass(pid, sr_uuid, named):
+    summary = "SR {} (1 VDIs in 1 VHD trees): no changes".format(named)
+    return lines(pid, "Coalescing all in SR {}...".format(sr_uuid), summary, "No work, exiting",
+                 "GC process exiting, no work left", summary)
+
+
+def test_a_pass_of_an_sr_named_by_its_digits_alone_is_held_until_its_process_names_the_sr():
+    """The plugin's first pass names the SR only as `4659 ('LVM-local-SR')`; its process names it in
+    full at `Coalescing all in SR`: the held pass is then that SR's, also across a saved state."""
+    log = smlog.GcLog(now=1767369700.0)
+    log.feed_text("\n".join(plugin_pass(51, "4659 ('LVM-local-SR')")))
+    assert log.state["srs"] == {} and len(log.state["held"]["51"][0][3]) == 3
+    log = smlog.GcLog(json.loads(json.dumps(log.state)), now=1767369700.0)
+    log.feed_text("\n".join(forced_pass(51, SR, "4659 ('LVM-local-SR')")))
+    sr = log.state["srs"][SR]
+    assert sr["runs_total"] == 2 and sr["results"] == {"success": 2} and log.state["held"] == {}
+    assert smlogrules.outcome(sr["vdis"]["1234abcd"])["kind"] == "merged"
+    assert "unattributed" not in log.state["lines"] and "ambiguous" not in log.state["lines"]
+
+
+def test_a_held_pass_its_process_never_names_ends_unbound_and_its_lines_are_counted():
+    """A pass held before the one the process names (its SR never named in full) is dropped, never a
+    run; held passes are bounded whatever the log holds."""
+    state = feed(plugin_pass(61, "9999 ('gone')"), plugin_pass(61, "4659 ('LVM-local-SR')"),
+                 forced_pass(61, SR, "4659 ('LVM-local-SR')"))
+    assert list(state["srs"]) == [SR] and state["srs"][SR]["runs_total"] == 2
+    assert state["lines"]["unattributed"] == 3 and state["held"] == {}
+    flood = [lines(pid, "SR 9999 ('gone') (1 VDIs in 1 VHD trees): no changes",
+                   *["Coalescing *aaaabbbb(1G/1M/1M) -> *33332222(1G/1M/1M)"] * 600) for pid in range(100, 120)]
+    state = feed(*flood)
+    assert state["srs"] == {} and len(state["held"]) == smlogrules.MAX_HELD_PIDS
+    assert all(held[3] is None for passes in state["held"].values() for held in passes)
+    assert state["lines"]["unattributed"] == 20 * 600
+
+
+def test_passes_of_srs_that_share_four_digits_are_never_guessed():
+    """Two SRs the log named in full share the digits, or one process held passes of two SRs of the same
+    digits: the passes are dropped (counted ambiguous), the pass the process then names is read."""
+    other = "4659ffff-0000-4000-8000-000000000002"
+    state = feed(lines(70, "=== SR {}: gc ===".format(SR), "No work, exiting", "GC process exiting, no work left"),
+                 lines(71, "=== SR {}: gc ===".format(other), "No work, exiting", "GC process exiting, no work left"),
+                 plugin_pass(72, "4659 ('one of two')"), forced_pass(72, SR, "4659 ('one of two')"))
+    assert [state["srs"][uuid]["runs_total"] for uuid in (SR, other)] == [2, 1]
+    assert "1234abcd" not in state["srs"][SR]["vdis"] and state["lines"]["ambiguous"] == 3
+    state = feed(plugin_pass(73, "4659 ('a')"), plugin_pass(73, "4659 ('b')"), forced_pass(73, SR, "4659 ('a')"))
+    assert state["srs"][SR]["runs_total"] == 1 and state["srs"][SR]["vdis"] == {}
+    assert state["lines"]["ambiguous"] == 6 and state["held"] == {}
+
+
+def test_a_plugin_call_over_a_known_sr_and_an_unknown_one_reads_each_pass_as_its_srs():
+    """The plugin's first passes go SR by SR, then `Coalescing all in SR` comes in the same order: the
+    pass of the SR known by its digits is read at once, the other one when its SR is named."""
+    other = "77770000-0000-4000-8000-000000000003"
+    state = feed(lines(80, "=== SR {}: gc ===".format(SR), "No work, exiting", "GC process exiting, no work left"),
+                 plugin_pass(81, "4659 ('known')")[:-1], plugin_pass(81, "7777 ('new')")[1:],
+                 forced_pass(81, SR, "4659 ('known')"), forced_pass(81, other, "7777 ('new')"))
+    assert state["srs"][SR]["runs_total"] == 3 and state["srs"][other]["runs_total"] == 2
+    assert [smlogrules.outcome(state["srs"][uuid]["vdis"]["1234abcd"])["kind"] for uuid in (SR, other)] == [
+        "merged", "merged"]
+    assert state["held"] == {} and "unattributed" not in state["lines"]

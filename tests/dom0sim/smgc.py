@@ -4,6 +4,8 @@ is small enough (or given up, by the generation's CoalesceTracker), free space c
 parent renamed to the leaf's UUID after a leaf coalesce, and xapi's records kept in step. Every merge
 really copies data (vhdfile.coalesce) and lasts bytes / SR speed (smmerge.py).
 """
+import collections
+
 from tests.dom0sim import lvm, vhdformat
 from tests.dom0sim.smimages import TMP_RENAME_PREFIX, Forest
 from tests.dom0sim.smmerge import read_speed
@@ -18,6 +20,8 @@ TIMEOUT_SAFETY_MARGIN = 0.5
 LEAF_COALESCE_KEY = "leaf-coalesce"
 GC_TASK_LABEL = "Garbage Collection"
 DRY_RUN_PERIOD = 0.02            # seconds between the rounds of a dry run that finds work
+TREE_INDENT = 8                  # the SR's state summary: a tree's root, then each level deeper
+TREE_INDENT_STEP = 4
 
 
 class Aborted(SmError):
@@ -43,14 +47,24 @@ class GcPass(object):
         self.failed = set()
         self.no_space = {}
         self.log = sm.log
+        self.name_label = self.sr_field("name_label")
+        self.forest = Forest([])        # the last scan's: none yet
+        self.logged_trees = {}
+        self.state_logged = False
 
     # -- the loop --
 
     def run(self):
         """One GC run: gc_active for the whole run (or exit at once), a "Garbage Collection" task only
-        while there is work."""
+        while there is work, the SR's state summary last."""
         if not self.enabled():
             return
+        try:
+            self.run_active()
+        finally:
+            self.log_state()
+
+    def run_active(self):
         gc_active = self.sm.sm_lock(self.sr_uuid, "gc_active")
         with self.sm.sr_lock(self.sr_uuid):      # LockActive: not while another holds the SR lock
             acquired = gc_active.acquire_noblock()
@@ -155,7 +169,37 @@ class GcPass(object):
         if forest.orphans:
             orphan = forest.orphans[0]
             raise SmError("Parent VDI {} of {} not found".format(orphan.parent_footer_uuid, orphan.uuid))
+        self.forest = forest
+        self.log_state()
         return forest
+
+    # -- the SR's state summary --
+
+    def log_state(self):
+        """SR.LogFilter.logState, after each scan and at the end of a run: `SR 4659 ('name') (6 VDIs in
+        5 VHD trees): ` then every tree the first time, later `no changes` or `showing only VHD trees
+        that changed:` and those trees (the SR's full UUID when it has no name)."""
+        trees = collections.OrderedDict((root.uuid, self.tree_text(root)) for root in self.forest.roots)
+        changes = "".join(text for uuid, text in trees.items() if self.logged_trees.get(uuid) != text)
+        changes += "".join("Tree {} gone\n".format(uuid) for uuid in self.logged_trees if uuid not in trees)
+        text = "SR {} ({} VDIs in {} VHD trees): ".format(self.sr_name(), len(self.forest.images), len(trees))
+        if changes:
+            if self.state_logged:
+                text += "showing only VHD trees that changed:"
+            text += "\n" + changes
+        else:
+            text += "no changes"
+        self.log(text)
+        self.logged_trees = trees
+        self.state_logged = True
+
+    def tree_text(self, image, indent=TREE_INDENT):
+        return " " * indent + self.sm.label(image) + "\n" + "".join(
+            self.tree_text(child, indent + TREE_INDENT_STEP) for child in image.children)
+
+    def sr_name(self):
+        """str(SR): 4 hex digits of its UUID and its name, or its full UUID when the name is empty."""
+        return "{} ('{}')".format(self.sr_uuid[:4], self.name_label) if self.name_label else self.sr_uuid
 
     def update_block_info(self, forest):
         """SR.updateBlockInfo: every VHD with children gets sm-config:vhd-blocks if it lacks it."""

@@ -109,10 +109,11 @@ class CoalesceTrackerV41(CoalesceTracker):
 class Generation(object):
     """What differs between the SM generations the simulated host can run."""
 
-    def __init__(self, name, tracker, plugin_waits_for_gc, plugin_final_dry_run, keeps_vhd_parent,
-                 logs_fatal_errors):
+    def __init__(self, name, tracker, plugin_calls_run_gc, plugin_waits_for_gc, plugin_final_dry_run,
+                 keeps_vhd_parent, logs_fatal_errors):
         self.name = name
         self.tracker = tracker                            # the CoalesceTracker class
+        self.plugin_calls_run_gc = plugin_calls_run_gc    # no `=== SR` for its passes; else cleanup.gc
         self.plugin_waits_for_gc = plugin_waits_for_gc    # wait_for_completion after the first pass
         self.plugin_final_dry_run = plugin_final_dry_run  # else a background GC with the quiet period
         self.keeps_vhd_parent = keeps_vhd_parent          # sm_config:vhd-parent left on the old parent
@@ -121,11 +122,11 @@ class Generation(object):
 
 GENERATIONS = {
     # XCP-ng 8.3: v3.2.12 (xcp-ng/sm 3.2.12-8.3)
-    "3.2": Generation("3.2", CoalesceTracker, plugin_waits_for_gc=False, plugin_final_dry_run=False,
-                      keeps_vhd_parent=False, logs_fatal_errors=False),
+    "3.2": Generation("3.2", CoalesceTracker, plugin_calls_run_gc=False, plugin_waits_for_gc=False,
+                      plugin_final_dry_run=False, keeps_vhd_parent=False, logs_fatal_errors=False),
     # XenServer 8: v4.1.10 and later
-    "4.1": Generation("4.1", CoalesceTrackerV41, plugin_waits_for_gc=True, plugin_final_dry_run=True,
-                      keeps_vhd_parent=True, logs_fatal_errors=True),
+    "4.1": Generation("4.1", CoalesceTrackerV41, plugin_calls_run_gc=True, plugin_waits_for_gc=True,
+                      plugin_final_dry_run=True, keeps_vhd_parent=True, logs_fatal_errors=True),
 }
 DEFAULT_GENERATION = "3.2"
 

@@ -1,9 +1,9 @@
 """`/var/log/SMlog` as rsyslog writes it for SM on a real host: `Mon DD HH:MM:SS host IDENT: [pid] text`,
 each newline of a message its own record, rotated to `SMlog.1` (the older one gzipped) past a size.
 
-SM's processes are the simulated SM's threads: each gets a pid of its own, and `child()` stands for the
-process SM forks to run a VHD coalesce. `label(image)` prints a VHD as SM's GC does; SmLogCalls are the
-StorageManager's calls that write SMlog.
+SM's processes are the simulated SM's threads: each gets a pid of its own; `child()` stands for the
+process SM forks to run a VHD coalesce, `forked()` for any other process a thread stands for.
+`label(image)` prints a VHD as SM's GC does; SmLogCalls are the StorageManager's calls that write SMlog.
 """
 import gzip
 import os
@@ -52,26 +52,33 @@ class SmLog(object):
         self.hostname = hostname
         self.rotations = 0
         self._lock = threading.Lock()
-        self._pids = {}
+        self._process = threading.local()
+        self._processes = 0
         self._children = {}
 
     def pid(self):
-        """The pid of the calling thread's process (its forked child's while `child()` lasts)."""
+        """The pid of the calling thread's process (its forked process's while `child()` or `forked()` lasts)."""
         ident = threading.current_thread().ident
         with self._lock:
             if ident in self._children:
                 return self._children[ident]
-            if ident not in self._pids:
-                self._pids[ident] = FIRST_PID + 7 * len(self._pids)
-            return self._pids[ident]
+            if not hasattr(self._process, "pid"):    # a thread's own: a new thread is a new process
+                self._process.pid = FIRST_PID + 7 * self._processes
+                self._processes += 1
+            return self._process.pid
 
     def child(self):
         """A context in which the thread logs as the child SM forks (runAbortable)."""
+        return self.forked(1)
+
+    def forked(self, offset):
+        """A context in which the thread logs as the process `offset` pids from its own: the child SM
+        forks (runAbortable, +1), the first process of a daemonising double fork (-1)."""
         log = self
 
-        class _Child(object):
+        class _Forked(object):
             def __enter__(self):
-                pid = log.pid() + 1
+                pid = log.pid() + offset
                 with log._lock:
                     log._children[threading.current_thread().ident] = pid
                 return pid
@@ -79,7 +86,7 @@ class SmLog(object):
             def __exit__(self, *exc_info):
                 with log._lock:
                     log._children.pop(threading.current_thread().ident, None)
-        return _Child()
+        return _Forked()
 
     def write(self, text, ident="SMGC"):
         """One message: a record per line, as syslog splits it."""

@@ -110,9 +110,13 @@ class LeafCoalescePlugin(object):
         return status, messages
 
     def plugin_gc(self, sr_uuid, dry_run=False):
-        """A GC pass inside the plugin (SM 3.2's gc(inBackground=False), 4.1's run_gc(immediate=True)):
-        it exits at once while another GC holds gc_active."""
-        self.gc(sr_uuid, dry_run=dry_run, raise_errors=True)
+        """A GC pass inside the plugin: it exits at once while another GC holds gc_active. SM 4.1 calls
+        run_gc(immediate=True): no `=== SR` line, a fatal error logged and the plugin goes on; SM 3.2
+        calls gc(inBackground=False): `=== SR` first, a fatal error raised to the plugin."""
+        if self.generation.plugin_calls_run_gc:
+            self.run_gc(sr_uuid, dry_run=dry_run)
+        else:
+            self.gc(sr_uuid, dry_run=dry_run, raise_errors=True)
 
     def plugin_final_pass(self, sr_uuid):
         """SM 4.1: a dry run in the plugin, going round while it finds work. SM 3.2: gc(inBackground=True),
@@ -120,8 +124,7 @@ class LeafCoalescePlugin(object):
         if self.generation.plugin_final_dry_run:
             self.plugin_gc(sr_uuid, dry_run=True)
         else:
-            quiet = self.gc_quiet_seconds if sr_uuid in self._gc_ran else 0.0
-            self.start_gc_thread(sr_uuid, self._background_main, "gc-", quiet)
+            self.gc_in_background(sr_uuid, self.gc_quiet_seconds if sr_uuid in self._gc_ran else 0.0)
 
     def coalesceable_leaves(self, sr_uuid, vdi_uuids):
         forest = GcPass(self, sr_uuid).scan()

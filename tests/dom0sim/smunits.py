@@ -141,31 +141,63 @@ class GcUnits(object):
             with self._lock:
                 self._set_unit_state(sr_uuid, "inactive" if code == 0 else "failed")
 
-    def _background_main(self, sr_uuid, quiet_seconds):
-        """gc(inBackground=True): a daemonised GC, not immediate (the quiet period once the SR had a GC)."""
-        self.gc(sr_uuid, quiet_seconds=quiet_seconds)
+    def gc_in_background(self, sr_uuid, quiet_seconds):
+        """SM 3.2's gc(inBackground=True): `=== SR` from the caller's process, a double fork (the first
+        child says which pid the daemon has and exits; the caller, having waited for it, says the
+        first child's pid), then the daemon's GC run under its own pid, not immediate (the quiet
+        period), logging whatever stops it."""
+        self.log("=== SR {}: gc ===".format(sr_uuid))
+        forked = []
+        first_child_gone = threading.Event()
+        self.start_gc_thread(sr_uuid, self._daemon_main, "gc-", quiet_seconds, forked, first_child_gone)
+        first_child_gone.wait()
+        self.log("New PID [{}]".format(forked[0]))
+
+    def _daemon_main(self, sr_uuid, quiet_seconds, forked, first_child_gone):
+        daemon_pid = self.smlog.pid()
+        with self.smlog.forked(-1) as first_child:
+            self.log("Will finish as PID [{}]".format(daemon_pid))
+        forked.append(first_child)
+        first_child_gone.set()
+        self.run_gc(sr_uuid, quiet_seconds=quiet_seconds)
 
     def gc(self, sr_uuid, dry_run=False, quiet_seconds=0.0, raise_errors=False):
-        """cleanup.gc / run_gc in this thread: one GC run; its exit status 0, 1 (error) or 2 (aborted).
+        """cleanup.gc in the foreground (the SMGC unit's `cleanup -g`, SM 3.2's plugin): `=== SR <uuid>:
+        gc ===`, then one GC run in this thread; its exit status 0, 1 (error) or 2 (aborted).
 
-        A fatal error is logged by SM 4.1; SM 3.2 lets it go to stderr (the journal) or, with
-        `raise_errors`, to its caller."""
+        SM 4.1 goes through run_gc, which logs a fatal error; SM 3.2 lets it go to stderr (the
+        journal) or, with `raise_errors`, to its caller."""
         self.log("=== SR {}: gc ===".format(sr_uuid))
+        if self.generation.logs_fatal_errors:
+            return self.run_gc(sr_uuid, dry_run, quiet_seconds)
         try:
-            GcPass(self, sr_uuid, quiet_seconds, dry_run).run()
+            self.gc_pass(sr_uuid, dry_run, quiet_seconds)
+            return 0
+        except Exception:
+            if raise_errors:
+                raise
+            traceback.print_exc()   # the unit's stderr: the journal, not SMlog
+            return 1
+
+    def run_gc(self, sr_uuid, dry_run=False, quiet_seconds=0.0):
+        """cleanup.run_gc (SM 4.1; SM 3.2's daemon does the same): one GC run with no `=== SR` line,
+        logging what stops it (`Aborted`, or the `gc` exception and `* * * * * SR <uuid>: ERROR`); its
+        exit status 0, 1 (error) or 2 (aborted)."""
+        try:
+            self.gc_pass(sr_uuid, dry_run, quiet_seconds)
             return 0
         except Aborted:
             self.log("Aborted")
-            return 2 if self.generation.logs_fatal_errors else 1
+            return 2
         except Exception as exc:  # SM's logException: the GC reports what stopped it
-            if not self.generation.logs_fatal_errors:
-                if raise_errors:
-                    raise
-                traceback.print_exc()   # the unit's stderr: the journal, not SMlog
-                return 1
             self.log_exception("gc", exc)
             self.log("* * * * * SR {}: ERROR\n".format(sr_uuid))
             return 1
+
+    def gc_pass(self, sr_uuid, dry_run=False, quiet_seconds=0.0):
+        """cleanup._gc: one GC run, the SR's usage brought up to date after it."""
+        try:
+            GcPass(self, sr_uuid, quiet_seconds, dry_run).run()
         finally:
             self._gc_ran.add(sr_uuid)
             self.update_sr_usage(sr_uuid)

@@ -8,31 +8,33 @@ runs in its own process (SM 4.1: `run_gc`) log no such line: a pass starts at `C
 trees):`) of a process with no run, or at a new pass's first line from a process whose pass has
 ended. Lines of a pid with no run (the forked child that runs the VHD coalesce) go to the open run
 that logged last. `<tag>: EXCEPTION <class 'X'>, message` is the event of an exception block.
+
+A summary names the SR by 4 hex digits and a name; the plugin's process names the SR in full only
+later (`Coalescing all in SR <uuid>`, before its forced pass) or on an error: a pass whose digits no one
+known SR has is held until its process names in full an SR of those digits (smlogrules: never a guess).
 """
 import sys
 import time
 
-from .smlogrules import (ABORTED, ANOTHER_GC, CHILD_WINDOW_SECONDS, CONCURRENT_CHANGE, DISABLED, FAILED, FULL_UUID,
-                         GAVE_UP, MAX_OPEN_RUNS, MAX_RUN_ERRORS, MAX_SRS, MAX_STAMPS, MAX_TEXT, MAX_VDIS_PER_SR,
-                         MERGED, MERGED_TEXT, NO_SPACE, NOT_SYSLOG_AFTER_NEWLINE, PARTIAL, PAUSE_FAILED, RULES,
-                         RUN_FAILED, RUNNING, SIDES, SKIPPED, STAMP, SUCCESS, TIMED_OUT, UNPAUSE_FAILED, WANTED,
-                         compact_outcomes, parse_time, said_in, switch_of, tracker_figures, vdi_key)
-
-# What a pass logs once it ended (SM's `finally` and error handling), not a start of the process's next pass.
-_AMENDING = frozenset(("exiting", "aborted", "error", "exception"))
+from .smlogrules import (ABORTED, AMENDING, ANOTHER_GC, CHILD_WINDOW_SECONDS, CONCURRENT_CHANGE, DISABLED, FAILED,
+                         FULL_UUID, GAVE_UP, MAX_OPEN_RUNS, MAX_RUN_ERRORS, MAX_SRS, MAX_TEXT, MAX_VDIS_PER_SR,
+                         MERGED, MERGED_TEXT, NO_SPACE, NOT_SYSLOG_AFTER_NEWLINE, PARTIAL, RULES, RUN_FAILED, RUNNING,
+                         SIDES, SKIPPED, SUCCESS, UNPAUSE_FAILED, WANTED, bound_lines, compact_outcomes,
+                         exception_kind, hold_pass, keep_line, replay, said_in, stamp_of, switch_of, tracker_figures,
+                         vdi_key, well_formed)
 
 
 def new_state():
     """What the reader keeps between inspections (JSON-able): per SR its runs and its VDIs' latest
-    outcomes (compact: see `smlogrules.outcome`), and the runs by pid."""
-    return {"srs": {}, "pids": {}, "lines": {"read": 0, "unreadable": 0, "cut": 0, "not_utf8": 0}}
+    outcomes (compact: see `smlogrules.outcome`), the runs by pid, and the passes held by pid."""
+    return {"srs": {}, "pids": {}, "held": {}, "lines": {"read": 0, "unreadable": 0, "cut": 0, "not_utf8": 0}}
 
 
 class GcLog(object):
     """Feeds SMlog lines into a state; `state` is the dict to persist."""
 
     def __init__(self, state=None, now=None):
-        self.state = state if _well_formed(state) and compact_outcomes(state) else new_state()
+        self.state = state if well_formed(state) and compact_outcomes(state) else new_state()
         self.now = time.time() if now is None else now
         self._stamps = {}
         self._minutes = {}
@@ -58,7 +60,7 @@ class GcLog(object):
         for match in WANTED.finditer(text):
             at = match.start()
             if at > upcoming:
-                rare, upcoming = self._replay(rare, at, len(text))
+                rare, upcoming = replay(rare, at, len(text))
             start = text.rfind("\n", previous, at) + 1   # looked for back to the previous match only
             if ((start == 0 and previous) or at <= start + 16 or text[start + 15] != " "
                     or text.find(" ", start + 16, at) >= 0):
@@ -69,13 +71,13 @@ class GcLog(object):
             head = text[start:start + 15]
             stamp = stamps.get(head)
             if stamp is None:
-                stamp = self._stamp(head)
+                stamp = stamp_of(head, stamps, self._minutes, self.now)
             if index is None or stamp is None:   # a GC line whose pid or stamp cannot be read
                 unreadable += 1
                 continue
             handler, groups = rules[index]
             handler(match.group(*groups), stamp)
-        self._replay(rare, len(text), len(text))
+        replay(rare, len(text), len(text))
         counts["unreadable"] += unreadable
 
     def _rare_lines(self, text):
@@ -89,45 +91,18 @@ class GcLog(object):
                 line = None if (start == 0 and previous) or text[start + 15:start + 16] != " " else \
                     head.fullmatch(text, start + 16, at)
                 previous = at
-                stamp = line and (self._stamps.get(text[start:start + 15]) or self._stamp(text[start:start + 15]))
+                stamp = line and stamp_of(text[start:start + 15], self._stamps, self._minutes, self.now)
                 if stamp:
                     found.append((at, handler, ("",) + line.groups()[1:] + match.groups() + (line.group(1),), stamp))
         found.sort(key=lambda item: item[0])
         return found
-
-    @staticmethod
-    def _replay(rare, before, end):
-        """Handle the rare lines found before `before`; (those left, where the next one is or `end`)."""
-        done = 0
-        while done < len(rare) and rare[done][0] < before:
-            _, handler, fields, stamp = rare[done]
-            handler(fields, stamp)
-            done += 1
-        rare = rare[done:]
-        return rare, rare[0][0] if rare else end
-
-    def _stamp(self, head):
-        """Unix time of a syslog stamp (`Jan  2 16:01:16`), None when it is not one."""
-        match = STAMP.match(head)
-        if match is None:
-            return None
-        minute = head[:12]
-        base = self._minutes.get(minute)
-        if base is None:
-            if len(self._minutes) >= MAX_STAMPS:
-                self._minutes.clear()
-            base = self._minutes[minute] = parse_time(*match.group(1, 2, 3, 4), second=0, now=self.now)
-        if len(self._stamps) >= MAX_STAMPS:
-            self._stamps.clear()
-        stamp = self._stamps[head] = base + int(match.group(5))
-        return stamp
 
     # -- runs --
 
     def _take(self, key, stamp):
         """The pid's entry leaves `pids`: a run it had ends."""
         entry = self.state["pids"].pop(key, None)
-        if entry is not None and not entry.get("pending") and not entry.get("ended"):
+        if entry is not None and entry["sr"] and not entry.get("pending") and not entry.get("ended"):
             self._finish(entry, stamp)
 
     def _start(self, key, sr_uuid, stamp):
@@ -151,21 +126,24 @@ class GcLog(object):
             self._take(next(iter(pids)), stamp)
         pids[key] = {"sr": sr_uuid, "last": stamp, "pending": True}
 
-    def _run_of(self, key, stamp, rule):
+    def _run_of(self, fields, stamp, rule):
         """The run a pid's line belongs to: its own (a new pass once the pid's run ended, unless the
-        line amends how it ended), or (a forked child) the open run that logged last."""
+        line amends how it ended), or (a forked child) the open run that logged last; None for a line
+        of a held pass (kept with it)."""
         pids = self.state["pids"]
-        run = pids.get(key)
+        run = pids.get(fields[-1])
         if run is None:
             recent = [item for item in pids.values() if not item.get("ended") and not item.get("pending")
                       and stamp - item["last"] <= CHILD_WINDOW_SECONDS]
             if not recent:
                 return None
             run = max(recent, key=lambda item: item["last"])
-        elif run.get("pending") or (run.get("ended") and rule not in _AMENDING):
-            return self._start(key, run["sr"], stamp)
+        elif run.get("pending") or (run.get("ended") and rule not in AMENDING):
+            return self._start(fields[-1], run["sr"], stamp)
         if stamp > run["last"]:
             run["last"] = stamp
+        if "held" in run:
+            return keep_line(self.state, run["pid"], (rule, fields, stamp))
         return run
 
     def _runs_of_sr(self, sr_uuid):
@@ -236,58 +214,93 @@ class GcLog(object):
     # -- what lines say: ((the whole match, the rule's groups..., the pid), stamp) --
 
     def _on_start(self, fields, stamp):
+        self._bind(fields[-1], fields[1], stamp)
         self._start(fields[-1], fields[1], stamp)
 
     def _on_plugin_pass(self, fields, stamp):
+        self._bind(fields[-1], fields[1], stamp)
         self._pend(fields[-1], fields[1], stamp)
 
     def _on_summary(self, fields, stamp):
-        """The SR's state as a GC pass scans it: a process with no run that logs it runs a pass of
-        its own (the plugin's), unless a run of the SR is open (then it is that run's child)."""
-        if fields[-1] in self.state["pids"]:
+        """The SR's state as a GC pass scans it: a process with no run (or whose run of another SR
+        ended) that logs it runs a pass of its own (the plugin's), unless a run of the SR is open
+        (then it is that run's child); a pass is held while its digits name no one known SR."""
+        key, sr_uuid = fields[-1], fields[3]
+        run = self.state["pids"].get(key)
+        if run is not None and "held" not in run and (not run.get("ended") or run["sr"].startswith(
+                fields[2] or sr_uuid)):
             return
-        sr_uuid = fields[2]
-        if sr_uuid is None:   # SM names the SR by 4 hex digits and its name: a known SR, never a guess
-            known = [uuid for uuid in self.state["srs"] if uuid.startswith(fields[1])]
-            sr_uuid = known[0] if len(known) == 1 else None
-        if sr_uuid is not None and not any(not run.get("ended") for run in self._runs_of_sr(sr_uuid)):
-            self._pend(fields[-1], sr_uuid, stamp)
+        if sr_uuid is not None:
+            self._bind(key, sr_uuid, stamp)
+        else:
+            known = [uuid for uuid in self.state["srs"] if uuid.startswith(fields[2])]
+            if len(known) != 1:
+                self._hold(key, fields[1], len(known) > 1, stamp)
+                return
+            sr_uuid = known[0]
+        if run is not None or not any(not item.get("ended") for item in self._runs_of_sr(sr_uuid)):
+            self._pend(key, sr_uuid, stamp)
+
+    # -- passes held until their SR is named in full (smlogrules: the held passes themselves) --
+
+    def _hold(self, key, named, ambiguous, stamp):
+        """The pid's pass of the SR SM names `named` (`5e5c ('sr')`) is held; a summary of the pass it
+        holds already is one of its lines."""
+        pids = self.state["pids"]
+        run = pids.get(key)
+        if run is not None and run.get("held") == named and self.state["held"].get(key):
+            run["last"] = max(run["last"], stamp)
+            return
+        self._take(key, stamp)
+        hold_pass(self.state, key, named, ambiguous, stamp)
+        while len(pids) >= MAX_OPEN_RUNS:
+            self._take(next(iter(pids)), stamp)
+        pids[key] = {"sr": None, "held": named, "pid": key, "last": stamp}
+
+    def _bind(self, key, sr_uuid, stamp):
+        """The pid names the SR in full: the lines of its held pass of the SR are read as that SR's."""
+        lines = key in self.state["held"] and bound_lines(self.state, key, sr_uuid, stamp)
+        if lines:
+            self._take(key, stamp)
+            self._pend(key, sr_uuid, lines[0][2])
+            for rule, fields, at in lines:
+                getattr(self, "_on_" + rule)(fields, at)
 
     def _on_candidate(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "candidate")
+        run = self._run_of(fields, stamp, "candidate")
         if run is not None:
             self._close_candidate(run, stamp)
             run["candidate"] = vdi_key(fields[1])
             run.pop("tracker", None)
 
     def _on_no_space(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "no_space")
+        run = self._run_of(fields, stamp, "no_space")
         if run is not None:
             vdi = vdi_key(fields[1])
             run["no_space"] = vdi
             self._outcome(run, vdi, NO_SPACE, said_in(fields), stamp, {"free_bytes": int(fields[2])})
 
     def _on_offline_fits(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "offline_fits")
+        run = self._run_of(fields, stamp, "offline_fits")
         outcome = run and self._sr(run["sr"])["vdis"].get(run.get("no_space") or "")
         if outcome and outcome[0] == NO_SPACE and len(outcome) > 3:
             outcome[3]["fits_without_snapshot_coalesce"] = True
             outcome[1] = (outcome[1] + "; " + said_in(fields))[:MAX_TEXT]
 
     def _on_unpause_failed(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "unpause_failed")
+        run = self._run_of(fields, stamp, "unpause_failed")
         if run is not None:
             self._outcome(run, vdi_key(fields[1]), UNPAUSE_FAILED, said_in(fields), stamp, {})
             self._error(run, said_in(fields))
 
     def _on_vdi_disabled(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "vdi_disabled")
+        run = self._run_of(fields, stamp, "vdi_disabled")
         if run is not None:
             said = said_in(fields)
             self._outcome(run, vdi_key(fields[1]), DISABLED, said, stamp, {"switch": switch_of(said)})
 
     def _on_sr_disabled(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "sr_disabled")
+        run = self._run_of(fields, stamp, "sr_disabled")
         if run is not None:
             said = said_in(fields)
             self._sr(run["sr"])["disabled"] = {"switch": switch_of(said), "message": said, "time": stamp}
@@ -295,12 +308,12 @@ class GcLog(object):
                 self._finish(run, stamp, SKIPPED)
 
     def _on_concurrent(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "concurrent")
+        run = self._run_of(fields, stamp, "concurrent")
         if run is not None and run.get("candidate"):
             self._outcome(run, run["candidate"], CONCURRENT_CHANGE, said_in(fields), stamp, {})
 
     def _on_skip(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "skip")
+        run = self._run_of(fields, stamp, "skip")
         if run is None:
             return
         vdi = vdi_key(fields[1]) if len(fields) > 2 else run.get("candidate")
@@ -309,17 +322,17 @@ class GcLog(object):
         run["outcome"] = run.get("outcome") or FAILED
 
     def _on_reason(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "reason")
+        run = self._run_of(fields, stamp, "reason")
         if run is not None:
             run.setdefault("tracker", {})["reason"] = sys.intern(said_in(fields))
 
     def _on_iteration(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "iteration")
+        run = self._run_of(fields, stamp, "iteration")
         if run is not None:
             run.setdefault("tracker", {})["rounds"] = int(fields[1])
 
     def _on_size(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "size")
+        run = self._run_of(fields, stamp, "size")
         if run is not None and "tracker" in run:
             run["tracker"][said_in(fields).split(" ", 1)[0].lower()] = int(float(fields[1]))
 
@@ -327,28 +340,29 @@ class GcLog(object):
         said = said_in(fields)
         if said == ANOTHER_GC and fields[-1] not in self.state["pids"]:
             return   # a process that found the SR's GC at work (the plugin's pass): never that run's child
-        run = self._run_of(fields[-1], stamp, "end")
+        run = self._run_of(fields, stamp, "end")
         if run is not None:
             self._finish(run, stamp, SKIPPED if said in (ANOTHER_GC, "SR no longer attached, exiting") else None)
 
     def _on_exiting(self, fields, stamp):
         """Printed in a `finally`: the end of a pass, also after a failure (not a success signal)."""
-        run = self._run_of(fields[-1], stamp, "exiting")
+        run = self._run_of(fields, stamp, "exiting")
         if run is not None:
             self._finish(run, stamp)
 
     def _on_aborted(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "aborted")
+        run = self._run_of(fields, stamp, "aborted")
         if run is not None:
             self._finish(run, stamp, ABORTED)
 
     def _on_error(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "error")
+        self._bind(fields[-1], fields[1], stamp)
+        run = self._run_of(fields, stamp, "error")
         if run is not None:
             self._finish(run, stamp, RUN_FAILED)
 
     def _on_exception(self, fields, stamp):
-        run = self._run_of(fields[-1], stamp, "exception")
+        run = self._run_of(fields, stamp, "exception")
         if run is None:
             return
         tag, cls, message = fields[1], fields[2] or fields[3], fields[4]
@@ -359,24 +373,17 @@ class GcLog(object):
             return
         vdi = run.get("candidate")
         figures = {"exception": sys.intern(cls), "error": message[:MAX_TEXT]}
-        if "could not be coalesced" in message:
+        kind = exception_kind(message)
+        if kind == GAVE_UP:
             full = FULL_UUID.search(message)
             vdi = full.group(0) if full else vdi
-            kind = GAVE_UP
             figures.update(tracker_figures(run.get("tracker") or {}))
-        elif "Timed out" in message:
-            kind = TIMED_OUT
-        elif "Failed to unpause" in message:
-            kind = UNPAUSE_FAILED
-        elif "Failed to pause" in message:
-            kind = PAUSE_FAILED
-        else:
-            kind = FAILED
         if vdi and (not run.get("outcome") or (run["outcome"] == FAILED and kind != FAILED)):
             self._outcome(run, vdi, kind, text, stamp, figures)
 
     def _on_sm_line(self, fields, stamp):
         """`SM` lines about the GC: a coalesce that failed (`Coalesce failed on SR`), no space to coalesce."""
+        self._bind(fields[-1], fields[1] or fields[3], stamp)
         if fields[1] is None:
             self._sr(fields[3])["no_space_logged"] = stamp
             return
@@ -389,7 +396,3 @@ class GcLog(object):
             if run.get("candidate"):
                 self._outcome(run, run["candidate"], FAILED, message, stamp, {"error": fields[2]})
 
-
-def _well_formed(state):
-    return (isinstance(state, dict) and isinstance(state.get("srs"), dict) and isinstance(state.get("pids"), dict)
-            and isinstance(state.get("lines"), dict))

@@ -8,6 +8,9 @@ exception and `SM` lines); the rest (most of SMlog) are only counted, never spli
 
 Outcomes (KINDS) name what the GC last did with a VDI; VDIs are named as SM names them: mostly the
 first 8 hex digits of the UUID, sometimes the full UUID (gcaccount.py resolves them).
+
+Also the pure parts of the reader's state: syslog stamps, and the passes held until their process
+names their SR in full (`held`: by pid, [named, ambiguous, first stamp, GC lines]).
 """
 import re
 import sys
@@ -30,6 +33,9 @@ RUNNING, SUCCESS, PARTIAL, RUN_FAILED = "running", "success", "partial", "failed
 ABORTED, SKIPPED = "aborted", "skipped"
 RESULTS = (RUNNING, SUCCESS, PARTIAL, RUN_FAILED, ABORTED, SKIPPED)
 
+# What a pass logs once it ended (SM's `finally` and error handling), not a start of the process's next pass.
+AMENDING = frozenset(("exiting", "aborted", "error", "exception"))
+
 # Bounds on what the state keeps, whatever the log holds.
 MAX_SRS = 1024
 MAX_VDIS_PER_SR = 4096
@@ -40,6 +46,11 @@ MAX_TEXT = 500
 MAX_SR_NAME = 256
 # A child's line is tied to a run that logged within this many seconds.
 CHILD_WINDOW_SECONDS = 24 * 3600
+# A pass whose SR the summary names only by digits no known SR alone has is held until its process names
+# the SR in full, at most this many processes, passes a process, and GC lines a pass.
+MAX_HELD_PIDS = 4
+MAX_HELD_PASSES = 4
+MAX_HELD_LINES = 512
 # Syslog stamps read so far, by their text (logs are in time order: a few are enough).
 MAX_STAMPS = 256
 
@@ -61,7 +72,7 @@ ANOTHER_GC = "Another GC instance already active, exiting"
 _GC_RULES = (
     ("start", r"=== SR ({}): gc ===$".format(_UUID)),
     ("plugin_pass", r"Coalescing all in SR ({})\.\.\.$".format(_UUID)),
-    ("summary", r"SR (?:([0-9a-f]{{4}}) \('.{{0,{}}}'\)|({})) \(\d+ VDIs in \d+ VHD trees\):".format(
+    ("summary", r"SR (?:(([0-9a-f]{{4}}) \('.{{0,{}}}'\))|({})) \(\d+ VDIs in \d+ VHD trees\):".format(
         MAX_SR_NAME, _UUID)),
     ("candidate", r"Leaf-[Cc]oalescing {} -> ".format(_VDI)),
     ("candidate", r"[Cc]oalescing {} -> ".format(_VDI)),
@@ -156,6 +167,36 @@ WANTED, RULES = _compile_wanted()
 SIDES = tuple((name, re.compile(pattern, re.MULTILINE), re.compile(head)) for name, pattern, head in _SIDE_RULES)
 
 
+def replay(rare, before, end):
+    """Handle the rare lines [(where, handler, fields, stamp)] found before `before`; (those left, where
+    the next one is or `end`)."""
+    done = 0
+    while done < len(rare) and rare[done][0] < before:
+        _, handler, fields, stamp = rare[done]
+        handler(fields, stamp)
+        done += 1
+    rare = rare[done:]
+    return rare, rare[0][0] if rare else end
+
+
+def stamp_of(head, stamps, minutes, now):
+    """Unix time of a syslog stamp (`Jan  2 16:01:16`), None when it is not one; `stamps` and `minutes`
+    keep those read so far (by their text, and by their minute)."""
+    match = STAMP.match(head)
+    if match is None:
+        return None
+    minute = head[:12]
+    base = minutes.get(minute)
+    if base is None:
+        if len(minutes) >= MAX_STAMPS:
+            minutes.clear()
+        base = minutes[minute] = parse_time(*match.group(1, 2, 3, 4), second=0, now=now)
+    if len(stamps) >= MAX_STAMPS:
+        stamps.clear()
+    stamp = stamps[head] = base + int(match.group(5))
+    return stamp
+
+
 def vdi_key(text):
     """`85ff84a8` of `*85ff84a8[VHD](...)`, the full UUID when SM printed one."""
     match = _VDI_KEY.match(text)
@@ -198,6 +239,93 @@ def compact_outcomes(state):
     except (TypeError, KeyError, IndexError, AttributeError):
         return False
     return True
+
+
+def well_formed(state):
+    """The state is of the shape this reader writes (a state of an earlier form gets its `held` passes)."""
+    if not (isinstance(state, dict) and isinstance(state.get("srs"), dict) and isinstance(state.get("pids"), dict)
+            and isinstance(state.get("lines"), dict)):
+        return False
+    held = state.setdefault("held", {})
+    return isinstance(held, dict) and all(
+        isinstance(passes, list) and all(isinstance(item, list) and len(item) == 4 for item in passes)
+        for passes in held.values())
+
+
+def hold_pass(state, pid, named, ambiguous, stamp):
+    """A pass of the pid is held (`named`: the SR as its summary names it, `ambiguous`: known SRs share
+    its digits): [named, ambiguous, its first stamp, its GC lines or None once past the cap]."""
+    held = state["held"]
+    passes = held.get(pid)
+    if passes is None:
+        if len(held) >= MAX_HELD_PIDS:
+            drop_passes(state, held.pop(next(iter(held))))
+        passes = held[pid] = []
+    elif len(passes) >= MAX_HELD_PASSES:
+        drop_passes(state, [passes.pop(0)])
+    passes.append([named, ambiguous, stamp, []])
+
+
+def keep_line(state, pid, line):
+    """A GC line (rule, fields, stamp) of the pass the pid holds; past the cap the pass is dropped. None:
+    the line is no run's yet."""
+    passes = state["held"].get(pid)
+    lines = passes[-1][3] if passes else None
+    if lines is not None and len(lines) < MAX_HELD_LINES:
+        lines.append(line)
+        return None
+    if passes:
+        drop_passes(state, passes[-1:])
+        passes[-1][3] = None
+    _count_dropped(state, bool(passes and passes[-1][1]), 1)
+    return None
+
+
+def bound_lines(state, pid, sr_uuid, stamp):
+    """The pid names the SR in full: the GC lines of its held pass of the SR's digits, those it held
+    before ended unbound (dropped). Never a guess: several passes or known SRs of those digits, or a pass
+    too old or past the cap, give None (dropped)."""
+    passes = state["held"][pid]
+    index = next((at for at, item in enumerate(passes) if sr_uuid.startswith(item[0][:4])), None)
+    if index is None:
+        return None
+    bound, digits = passes[index], passes[index][0][:4]
+    alike = [item for item in passes[index + 1:] if item[0][:4] == digits]
+    drop_passes(state, passes[:index])
+    passes[:] = [item for item in passes[index + 1:] if item[0][:4] != digits]
+    if not passes:
+        del state["held"][pid]
+    ambiguous = bool(alike) or any(uuid[:4] == digits and uuid != sr_uuid for uuid in state["srs"])
+    if ambiguous or bound[1] or not bound[3] or stamp - bound[2] > CHILD_WINDOW_SECONDS:
+        drop_passes(state, [[named, ambiguous or was, first, kept] for named, was, first, kept in [bound] + alike])
+        return None
+    return bound[3]
+
+
+def drop_passes(state, passes):
+    """Held passes no process named: their GC lines are counted (`unattributed`, or `ambiguous` when SRs
+    shared their digits), never read as a run."""
+    for _, ambiguous, _, lines in passes:
+        _count_dropped(state, ambiguous, len(lines or ()))
+
+
+def _count_dropped(state, ambiguous, count):
+    counts = state["lines"]
+    name = "ambiguous" if ambiguous else "unattributed"
+    counts[name] = counts.get(name, 0) + count
+
+
+def exception_kind(message):
+    """The outcome kind of an exception SM logged against a coalesce, by its message."""
+    if "could not be coalesced" in message:
+        return GAVE_UP
+    if "Timed out" in message:
+        return TIMED_OUT
+    if "Failed to unpause" in message:
+        return UNPAUSE_FAILED
+    if "Failed to pause" in message:
+        return PAUSE_FAILED
+    return FAILED
 
 
 def said_in(fields):
