@@ -13,7 +13,8 @@ import XenAPI
 from tests.dom0sim import scenarios as sc
 from tests.dom0sim import sm, vhdfile
 from tests.dom0sim.host import wait_until
-from xcoalesce_agent import config, smlogfile
+from xcoalesce_agent import config
+from xcoalesce_agent.inspect import smlogfile
 
 MIB = 1024 * 1024
 BLOCK_COST = vhdfile.BLOCK_SIZE + vhdfile.BITMAP_BYTES

@@ -240,7 +240,8 @@ def _smlog_families(host, health):
     ok = _gauge("xcoalesce_smlog_reader_ok", "1 when the last inspection read SMlog, 0 when it was missing or "
                 "unreadable.", ("host", "path"))
     lines = _gauge("xcoalesce_smlog_lines", "Lines of SMlog read since the agent began reading it, by what "
-                   "became of them (read, unreadable: not syslog's form, cut: too long, not_utf8).",
+                   "became of them (read, unreadable: not syslog's form, cut: too long, not_utf8, unattributed: a GC "
+                   "pass whose SR was never named in full, ambiguous: SRs sharing the short name it used).",
                    ("host", "path", "state"))
     behind = _gauge("xcoalesce_smlog_behind_bytes", "Bytes of SMlog left for the next inspection (past the cap "
                     "of one read).", ("host", "path"))
