@@ -45,8 +45,12 @@ def _apply_sr(sr, state, signals):
     outcomes = resolve(sr, state.get("vdis") or {})
     messages = [signal for signal in (signal_of(m) for m in signals.messages.get(sr.uuid, ())) if signal]
     alive_no_space = signals.sr_no_space.get(sr.uuid)
+    # Most VDIs have nothing said of them: only these, or every VDI when a message may name it, are looked at.
+    named = set(outcomes).union(signals.vdi_no_space, signals.leaf_coalesce)
+    unpause = any(message["name"] == UNPAUSE_MESSAGE for message in messages)
     for vdi in sr.vdis or ():
-        vdi.gc = _vdi_gc(vdi, outcomes.get(vdi.uuid), signals, alive_no_space, messages)
+        vdi.gc = _vdi_gc(vdi, outcomes.get(vdi.uuid), signals, alive_no_space, messages) \
+            if unpause or vdi.uuid in named else None
     sr.gc = {
         "last_run": state.get("last_run"),
         "last_success": state.get("last_success"),
@@ -63,6 +67,8 @@ def _apply_sr(sr, state, signals):
 def resolve(sr, outcomes):
     """{VHD uuid: latest outcome} of the log's outcomes (as its state keeps them), keys resolved through
     the SR's VHDs; ambiguous or unknown prefixes go into the SR's errors (unknown ones are VHDs gone since)."""
+    if not outcomes:
+        return {}
     uuids = {vdi.uuid for vdi in sr.vdis or ()}
     by_prefix = collections.defaultdict(list)
     for uuid in uuids:

@@ -169,7 +169,7 @@ _ON_BOOT = {"persist": "persist", "reset": "reset"}
 
 
 def _is_true(value):
-    return value is True or str(value).lower() == "true"
+    return value is True or (value is not False and str(value).lower() == "true")
 
 
 class _Inspector(object):
@@ -413,12 +413,13 @@ class _Inspector(object):
         """
         facts, names, reports, vhd_blocks = {}, {}, [], {}
         lvm = report.type in LVM_SR_TYPES
+        no_map = {}
         for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
             vm = users.get(vdi_ref, NO_VM)
-            other_config = vdi.get("other_config") or {}
-            if marks.VDI_MARK_KEY in other_config:
+            other_config = vdi.get("other_config") or no_map
+            if other_config and marks.VDI_MARK_KEY in other_config:
                 report.leftover_marks.append(marks.reported_mark(vdi["uuid"], other_config))
-            sm_config = vdi.get("sm_config") or {}
+            sm_config = vdi.get("sm_config") or no_map
             vdi_type = sm_config.get("vdi_type", "vhd")
             if vdi_type in NOT_COW_TYPES:
                 report.skipped_vdis += 1
@@ -428,17 +429,15 @@ class _Inspector(object):
             names[image_uuid] = (vdi["name_label"], vm)
             if sm_config.get(gcaccount.GC_NO_SPACE_KEY):
                 self.signals.vdi_no_space[image_uuid] = sm_config[gcaccount.GC_NO_SPACE_KEY]
-            leaf_flag = (vdi.get("other_config") or {}).get("leaf-coalesce", "")
+            leaf_flag = other_config.get(marks.LEAF_COALESCE_KEY, "")
             if leaf_flag:
                 self.signals.leaf_coalesce[image_uuid] = leaf_flag
             if lvm and VHD_BLOCKS in sm_config:
                 vhd_blocks[image_uuid] = sm_config[VHD_BLOCKS]
+            on_boot = vdi.get("on_boot", "persist")
             facts[image_uuid] = vhdtree.VdiFacts(
-                vdi["uuid"], is_snapshot=_is_true(vdi.get("is_a_snapshot")),
-                on_boot=_ON_BOOT.get(vdi.get("on_boot"), vdi.get("on_boot", "persist")),
-                allow_caching=_is_true(vdi.get("allow_caching")),
-                leaf_coalesce=other_config.get(marks.LEAF_COALESCE_KEY, ""),
-                vm_uuid=vm.uuid, vm_tags=vm.tags)
+                vdi["uuid"], _is_true(vdi.get("is_a_snapshot")), _ON_BOOT.get(on_boot, on_boot),
+                _is_true(vdi.get("allow_caching")), leaf_flag, vm.uuid, vm.tags)
         return facts, names, reports, vhd_blocks
 
     def sr_report(self, ref, sr, users, gc_seconds):
@@ -483,27 +482,29 @@ class _Inspector(object):
         merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
                                                                                model.COALESCEABLE)]
         bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks, source)
+        unnamed = ("", NO_VM)
         for uuid, node in nodes.items():
             state, reason = states[uuid]
-            name, vm = names.get(uuid, ("", NO_VM))
+            name, vm = names.get(uuid, unnamed)
+            record = node.record
             vdi_report = model.VdiReport(
                 uuid=uuid, name=name, vm_uuid=vm.uuid, vm_name=vm.name,
                 chain_length=node.chain_length, state=state, reason=reason,
-                reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=node.record.size,
-                virtual_size_bytes=node.record.virtual_size, parent_uuid=node.record.parent_uuid,
-                hidden=node.record.hidden, format=node.record.image_format)
-            if node.record.error:
-                report.errors.append("{}: {}".format(uuid, node.record.error))
+                reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=record.size,
+                virtual_size_bytes=record.virtual_size, parent_uuid=record.parent_uuid,
+                hidden=record.hidden, format=record.image_format)
+            if record.error:
+                report.errors.append("{}: {}".format(uuid, record.error))
             elif state == model.LEAF_COALESCEABLE:
                 self.estimate_leaf(sr, node, source, bitmaps, vdi_report, report)
             elif state == model.GARBAGE:
-                report.gc_pending_bytes += node.record.size
+                report.gc_pending_bytes += record.size
             elif state == model.COALESCEABLE:
                 merge = self.merge(sr, node, source, bitmaps, report, leaf=False)
                 if isinstance(merge, estimate.Estimate):
                     report.gc_pending_bytes += max(0, merge.freed_bytes)
-            report.longest_chain = max(report.longest_chain, node.chain_length)
             reports.append(vdi_report)
+        report.longest_chain = max([report.longest_chain] + [node.chain_length for node in nodes.values()])
 
     def estimate_leaf(self, sr, node, source, bitmaps, vdi_report, report):
         merge = self.merge(sr, node, source, bitmaps, report, leaf=True)

@@ -43,6 +43,9 @@ def read(config, now=None, max_bytes=MAX_BYTES_PER_READ):
     follower = Follower(config.storage.smlog_path, saved.get("file"), saved.get("health"))
     log = smlog.GcLog(saved.get("log"), now=now)
     follower.read(log, max_bytes)
+    if (not follower.health["bytes_read"] and log.state is saved.get("log") and follower.position == saved.get("file")
+            and follower.health == saved.get("health")):
+        return log, follower.health   # nothing new: the saved state says it all already
     try:
         jsonfile.write_json(path, {"file": follower.position, "log": log.state, "health": follower.health},
                             large_levels=STATE_LARGE_LEVELS)

@@ -111,19 +111,16 @@ def bitmap_length(virtual_size):
 
 
 class Node(object):
-    """One VHD in the forest."""
+    """One VHD in the forest; `uuid` is its record's, kept beside it for the walks up and down chains."""
 
-    __slots__ = ("record", "parent", "children", "chain_length")
+    __slots__ = ("record", "uuid", "parent", "children", "chain_length")
 
     def __init__(self, record):
         self.record = record
+        self.uuid = record.uuid
         self.parent = None
         self.children = []
         self.chain_length = 0
-
-    @property
-    def uuid(self):
-        return self.record.uuid
 
 
 def build_forest(records):
