@@ -3,33 +3,23 @@ VHDs, qcow2images for QCOW2 images) → that SR's VDI records → classify → e
 
 Memory holds the VDI users of the host, the reports made so far and one SR's scan and VDI
 records at a time, whatever the number of SRs. Per-SR and per-image failures are recorded in the
-result; only an unreachable xapi or `vhd-util` raises. Bitmaps of hidden VHDs are cached across
-inspections: a hidden VHD changes only when a child is merged into it, which also changes its
-children.
+result; only an unreachable xapi or `vhd-util` raises. Where the images are and how their block
+bitmaps are read: srimages; xapi's word on the GC: gcsignals.
 """
-import calendar
 import contextlib
 import gc
-import logging
 import os
 import time
-import xmlrpc.client
-
-import XenAPI
 
 from .. import model, progress
-from . import estimate, gcaccount, inventory, lvmread, marks, qcow2images
-from . import qcow2meta, smgc, smlogfile, vhdmeta, vhdtree, vhdutil, xapi
+from . import estimate, gcaccount, gcsignals, inventory, marks, qcow2images, qcow2meta, smgc, smlogfile, srimages
+from . import vhdtree, vhdutil, xapi
 from ..errors import HostUnreachable
+from .srimages import FILE_SR_TYPES, LVM_SR_TYPES, BitmapCache
 
-LOG = logging.getLogger(__name__)
 
-FILE_SR_TYPES = ("ext", "nfs", "smb")
-LVM_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NOT_COW_TYPES = {"aio": "raw", "raw": "raw"}
 VHD_BLOCKS = "vhd-blocks"   # SM's sm_config key: a hidden LVM parent's bitmap (VHD or QCOW2), or "skipped"
-# How far back xapi's messages about the GC are read (the SM_GC_NO_SPACE of an SR is read whatever its age).
-GC_MESSAGE_WINDOW_SECONDS = 7 * 86400
 
 # The fields an inspection reads of each class: only these are decoded from xapi's answers.
 RECORD_FIELDS = {
@@ -43,32 +33,6 @@ RECORD_FIELDS = {
     "VBD": ("VM", "VDI", "type"),
     "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot", "snapshot_of"),
 }
-
-
-class BitmapCache(object):
-    """Block bitmaps by key; `prune()` after an inspection keeps only the keys it used."""
-
-    def __init__(self):
-        self._entries = {}
-        self._used = set()
-
-    def get(self, key):
-        value = self._entries.get(key)
-        if value is not None:
-            self._used.add(key)
-        return value
-
-    def put(self, key, value):
-        self._entries[key] = value
-        self._used.add(key)
-
-    def prune(self):
-        for key in set(self._entries) - self._used:
-            del self._entries[key]
-        self._used = set()
-
-    def __len__(self):
-        return len(self._entries)
 
 
 BITMAPS = BitmapCache()
@@ -179,9 +143,8 @@ class _Inspector(object):
         self.config = config
         self.session = session
         self.tools = tools
-        self.bitmaps = bitmaps
         self.errors = []
-        self._volumes = {}   # the current LVM SR's LVs (lvm_volumes)
+        self.images = srimages.SrImages(config, tools, bitmaps, self.error)
         self.signals = gcaccount.empty_signals()
 
     def records(self, class_name, where=None):
@@ -211,49 +174,11 @@ class _Inspector(object):
             srs=reports, skipped_srs=skipped, errors=self.errors)
         log, health = smlogfile.read(self.config)
         result.smlog = dict(health, lines=dict(log.state["lines"]))
-        self.gc_signals(ours)
+        problem = gcsignals.read(self.session, ours, self.signals)
+        if problem:
+            self.errors.append({"stage": "gc-signals", "message": problem})
         gcaccount.apply(result, log.state, self.signals)
         return result
-
-    def gc_signals(self, ours):
-        """xapi's word on the GC beside SMlog's: the SRs' messages of the last days (one call), each SR's
-        live SM_GC_NO_SPACE, its GC task's progress (one call). The VDIs' flags came with their records."""
-        uuids = {sr["uuid"]: ref for ref, sr in ours}
-        since = xmlrpc.client.DateTime(time.strftime("%Y%m%dT%H:%M:%SZ",
-                                                     time.gmtime(time.time() - GC_MESSAGE_WINDOW_SECONDS)))
-        api = self.session.xenapi
-        try:
-            messages = api.message.get_since(since)
-            gc_tasks = api.task.get_all_records_where('field "name__label" = "{}"'.format(smgc.GC_TASK_LABEL))
-        except (XenAPI.Failure,) + xapi.TRANSPORT_ERRORS as error:
-            self.errors.append({"stage": "gc-signals", "message": "xapi's GC messages and tasks: {}".format(
-                xapi.describe(error))})
-            return
-        for ref, message in messages.items():
-            if message.get("cls") == "SR" and message.get("obj_uuid") in uuids:
-                self.signals.messages.setdefault(message["obj_uuid"], []).append(
-                    dict(message, ref=ref, time=_unix_time(message.get("timestamp"))))
-        for _, sr in ours:
-            message_ref = (sr.get("sm_config") or {}).get(gcaccount.GC_NO_SPACE_KEY)
-            if message_ref:
-                message = self.live_message(message_ref, messages)
-                if message is not None and message.get("name") == gcaccount.NO_SPACE_MESSAGE:
-                    self.signals.sr_no_space[sr["uuid"]] = {"ref": message_ref, "body": message.get("body", ""),
-                                                            "time": _unix_time(message.get("timestamp"))}
-        by_ref = {ref: uuid for uuid, ref in uuids.items()}
-        for task in gc_tasks.values():
-            sr_uuid = by_ref.get((task.get("other_config") or {}).get("applies_to"))
-            if sr_uuid is not None and task.get("status") == "pending":
-                self.signals.task_progress[sr_uuid] = float(task.get("progress") or 0.0)
-
-    def live_message(self, ref, messages):
-        """The message `ref` if xapi still has it (SM destroys SM_GC_NO_SPACE once space is back)."""
-        if ref in messages:
-            return messages[ref]
-        try:
-            return self.session.xenapi.message.get_record(ref)
-        except (XenAPI.Failure,) + xapi.TRANSPORT_ERRORS:
-            return None
 
     def vdi_users(self):
         """`vdi_users` of xapi's VMs and VBDs: the VBD records are folded in as they stream."""
@@ -271,139 +196,6 @@ class _Inspector(object):
         except vhdutil.VhdUtilError as error:
             self.error("scan", sr, str(error))
             return error
-
-    def image_path(self, sr, uuid):
-        if sr["type"] in LVM_SR_TYPES:
-            return os.path.join(self.config.storage.lvm_device_dir, vhdutil.lvm_vg_name(sr["uuid"]),
-                                vhdtree.LV_PREFIX + uuid)
-        return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
-
-    def lvm_volumes(self, sr):
-        """{LV name: lvmread.LogicalVolume} of the SR's volume group: one `vgs` and one `lvs` per SR
-        and inspection, or the error that kept them unread (recorded once)."""
-        if sr["uuid"] not in self._volumes:
-            vg_name = vhdutil.lvm_vg_name(sr["uuid"])
-            try:
-                extent_size, pe_starts = lvmread.parse_vgs(self.tools.run_lvm("vgs", lvmread.vgs_arguments(vg_name)))
-                volumes = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
-                                            extent_size, pe_starts)
-            except (vhdutil.VhdUtilError, lvmread.LvmReportError) as error:
-                self.error("lvs", sr, "its LVs cannot be listed: {}".format(error))
-                volumes = error
-            self._volumes = {sr["uuid"]: volumes}
-        return self._volumes[sr["uuid"]]
-
-    def image_source(self, sr):
-        """The qcow2images.ImageSource of the SR, or the error that kept its LVs unlisted."""
-        if sr["type"] not in LVM_SR_TYPES:
-            return qcow2images.ImageSource(sr_dir=os.path.join(self.config.storage.sr_mount_dir, sr["uuid"]))
-        volumes = self.lvm_volumes(sr)
-        if isinstance(volumes, Exception):
-            return volumes
-        return qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]), volumes=volumes,
-                                       device_dir=self.config.storage.lvm_device_dir)
-
-    def read_bitmaps(self, sr, nodes, vhd_blocks, source):
-        """{uuid: bitmap, or the exception that kept it unread} of these nodes.
-
-        A hidden image's comes from the cache when it has it; on an LVM SR, a hidden parent's from
-        SM's `sm_config:vhd-blocks` when that holds a well-formed bitmap (`vhd_blocks`: {uuid:
-        value}). The others are read with the tools (VHD: `vhd-util read -B`; QCOW2: the helper or
-        qemu-img) where the image has a path (a file, an LV active here), from the image's own
-        tables where it has none (through the PV) or where no QCOW2 tool is installed.
-        """
-        lvm = sr["type"] in LVM_SR_TYPES
-        bitmaps, keys, wanted = {}, {}, {}
-        for node in nodes:
-            qcow2 = node.record.qcow2
-            path = source.path(node.uuid) if qcow2 else self.image_path(sr, node.uuid)
-            if node.record.hidden:
-                if node.uuid in vhd_blocks:
-                    try:
-                        bitmaps[node.uuid] = _decode_vhd_blocks(vhd_blocks[node.uuid], node.record)
-                        continue
-                    except (vhdmeta.VhdMetadataError, qcow2meta.Qcow2Error) as error:
-                        LOG.debug("SR %s: %s: %s; reading the image instead", sr["uuid"], node.uuid, error)
-                keys[node.uuid] = self.cache_key(sr, node, path, lvm)
-                cached = self.bitmaps.get(keys[node.uuid]) if keys[node.uuid] is not None else None
-                if cached is not None:
-                    bitmaps[node.uuid] = cached
-                    continue
-            wanted[path] = node
-        vhds = {path: node for path, node in wanted.items() if not node.record.qcow2}
-        read = self.read_vhd_bitmaps(sr, vhds, lvm)
-        read.update((path, self.read_qcow2_bitmap(source, node)) for path, node in sorted(wanted.items())
-                    if node.record.qcow2)
-        for path, node in wanted.items():
-            bitmaps[node.uuid] = read[path]
-            if keys.get(node.uuid) is not None and not isinstance(read[path], Exception):
-                self.bitmaps.put(keys[node.uuid], read[path])
-        return bitmaps
-
-    def read_vhd_bitmaps(self, sr, wanted, lvm):
-        """{path: bitmap or exception} of VHDs: `read -B` where the path exists, else the PV."""
-        on_device = sorted(path for path in wanted if not lvm or os.path.exists(path))
-        read = self.tools.read_bitmaps([(path, wanted[path].record.virtual_size) for path in on_device])
-        missed = {node.uuid: read.get(path) for path, node in wanted.items()
-                  if path not in read or isinstance(read[path], Exception)}
-        if lvm and missed:
-            read.update(self.read_through_pv(sr, {uuid: (self.image_path(sr, uuid), error)
-                                                  for uuid, error in missed.items()}, wanted))
-        return read
-
-    def read_qcow2_bitmap(self, source, node):
-        """A QCOW2 image's own cluster bitmap, or the exception that kept it unread."""
-        header = node.record.qcow2
-        try:
-            if source.on_device(node.uuid):
-                bitmap = self.tools.qcow2_bitmap(source.path(node.uuid), header)
-                if bitmap is not None:
-                    return bitmap
-            return source.bitmap(node.uuid, header)
-        except vhdutil.VhdUtilError as error:
-            return error
-        except qcow2meta.Qcow2Error as error:
-            return qcow2meta.Qcow2Error("{}: {}".format(node.uuid, error))
-        except OSError as error:
-            return qcow2meta.Qcow2Error("{}: cannot be read: {}".format(
-                node.uuid, os.strerror(error.errno) if error.errno else error))
-
-    def cache_key(self, sr, node, path, lvm):
-        """What a hidden image's cached bitmap is kept under: it changes when a child merges into it.
-
-        A file's mtime is part of it; an LV's device (when there is one) has no meaningful mtime.
-        """
-        try:
-            stamp = None if lvm else os.stat(path).st_mtime_ns
-        except OSError:
-            return None
-        return (sr["uuid"], node.uuid, node.record.size, stamp, tuple(sorted(child.uuid for child in node.children)))
-
-    def read_through_pv(self, sr, missed, wanted):
-        """{path: bitmap or exception} of LVs `read -B` did not read ({uuid: (path, its error or None)}).
-
-        The SR's `lvs` and `vgs`; an LV that `lvs` shows active here keeps the error of `read -B` on
-        its device, the others are read from their PV extents.
-        """
-        vg_name = vhdutil.lvm_vg_name(sr["uuid"])
-        volumes = self.lvm_volumes(sr)
-        if isinstance(volumes, Exception):
-            return {path: error_ or volumes for path, error_ in missed.values()}
-        results = {}
-        with lvmread.PhysicalVolumes() as physical:
-            for uuid, (path, device_error) in sorted(missed.items()):
-                lv = volumes.get(vhdtree.LV_PREFIX + uuid)
-                if device_error is not None and (lv is None or lv.active):
-                    results[path] = device_error
-                elif lv is None:
-                    results[path] = vhdmeta.VhdMetadataError("{}{}: no such LV in `lvs` {}".format(
-                        vhdtree.LV_PREFIX, uuid, vg_name))
-                else:
-                    try:
-                        results[path] = lvmread.read_bitmap(physical, lv, wanted[path].record.virtual_size)
-                    except vhdmeta.VhdMetadataError as error:
-                        results[path] = error
-        return results
 
     def join_vdis(self, sr_ref, users, report):
         """({image: VdiFacts}, {image: (name, _Vm)}, [reports of raw VDIs], {image: vhd-blocks}) of
@@ -456,7 +248,7 @@ class _Inspector(object):
             report.vdis = reports
             return report
         report.errors.extend(scan.errors)
-        source = self.image_source(sr)
+        source = self.images.image_source(sr)
         if isinstance(source, Exception):
             report.errors.append("QCOW2 images not listed: {}".format(source))
             source = qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]))
@@ -481,7 +273,7 @@ class _Inspector(object):
         states = vhdtree.classify(nodes, facts, policy)
         merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
                                                                                model.COALESCEABLE)]
-        bitmaps = self.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks, source)
+        bitmaps = self.images.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks, source)
         unnamed = ("", NO_VM)
         for uuid, node in nodes.items():
             state, reason = states[uuid]
@@ -560,24 +352,6 @@ class _Inspector(object):
             return qcow2meta.Qcow2Error(message)
         growth = estimate.qcow2_growth(end, new_clusters, new_tables, header.cluster_size, header.refcounts_per_block)
         return estimate.qcow2_lvm_merge(child.size, parent.size, end, mapped, header.cluster_size, growth)
-
-
-def _decode_vhd_blocks(value, record):
-    """SM's `sm_config:vhd-blocks` of a hidden image, in the bitmap order its format's reader gives."""
-    if record.qcow2 is None:
-        return vhdmeta.decode_vhd_blocks(value, record.virtual_size)
-    if not record.qcow2.whole_helper_bitmap():
-        raise qcow2meta.Qcow2Error("sm-config:vhd-blocks leaves out the last clusters of this image")
-    return qcow2meta.decode_vhd_blocks(value, record.qcow2)
-
-
-def _unix_time(value):
-    """Unix time of an xapi date (`20240102T16:01:16Z`), None when it is not one."""
-    text = getattr(value, "value", value)
-    try:
-        return float(calendar.timegm(time.strptime(str(text).replace("-", ""), "%Y%m%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
 
 
 def _not_cow_report(vdi, vm, kind):
