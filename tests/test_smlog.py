@@ -3,7 +3,6 @@ lines, bytes that are not UTF-8, truncation, rotation, replacement) read without
 import json
 import os
 import resource
-import time
 
 from xcoalesce_agent import config
 from xcoalesce_agent.inspect import smlog, smlogfile, smlogrules
@@ -231,18 +230,16 @@ def test_a_summary_names_a_run_only_for_an_sr_known_by_its_four_digits():
     assert state["srs"][SR]["last_run"]["result"] == "running"   # the plugin's pass that found it at work
 
 
-def test_rule_words_inside_a_lines_text_are_not_lines_and_hostile_lines_stay_cheap():
+def test_rule_words_inside_a_lines_text_are_not_lines_nor_are_hostile_lines():
     log = smlog.GcLog(now=1767369700.0)
     fake = " SMGC: [9] === SR {}: gc ===".format(SR)
     log.feed_text("\n".join(lines(41, "said: " + fake, ident="SM") + ["garbage" + fake]))
     assert log.state["srs"] == {} and log.state["lines"] == {"read": 2, "unreadable": 1, "cut": 0, "not_utf8": 0}
-    # words that begin a rule again and again in one long line: each looked at within a bounded stretch
+    # words that begin a rule again and again in one long line (their cost: benchmarks/smlog.py)
     hostile = [" SMGC: [1] SR 4659 ('" + "x" * 40, " SMGC: [1] a: EXCEPTION <class '" + "y" * 40,
                " SMGC: [1] Coalescing 1234abcd(" + "z" * 40, " SM: [1] Coalesce failed on SR {}: ".format(SR)]
     for words in hostile:
-        started = time.process_time()
         log.feed_text("\n".join(lines(42, words * (60000 // len(words)))))
-        assert time.process_time() - started < 1.0, words
     assert log.state["srs"] == {} and log.state["lines"]["read"] == 6
 
 
