@@ -85,3 +85,27 @@ def test_a_garbled_record_names_itself():
     with pytest.raises(xmlrecords.ResponseError) as caught:
         list(xmlrecords.parse_records([body], FIELDS))
     assert "OpaqueRef:3" in str(caught.value) and "b'" not in str(caught.value)
+
+
+@pytest.mark.parametrize("size", [1, 13, 1 << 20])
+def test_text_that_looks_like_markup_and_map_keys_named_like_fields(size):
+    records = {
+        "OpaqueRef:a": {"name_label": "<name>uuid</name><value>x</value> OpaqueRef:b </struct>", "uuid": "ua",
+                        "other_config": {"uuid": "no", "<name>uuid</name>": "<struct>", "name>tags": "</name>"},
+                        "tags": ["</value>", "&amp;"], "sm_config": {"a&b": "<c>", "OpaqueRef:x": "y"}},
+        "OpaqueRef:b": {"xenstore_data": {"uuid": "no", "tags": "no", "sm_config": "no"}, "uuid": "ub",
+                        "sm_config": {"uuid": "u", "vdi_type": "vhd"}, "name_label": "OpaqueRef:c"},
+    }
+    expected = [(ref, {key: value for key, value in record.items() if key in FIELDS})
+                for ref, record in records.items()]
+    for style in (xapi_style, python_style):
+        body = style({"Status": "Success", "Value": records})
+        assert list(xmlrecords.parse_records(chunked(body, size), FIELDS)) == expected
+
+
+def test_an_empty_value_element_is_an_empty_string():
+    body = xapi_style({"Status": "Success", "Value": {"OpaqueRef:e": {"uuid": "ue", "name_label": "x",
+                                                                      "other_config": {"k": "v", "l": "w"}}}})
+    body = body.replace(b"<value>x</value>", b"<value/>").replace(b"<value>v</value>", b"<value/>")
+    assert list(xmlrecords.parse_records([body], FIELDS)) == [
+        ("OpaqueRef:e", {"uuid": "ue", "name_label": "", "other_config": {"k": "", "l": "w"}})]

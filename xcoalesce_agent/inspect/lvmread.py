@@ -83,9 +83,13 @@ def parse_vgs(text):
 
 
 def parse_lvs(text, extent_size, pe_starts):
-    """{lv name: LogicalVolume} from `lvs` run with lvs_arguments, segments mapped to PV bytes."""
+    """{lv name: LogicalVolume} from `lvs` run with lvs_arguments, segments mapped to PV bytes.
+
+    Ten thousand LVs are kept through an SR's inspection: their segments share the VG's PV names.
+    """
     volumes = {}
-    for line in _lines(text):
+    pvs = {pv: pv for pv in pe_starts}
+    for line in _each_line(text):
         fields = line.split(SEPARATOR)
         if len(fields) != 7:
             raise LvmReportError("lvs: unexpected line: {}".format(_clip(line)))
@@ -99,7 +103,8 @@ def parse_lvs(text, extent_size, pe_starts):
             volume.problem = "segment at extent {} is {}, not linear".format(start, segtype)
             continue
         pv, _, pv_extent = devices.rpartition("(")
-        if not pv_extent.endswith(")") or pv not in pe_starts:
+        pv = pvs.get(pv)
+        if not pv_extent.endswith(")") or pv is None:
             volume.problem = "segment at extent {} lies on {!r}, not a PV of the VG".format(start, devices)
             continue
         volume.segments.append(Segment(_number(start, "lvs") * extent_size, _number(extents, "lvs") * extent_size,
@@ -241,6 +246,18 @@ class _Window(object):
 
 def _lines(text):
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _each_line(text):
+    """The lines of `text` that hold something, one at a time: no list of ten thousand of them."""
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start)
+        end = size if end == -1 else end
+        line = text[start:end]
+        start = end + 1
+        if line.strip():
+            yield line
 
 
 def _number(text, tool):
