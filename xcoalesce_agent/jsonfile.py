@@ -31,6 +31,15 @@ def write_json(path, value, large_levels=0):
     os.replace(temporary, path)
 
 
+def fsync_dir(path):
+    """Make a file's creation, rename or removal in directory `path` durable, not only its bytes."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_items(stream, value, levels):
     if levels == 0 or not isinstance(value, dict):
         stream.write(_COMPACT.encode(value))

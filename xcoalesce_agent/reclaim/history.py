@@ -19,6 +19,7 @@ import json
 import os
 
 from . import plans
+from ..jsonfile import fsync_dir
 from .plans import RunRecord
 
 # What a run recorded may have taken and come to.
@@ -122,7 +123,7 @@ class RunHistory(object):
         rotated = {"format": FORMAT, "totals": totals, "log_inode": os.stat(self._runs_path).st_ino}
         _write_atomically(self._rotated_totals_path, json.dumps(rotated, sort_keys=True))
         os.replace(self._runs_path, os.path.join(self.state_dir, ROTATED_RUNS_FILE))
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
 
     def totals(self):
         """The totals as on disk now (see `empty_totals` for their shape); a copy the caller may keep."""
@@ -225,15 +226,7 @@ def _write_atomically(path, content):
         stream.flush()
         os.fsync(stream.fileno())
     os.rename(temporary, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path):
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 class _Locked(object):

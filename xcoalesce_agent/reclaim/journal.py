@@ -23,6 +23,7 @@ import XenAPI
 from ..inspect import marks
 from ..inspect.marks import FORCE, HOLD, LEAF_COALESCE_KEY  # noqa: F401 (the journal's steps speak of them)
 from ..inspect.xapi import TRANSPORT_ERRORS, describe
+from ..jsonfile import fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Journal(object):
         if not steps:
             if os.path.exists(self.path):
                 os.unlink(self.path)
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
             return
         temporary = self.path + ".tmp"
         with open(temporary, "w", encoding="utf-8") as stream:
@@ -102,15 +103,7 @@ class Journal(object):
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, self.path)
-        _fsync_dir(self.state_dir)
-
-
-def _fsync_dir(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_dir(self.state_dir)
 
 
 def repair(session, journal):
