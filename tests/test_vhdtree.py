@@ -64,6 +64,23 @@ def test_lvm_scan_from_the_real_tool():
         assert len(scan.records) == 4
 
 
+@pytest.mark.parametrize("transcript, command, lvm", [
+    ("4-scan-errors.txt", "vhd-util scan -f -c -m '/srv/lab/sr-err/*.vhd'", False),
+    ("6-lvm-sim.txt", "vhd-util scan -f -c -l VG_XenStorage-0a1b2c3d-1111-4222-8333-444455556666 -m 'VHD-*'", True),
+])
+def test_plain_lines_read_in_one_pass_as_one_at_a_time(transcript, command, lvm):
+    """A scan of plain image lines only is read by one findall; one unusual line sends the whole scan
+    the careful way, line by line: both give the same records."""
+    plain = "".join(line + "\n" for line in transcript_output(transcript, command).splitlines()
+                    if "scan-error" not in line)
+    phantom = "vhd=. capacity=0 size=0 hidden=0 parent=none\n"
+    fast, careful = vhdtree.parse_scan(plain, lvm), vhdtree.parse_scan(plain + phantom, lvm)
+    fields = ("uuid", "virtual_size", "size", "hidden", "parent_uuid", "error")
+    assert [[getattr(record, field) for field in fields] for record in fast.records] == [
+        [getattr(record, field) for field in fields] for record in careful.records]
+    assert len(fast.records) >= 2 and any(record.parent_uuid for record in fast.records)
+
+
 def test_lvm_scan_keeps_non_vhd_lvs_as_sr_errors():
     text = "vhd=MGT scan-error=-22 error-message='invalid footer'\nvhd=sr scan-error=2\n"
     scan = vhdtree.parse_scan(text, lvm=True)

@@ -198,12 +198,12 @@ class _Inspector(object):
             return error
 
     def join_vdis(self, sr_ref, users, report):
-        """({image: VdiFacts}, {image: (name, _Vm)}, [reports of raw VDIs], {image: vhd-blocks}) of
-        the SR's VDI records (vhd-blocks: SM's `sm_config:vhd-blocks`, kept on LVM SRs only).
+        """({image: VdiFacts}, [reports of raw VDIs], {image: vhd-blocks}) of the SR's VDI records
+        (vhd-blocks: SM's `sm_config:vhd-blocks`, kept on LVM SRs only).
 
         The records stream from xapi and go: only what classification and the report use is kept.
         """
-        facts, names, reports, vhd_blocks = {}, {}, [], {}
+        facts, reports, vhd_blocks = {}, [], {}
         lvm = report.type in LVM_SR_TYPES
         no_map = {}
         for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
@@ -217,8 +217,9 @@ class _Inspector(object):
                 report.skipped_vdis += 1
                 reports.append(_not_cow_report(vdi, vm, NOT_COW_TYPES[vdi_type]))
                 continue
-            image_uuid = vdi.get("location") or vdi["uuid"]
-            names[image_uuid] = (vdi["name_label"], vm)
+            uuid = vdi["uuid"]
+            location = vdi.get("location")
+            image_uuid = uuid if location == uuid else location or uuid  # one string where they are equal
             if sm_config.get(gcaccount.GC_NO_SPACE_KEY):
                 self.signals.vdi_no_space[image_uuid] = sm_config[gcaccount.GC_NO_SPACE_KEY]
             leaf_flag = other_config.get(marks.LEAF_COALESCE_KEY, "")
@@ -228,9 +229,9 @@ class _Inspector(object):
                 vhd_blocks[image_uuid] = sm_config[VHD_BLOCKS]
             on_boot = vdi.get("on_boot", "persist")
             facts[image_uuid] = vhdtree.VdiFacts(
-                vdi["uuid"], _is_true(vdi.get("is_a_snapshot")), _ON_BOOT.get(on_boot, on_boot),
-                _is_true(vdi.get("allow_caching")), leaf_flag, vm.uuid, vm.tags)
-        return facts, names, reports, vhd_blocks
+                uuid, _is_true(vdi.get("is_a_snapshot")), _ON_BOOT.get(on_boot, on_boot),
+                _is_true(vdi.get("allow_caching")), leaf_flag, vm.uuid, vm.tags, vdi["name_label"], vm.name)
+        return facts, reports, vhd_blocks
 
     def sr_report(self, ref, sr, users, gc_seconds):
         """The SR's report: its scan first, then xapi's VDI records of that SR only, joined."""
@@ -242,7 +243,7 @@ class _Inspector(object):
             reclaimable_bytes=0, gc_pending_bytes=0, merge_free_bytes=0, longest_chain=0,
             gc_running=gc_seconds is not None, gc_running_seconds=gc_seconds or 0.0,
             skipped_vdis=0, errors=[], vdis=[], leftover_marks=[])
-        facts, names, reports, vhd_blocks = self.join_vdis(ref, users, report)
+        facts, reports, vhd_blocks = self.join_vdis(ref, users, report)
         if isinstance(scan, vhdutil.VhdUtilError):
             report.errors.append(str(scan))
             report.vdis = reports
@@ -260,27 +261,29 @@ class _Inspector(object):
                     os.strerror(error.errno) if error.errno else error))
                 records = scan.records
             nodes = vhdtree.build_forest(records)
-            self.classify_and_estimate(sr, nodes, facts, names, vhd_blocks, source, report, reports)
+            self.classify_and_estimate(sr, nodes, facts, vhd_blocks, source, report, reports)
         reports.sort(key=lambda item: (item.vm_name == "", item.vm_name, item.name == "", item.name, item.uuid))
         report.vdis = reports
         vhdtree.unlink(nodes)
         return report
 
-    def classify_and_estimate(self, sr, nodes, facts, names, vhd_blocks, source, report, reports):
+    def classify_and_estimate(self, sr, nodes, facts, vhd_blocks, source, report, reports):
         """A VdiReport per image of the SR's forest, appended to `reports`; the SR's totals."""
         policy = vhdtree.Policy(sr.get("other_config"), self.config.coalesce.exclude_vdis,
                                 self.config.coalesce.exclude_vms, self.config.coalesce.exclude_tag)
         states = vhdtree.classify(nodes, facts, policy)
+        lvm = sr["type"] in LVM_SR_TYPES
         merging = [node for uuid, node in nodes.items() if states[uuid][0] in (model.LEAF_COALESCEABLE,
                                                                                model.COALESCEABLE)]
-        bitmaps = self.images.read_bitmaps(sr, set(merging) | {node.parent for node in merging}, vhd_blocks, source)
-        unnamed = ("", NO_VM)
+        bitmaps = self.images.read_bitmaps(sr, set(merging) | {node.parent for node in merging if _parent_bitmap_used(
+            lvm, node, states[node.uuid][0] == model.LEAF_COALESCEABLE)}, vhd_blocks, source)
+        unknown = vhdtree.VdiFacts("")   # a hidden image xapi has no VDI for
         for uuid, node in nodes.items():
             state, reason = states[uuid]
-            name, vm = names.get(uuid, unnamed)
+            vdi = facts.get(uuid, unknown)
             record = node.record
             vdi_report = model.VdiReport(
-                uuid=uuid, name=name, vm_uuid=vm.uuid, vm_name=vm.name,
+                uuid=uuid, name=vdi.name, vm_uuid=vdi.vm_uuid, vm_name=vdi.vm_name,
                 chain_length=node.chain_length, state=state, reason=reason,
                 reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0, physical_bytes=record.size,
                 virtual_size_bytes=record.virtual_size, parent_uuid=record.parent_uuid,
@@ -312,22 +315,23 @@ class _Inspector(object):
 
     def merge(self, sr, node, source, bitmaps, report, leaf):
         """The Estimate of merging `node` into its parent, or the error that prevented it."""
-        child_bitmap, parent_bitmap = bitmaps[node.uuid], bitmaps[node.parent.uuid]
+        lvm = sr["type"] in LVM_SR_TYPES
+        child_bitmap = bitmaps[node.uuid]
+        parent_bitmap = bitmaps[node.parent.uuid] if _parent_bitmap_used(lvm, node, leaf) else b""
         for error in (child_bitmap, parent_bitmap):
             if isinstance(error, Exception):
                 report.errors.append(str(error))
                 self.error("bitmap", sr, str(error))
                 return error
         child, parent = node.record, node.parent.record
-        lvm = sr["type"] in LVM_SR_TYPES
         if child.qcow2:
             return self.qcow2_merge(sr, node, source, child_bitmap, parent_bitmap, report)
         child_blocks = estimate.count_blocks(child_bitmap)
+        if lvm and leaf:
+            return estimate.lvm_leaf_merge(child.size, parent.size, child.virtual_size, child_blocks)
         new_blocks = estimate.blocks_missing_from_parent(child_bitmap, parent_bitmap)
         if not lvm:
             return estimate.file_merge(child.size, child_blocks, new_blocks)
-        if leaf:
-            return estimate.lvm_leaf_merge(child.size, parent.size, child.virtual_size, child_blocks)
         return estimate.lvm_inner_merge(child.size, parent.size, child_blocks, new_blocks)
 
     def qcow2_merge(self, sr, node, source, child_bitmap, parent_bitmap, report):
@@ -352,6 +356,12 @@ class _Inspector(object):
             return qcow2meta.Qcow2Error(message)
         growth = estimate.qcow2_growth(end, new_clusters, new_tables, header.cluster_size, header.refcounts_per_block)
         return estimate.qcow2_lvm_merge(child.size, parent.size, end, mapped, header.cluster_size, growth)
+
+
+def _parent_bitmap_used(lvm, node, leaf):
+    """Whether the estimate of merging `node` reads its parent's bitmap: not for a VHD leaf on an
+    LVM SR, whose parent SM inflates to its full size whatever blocks it holds."""
+    return not (lvm and leaf and node.record.qcow2 is None)
 
 
 def _not_cow_report(vdi, vm, kind):

@@ -13,6 +13,8 @@ O_DIRECT is refused (EINVAL), the cached pages of the range are dropped before a
 import errno
 import mmap
 import os
+import re
+from collections import OrderedDict
 
 from . import vhdmeta
 
@@ -82,38 +84,63 @@ def parse_vgs(text):
     return extent_size, starts
 
 
-def parse_lvs(text, extent_size, pe_starts):
-    """{lv name: LogicalVolume} from `lvs` run with lvs_arguments, segments mapped to PV bytes.
+# One `lvs` row: seven fields, of which lv_size, seg_start_pe and seg_size_pe are numbers.
+_LVS_ROW_SHAPE = re.compile(r"^(?= *[^|\n]*\|[^|\n]*\| *\d+ *\|[^|\n]*\| *\d+ *\| *\d+ *\|[^|\n]*$)", re.M)
+_NON_BLANK_LINE = re.compile(r"^(?=[ \t]*\S)", re.M)
 
-    Ten thousand LVs are kept through an SR's inspection: their segments share the VG's PV names.
-    """
-    volumes = {}
-    pvs = {pv: pv for pv in pe_starts}
-    for line in _each_line(text):
-        fields = line.split(SEPARATOR)
-        if len(fields) != 7:
-            raise LvmReportError("lvs: unexpected line: {}".format(_clip(line)))
-        name, attr, size, segtype, start, extents, devices = (field.strip() for field in fields)
-        volume = volumes.get(name)
-        if volume is None:
-            volume = volumes[name] = LogicalVolume(name, attr[4:5] == "a", _number(size, "lvs"))
-        if volume.problem:
-            continue
-        if segtype != "linear":
-            volume.problem = "segment at extent {} is {}, not linear".format(start, segtype)
-            continue
-        pv, _, pv_extent = devices.rpartition("(")
-        pv = pvs.get(pv)
-        if not pv_extent.endswith(")") or pv is None:
-            volume.problem = "segment at extent {} lies on {!r}, not a PV of the VG".format(start, devices)
-            continue
-        volume.segments.append(Segment(_number(start, "lvs") * extent_size, _number(extents, "lvs") * extent_size,
-                                       pv, pe_starts[pv] + _number(pv_extent[:-1], "lvs") * extent_size))
-    for volume in volumes.values():
-        volume.segments.sort(key=lambda segment: segment.start)
-        if not volume.problem and sum(segment.length for segment in volume.segments) < volume.size:
-            volume.problem = "its segments cover less than its {} bytes".format(volume.size)
-    return volumes
+
+def parse_lvs(text, extent_size, pe_starts):
+    """The LvsReport of `lvs` run with lvs_arguments; LvmReportError for a row it never prints."""
+    if len(_LVS_ROW_SHAPE.findall(text)) != len(_NON_BLANK_LINE.findall(text)):
+        bad = next(line for line in text.splitlines() if line.strip() and not _LVS_ROW_SHAPE.match(line))
+        raise LvmReportError("lvs: unexpected line: {}".format(_clip(bad)))
+    return LvsReport(text, extent_size, pe_starts)
+
+
+class LvsReport(object):
+    """The rows `lvs` printed for one VG, kept as printed: an SR holds thousands of LVs and an
+    inspection needs the segments of a few (those read through the PV), so an LV becomes a
+    LogicalVolume only when asked for."""
+
+    def __init__(self, text, extent_size, pe_starts):
+        self.text = text
+        self.extent_size = extent_size
+        self.pe_starts = pe_starts
+
+    def names(self, prefix):
+        """The names of the LVs whose name starts with `prefix`, in `lvs` order."""
+        return list(OrderedDict.fromkeys(re.findall(r"^ *({}[^|\n]*?) *\|".format(re.escape(prefix)),
+                                                    self.text, re.M)))
+
+    def volumes(self, names):
+        """{name: LogicalVolume} of those of `names` (a set) that `lvs` lists, segments mapped to PV bytes."""
+        volumes = {}
+        pvs = {pv: pv for pv in self.pe_starts}
+        for line in self.text.split("\n") if names else ():
+            name = line[:line.find("|")].strip()
+            if name not in names:
+                continue
+            name, attr, size, segtype, start, extents, devices = (field.strip() for field in line.split(SEPARATOR))
+            volume = volumes.get(name)
+            if volume is None:
+                volume = volumes[name] = LogicalVolume(name, attr[4:5] == "a", int(size))
+            if volume.problem:
+                continue
+            if segtype != "linear":
+                volume.problem = "segment at extent {} is {}, not linear".format(start, segtype)
+                continue
+            pv, _, pv_extent = devices.rpartition("(")
+            pv = pvs.get(pv)
+            if not pv_extent.endswith(")") or not pv_extent[:-1].isdigit() or pv is None:
+                volume.problem = "segment at extent {} lies on {!r}, not a PV of the VG".format(start, devices)
+                continue
+            volume.segments.append(Segment(int(start) * self.extent_size, int(extents) * self.extent_size,
+                                           pv, self.pe_starts[pv] + int(pv_extent[:-1]) * self.extent_size))
+        for volume in volumes.values():
+            volume.segments.sort(key=lambda segment: segment.start)
+            if not volume.problem and sum(segment.length for segment in volume.segments) < volume.size:
+                volume.problem = "its segments cover less than its {} bytes".format(volume.size)
+        return volumes
 
 
 def pv_ranges(segments, offset, length):
@@ -246,18 +273,6 @@ class _Window(object):
 
 def _lines(text):
     return [line for line in text.splitlines() if line.strip()]
-
-
-def _each_line(text):
-    """The lines of `text` that hold something, one at a time: no list of ten thousand of them."""
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find("\n", start)
-        end = size if end == -1 else end
-        line = text[start:end]
-        start = end + 1
-        if line.strip():
-            yield line
 
 
 def _number(text, tool):

@@ -51,7 +51,7 @@ class ImageSource(object):
         if self.lvm:
             return sorted(name for name in self.volumes if image_uuid(name, True))
         return sorted(entry.name for entry in os.scandir(self.sr_dir)
-                      if image_uuid(entry.name, False) and entry.is_file())
+                      if entry.name.endswith(FILE_SUFFIX) and image_uuid(entry.name, False) and entry.is_file())
 
     def path(self, uuid):
         """Where the tools read the image: its file, or its LV's device (present when active)."""

@@ -54,37 +54,40 @@ class SrImages(object):
         self.tools = tools
         self.bitmaps = bitmaps
         self.error = error
-        self._volumes = {}   # the current LVM SR's LVs (lvm_volumes)
+        self._lvs = {}   # the current LVM SR's `lvs` (lvs_report)
 
-    def image_path(self, sr, uuid):
+    def vhd_paths(self, sr):
+        """A function from a VHD's UUID to its path in the SR: its file, or its LV's device."""
         if sr["type"] in LVM_SR_TYPES:
-            return os.path.join(self.config.storage.lvm_device_dir, vhdutil.lvm_vg_name(sr["uuid"]),
-                                vhdtree.LV_PREFIX + uuid)
-        return os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], uuid + vhdtree.FILE_SUFFIX)
+            head = os.path.join(self.config.storage.lvm_device_dir, vhdutil.lvm_vg_name(sr["uuid"]), vhdtree.LV_PREFIX)
+            return lambda uuid: head + uuid
+        head = os.path.join(self.config.storage.sr_mount_dir, sr["uuid"], "")
+        return lambda uuid: head + uuid + vhdtree.FILE_SUFFIX
 
-    def lvm_volumes(self, sr):
-        """{LV name: lvmread.LogicalVolume} of the SR's volume group: one `vgs` and one `lvs` per SR
-        and inspection, or the error that kept them unread (recorded once)."""
-        if sr["uuid"] not in self._volumes:
+    def lvs_report(self, sr):
+        """The lvmread.LvsReport of the SR's volume group: one `vgs` and one `lvs` per SR and
+        inspection, or the error that kept them unread (recorded once)."""
+        if sr["uuid"] not in self._lvs:
             vg_name = vhdutil.lvm_vg_name(sr["uuid"])
             try:
                 extent_size, pe_starts = lvmread.parse_vgs(self.tools.run_lvm("vgs", lvmread.vgs_arguments(vg_name)))
-                volumes = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
-                                            extent_size, pe_starts)
+                report = lvmread.parse_lvs(self.tools.run_lvm("lvs", lvmread.lvs_arguments(vg_name)),
+                                           extent_size, pe_starts)
             except (vhdutil.VhdUtilError, lvmread.LvmReportError) as error:
                 self.error("lvs", sr, "its LVs cannot be listed: {}".format(error))
-                volumes = error
-            self._volumes = {sr["uuid"]: volumes}
-        return self._volumes[sr["uuid"]]
+                report = error
+            self._lvs = {sr["uuid"]: report}
+        return self._lvs[sr["uuid"]]
 
     def image_source(self, sr):
         """The qcow2images.ImageSource of the SR, or the error that kept its LVs unlisted."""
         if sr["type"] not in LVM_SR_TYPES:
             return qcow2images.ImageSource(sr_dir=os.path.join(self.config.storage.sr_mount_dir, sr["uuid"]))
-        volumes = self.lvm_volumes(sr)
-        if isinstance(volumes, Exception):
-            return volumes
-        return qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]), volumes=volumes,
+        lvs = self.lvs_report(sr)
+        if isinstance(lvs, Exception):
+            return lvs
+        return qcow2images.ImageSource(vg_name=vhdutil.lvm_vg_name(sr["uuid"]),
+                                       volumes=lvs.volumes(set(lvs.names(qcow2images.LV_PREFIX))),
                                        device_dir=self.config.storage.lvm_device_dir)
 
     def read_bitmaps(self, sr, nodes, vhd_blocks, source):
@@ -97,10 +100,9 @@ class SrImages(object):
         tables where it has none (through the PV) or where no QCOW2 tool is installed.
         """
         lvm = sr["type"] in LVM_SR_TYPES
-        bitmaps, keys, wanted = {}, {}, {}
+        vhd_path = self.vhd_paths(sr)
+        bitmaps, keys, wanted = {}, {}, []
         for node in nodes:
-            qcow2 = node.record.qcow2
-            path = source.path(node.uuid) if qcow2 else self.image_path(sr, node.uuid)
             if node.record.hidden:
                 if node.uuid in vhd_blocks:
                     try:
@@ -108,32 +110,37 @@ class SrImages(object):
                         continue
                     except (vhdmeta.VhdMetadataError, qcow2meta.Qcow2Error) as error:
                         LOG.debug("SR %s: %s: %s; reading the image instead", sr["uuid"], node.uuid, error)
-                keys[node.uuid] = self.cache_key(sr, node, path, lvm)
+                path = None if lvm else source.path(node.uuid) if node.record.qcow2 else vhd_path(node.uuid)
+                keys[node.uuid] = self.cache_key(sr, node, path)
                 cached = self.bitmaps.get(keys[node.uuid]) if keys[node.uuid] is not None else None
                 if cached is not None:
                     bitmaps[node.uuid] = cached
                     continue
-            wanted[path] = node
-        vhds = {path: node for path, node in wanted.items() if not node.record.qcow2}
-        read = self.read_vhd_bitmaps(sr, vhds, lvm)
-        read.update((path, self.read_qcow2_bitmap(source, node)) for path, node in sorted(wanted.items())
-                    if node.record.qcow2)
-        for path, node in wanted.items():
-            bitmaps[node.uuid] = read[path]
-            if keys.get(node.uuid) is not None and not isinstance(read[path], Exception):
-                self.bitmaps.put(keys[node.uuid], read[path])
+            wanted.append(node)
+        read = self.read_vhd_bitmaps(sr, [node for node in wanted if not node.record.qcow2], vhd_path)
+        read.update((node.uuid, self.read_qcow2_bitmap(source, node))
+                    for node in sorted(wanted, key=lambda node: node.uuid) if node.record.qcow2)
+        for node in wanted:
+            bitmaps[node.uuid] = read[node.uuid]
+            if keys.get(node.uuid) is not None and not isinstance(read[node.uuid], Exception):
+                self.bitmaps.put(keys[node.uuid], read[node.uuid])
         return bitmaps
 
-    def read_vhd_bitmaps(self, sr, wanted, lvm):
-        """{path: bitmap or exception} of VHDs: `read -B` where the path exists, else the PV."""
-        on_device = sorted(path for path in wanted if not lvm or os.path.exists(path))
-        read = self.tools.read_bitmaps([(path, wanted[path].record.virtual_size) for path in on_device])
-        missed = {node.uuid: read.get(path) for path, node in wanted.items()
-                  if path not in read or isinstance(read[path], Exception)}
+    def read_vhd_bitmaps(self, sr, nodes, vhd_path):
+        """{uuid: bitmap or exception} of VHDs: `read -B` where the path exists, else the PV."""
+        lvm = sr["type"] in LVM_SR_TYPES
+        on_device = {}
+        for node in nodes:
+            path = vhd_path(node.uuid)
+            if not lvm or os.path.exists(path):
+                on_device[path] = node
+        read = self.tools.read_bitmaps([(path, on_device[path].record.virtual_size) for path in sorted(on_device)])
+        results = {node.uuid: read[path] for path, node in on_device.items() if path in read}
+        missed = {node.uuid: results.get(node.uuid) for node in nodes
+                  if node.uuid not in results or isinstance(results[node.uuid], Exception)}
         if lvm and missed:
-            read.update(self.read_through_pv(sr, {uuid: (self.image_path(sr, uuid), error)
-                                                  for uuid, error in missed.items()}, wanted))
-        return read
+            results.update(self.read_through_pv(sr, missed, {node.uuid: node for node in nodes}))
+        return results
 
     def read_qcow2_bitmap(self, source, node):
         """A QCOW2 image's own cluster bitmap, or the exception that kept it unread."""
@@ -152,41 +159,44 @@ class SrImages(object):
             return qcow2meta.Qcow2Error("{}: cannot be read: {}".format(
                 node.uuid, os.strerror(error.errno) if error.errno else error))
 
-    def cache_key(self, sr, node, path, lvm):
+    def cache_key(self, sr, node, path):
         """What a hidden image's cached bitmap is kept under: it changes when a child merges into it.
 
-        A file's mtime is part of it; an LV's device (when there is one) has no meaningful mtime.
+        A file's mtime (`path` given) is part of it; an LV's device (when there is one) has no
+        meaningful mtime.
         """
         try:
-            stamp = None if lvm else os.stat(path).st_mtime_ns
+            stamp = None if path is None else os.stat(path).st_mtime_ns
         except OSError:
             return None
         return (sr["uuid"], node.uuid, node.record.size, stamp, tuple(sorted(child.uuid for child in node.children)))
 
-    def read_through_pv(self, sr, missed, wanted):
-        """{path: bitmap or exception} of LVs `read -B` did not read ({uuid: (path, its error or None)}).
+    def read_through_pv(self, sr, missed, nodes):
+        """{uuid: bitmap or exception} of LVs `read -B` did not read ({uuid: its error or None};
+        `nodes`: {uuid: node}).
 
         The SR's `lvs` and `vgs`; an LV that `lvs` shows active here keeps the error of `read -B` on
         its device, the others are read from their PV extents.
         """
         vg_name = vhdutil.lvm_vg_name(sr["uuid"])
-        volumes = self.lvm_volumes(sr)
-        if isinstance(volumes, Exception):
-            return {path: error_ or volumes for path, error_ in missed.values()}
+        lvs = self.lvs_report(sr)
+        if isinstance(lvs, Exception):
+            return {uuid: error_ or lvs for uuid, error_ in missed.items()}
+        volumes = lvs.volumes({vhdtree.LV_PREFIX + uuid for uuid in missed})
         results = {}
         with lvmread.PhysicalVolumes() as physical:
-            for uuid, (path, device_error) in sorted(missed.items()):
+            for uuid, device_error in sorted(missed.items()):
                 lv = volumes.get(vhdtree.LV_PREFIX + uuid)
                 if device_error is not None and (lv is None or lv.active):
-                    results[path] = device_error
+                    results[uuid] = device_error
                 elif lv is None:
-                    results[path] = vhdmeta.VhdMetadataError("{}{}: no such LV in `lvs` {}".format(
+                    results[uuid] = vhdmeta.VhdMetadataError("{}{}: no such LV in `lvs` {}".format(
                         vhdtree.LV_PREFIX, uuid, vg_name))
                 else:
                     try:
-                        results[path] = lvmread.read_bitmap(physical, lv, wanted[path].record.virtual_size)
+                        results[uuid] = lvmread.read_bitmap(physical, lv, nodes[uuid].record.virtual_size)
                     except vhdmeta.VhdMetadataError as error:
-                        results[path] = error
+                        results[uuid] = error
         return results
 
 

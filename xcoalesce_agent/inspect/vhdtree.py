@@ -17,6 +17,14 @@ _IMAGE = re.compile(r"^vhd=(?P<name>\S*) capacity=(?P<capacity>\d+) size=(?P<siz
                     r"(?: marker=\d+ keyhash=[0-9a-f]*)? parent=(?P<parent>\S+)$")
 _ERROR = re.compile(r"^vhd=(?P<name>.*?) scan-error=(?P<code>-?\d+)(?: error-message='(?P<message>.*)')?$")
 _PHANTOM_NAMES = ("", ".")
+# The lines of a scan with nothing unusual, each read by one findall: (uuid, capacity, size, hidden,
+# parent uuid or "" for none), by file and LVM image names.
+_PLAIN_IMAGES = {
+    lvm: re.compile(r"^vhd=(?:\S*/)?{prefix}([^\s/]+){suffix} capacity=(\d+) size=(\d+) hidden=(\d+)"
+                    r"(?: marker=\d+ keyhash=[0-9a-f]*)? parent=(?:none|(?:\S*/)?{prefix}([^\s/]+){suffix})$".format(
+                        prefix=re.escape(LV_PREFIX) if lvm else "", suffix="" if lvm else re.escape(FILE_SUFFIX)), re.M)
+    for lvm in (False, True)}
+_NON_BLANK_LINE = re.compile(r"^(?=[ \t]*\S)", re.M)
 
 
 class ScanOutputError(ValueError):
@@ -67,9 +75,16 @@ def parse_scan(text, lvm):
     A UUID met again (as a parent) and a size met again are the same object: the reports of thousands
     of VHDs keep them.
     """
+    known = {}
+    plain = _PLAIN_IMAGES[lvm].findall(text)
+    if len(plain) == len(_NON_BLANK_LINE.findall(text)):
+        capacities = {}
+        return Scan([ScanRecord(known.setdefault(uuid, uuid), capacities.setdefault(capacity, int(capacity)),
+                                int(size), hidden != "0", known.setdefault(parent, parent))
+                     for uuid, capacity, size, hidden, parent in plain], [])
+    del plain
     records = []
     errors = []
-    known = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -110,6 +125,9 @@ def bitmap_length(virtual_size):
     return (virtual_size // BLOCK_SIZE + 7) // 8
 
 
+NO_CHILDREN = ()   # a leaf's children: most nodes are leaves, and share it
+
+
 class Node(object):
     """One VHD in the forest; `uuid` is its record's, kept beside it for the walks up and down chains."""
 
@@ -119,7 +137,7 @@ class Node(object):
         self.record = record
         self.uuid = record.uuid
         self.parent = None
-        self.children = []
+        self.children = NO_CHILDREN
         self.chain_length = 0
 
 
@@ -132,6 +150,8 @@ def build_forest(records):
         parent = nodes.get(node.record.parent_uuid) if node.record.parent_uuid else None
         if parent is not None:
             node.parent = parent
+            if parent.children is NO_CHILDREN:
+                parent.children = []
             parent.children.append(node)
     for node in nodes.values():
         _chain_length(node)
@@ -143,7 +163,7 @@ def unlink(nodes):
     freed as soon as it is no longer used, not at the next run of the cyclic garbage collector."""
     for node in nodes.values():
         node.parent = None
-        node.children = []
+        node.children = NO_CHILDREN
 
 
 def _chain_length(node):
@@ -162,16 +182,17 @@ def _chain_length(node):
 
 
 class VdiFacts(object):
-    """What xapi says about a VDI and its VM, as far as classification cares.
+    """What xapi says about a VDI and its VM, as far as classification and the report care.
 
-    `vm_uuid`, `vm_tags`: the VM the VDI belongs to: the VM using it, or for a snapshot VM's VDI the
-    VM it is a snapshot of ("" when that VM is gone: an orphaned snapshot).
+    `vm_uuid`, `vm_tags`, `vm_name`: the VM the VDI belongs to: the VM using it, or for a snapshot
+    VM's VDI the VM it is a snapshot of ("" when that VM is gone: an orphaned snapshot).
     """
 
-    __slots__ = ("uuid", "is_snapshot", "on_boot", "allow_caching", "leaf_coalesce", "vm_uuid", "vm_tags")
+    __slots__ = ("uuid", "is_snapshot", "on_boot", "allow_caching", "leaf_coalesce", "vm_uuid", "vm_tags", "name",
+                 "vm_name")
 
     def __init__(self, uuid, is_snapshot=False, on_boot="persist", allow_caching=False, leaf_coalesce="",
-                 vm_uuid="", vm_tags=()):
+                 vm_uuid="", vm_tags=(), name="", vm_name=""):
         self.uuid = uuid
         self.is_snapshot = is_snapshot
         self.on_boot = on_boot
@@ -179,6 +200,8 @@ class VdiFacts(object):
         self.leaf_coalesce = leaf_coalesce
         self.vm_uuid = vm_uuid
         self.vm_tags = vm_tags
+        self.name = name
+        self.vm_name = vm_name
 
 
 class Policy(object):

@@ -86,27 +86,35 @@ class _Reader(object):
             self.ordered = True
         record = {}
         position = start  # a point between the record's own members, never inside a map
-        find, rfind = data.find, data.rfind
+        find, rfind, index, startswith = data.find, data.rfind, data.index, data.startswith
         for name, anchor, width in self.anchors:
             found = find(anchor, position, end)
             if found != -1:
-                opened = rfind(_STRUCT, position, found)
-                if opened != -1 and find(_STRUCT_END, opened, found) == -1:  # inside a map: look further
+                opened = rfind(b"<struct>", position, found)
+                if opened != -1 and find(b"</struct>", opened, found) == -1:  # inside a map: look further
                     found = _member(data, anchor, position, found, end)
             if found == -1 and position != start:  # this record holds its fields in another order
                 found = _member(data, anchor, start, find(anchor, start, end), end)
             if found == -1:
                 continue
             at = found + width  # after "<value"
+            first = data[at + 1]
             if data[at] != 62:  # not ">": "<value/>", an empty string
-                record[name], position = "", at + 2
-            elif data[at + 1] != 60:  # not "<": a bare string, as xapi writes them
-                position = data.index(b"</value>", at)
+                record[name] = ""
+                position = at + 2
+            elif first != 60:  # not "<": a bare string, as xapi writes them
+                position = index(b"</value>", at)
                 text = data[at + 1:position].decode("utf-8")
                 record[name] = html.unescape(text) if "&" in text else text
-            elif data.startswith(b"<boolean>", at + 1) and data.startswith(b"</boolean>", at + 11):
+            elif startswith(b"<boolean>", at + 1) and startswith(b"</boolean>", at + 11):
                 record[name] = data[at + 10] == 49  # "1"
                 position = at + 21
+            elif startswith(b"<struct></struct>", at + 1):
+                record[name] = {}
+                position = at + 18
+            elif startswith(b"<array><data></data></array>", at + 1):
+                record[name] = []
+                position = at + 29
             else:
                 record[name], position = _value(data, at + 1)
         return record
@@ -190,21 +198,22 @@ def parse_records(chunks, fields):
                 continue
             pending, started = pending[value.end():], True
         records = _records(pending, final=False)
-        for ref, members, end in records:
-            yield _read(reader, pending, ref, members, end)
+        yield from _read(reader, pending, records)
         if records:
             pending = pending[records[-1][2]:]
     if not started:
         _failure(pending)
     if not pending.rstrip().endswith(b"</methodResponse>"):
         raise ResponseError("the response was cut short after {} bytes of its last record".format(len(pending)))
-    for ref, members, end in _records(pending, final=True):
-        yield _read(reader, pending, ref, members, end)
+    yield from _read(reader, pending, _records(pending, final=True))
 
 
-def _read(reader, data, ref, members, end):
+def _read(reader, data, records):
+    """(ref, {field: value}) of each of `records` in `data`."""
+    ref = b""
     try:
-        return ref.decode("ascii"), reader.record(data, members, end)
+        for ref, members, end in records:
+            yield ref.decode("ascii"), reader.record(data, members, end)
     except ResponseError:
         raise
     except (ValueError, UnicodeDecodeError) as error:
