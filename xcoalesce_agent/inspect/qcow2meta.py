@@ -9,11 +9,10 @@ The cluster bitmap has one bit per cluster of the virtual size, least-significan
 cluster 8k + j, set when the image's OWN L2 entry maps it (not its backing chain's). Anything
 malformed is a `Qcow2Error` with a one-line reason, never a bitmap of zeros.
 """
-import base64
-import binascii
 import json
 import struct
-import zlib
+
+from . import vhdmeta
 
 MAGIC = b"QFI\xfb"
 HIDDEN_EXTENSION = 0x76617465          # "vate": SM's hidden flag, 8 bytes, first byte 1 = hidden
@@ -332,13 +331,7 @@ def map_bitmap(text, header):
 
 def decode_vhd_blocks(value, header):
     """SM's `sm_config:vhd-blocks` of a QCOW2 image: base64 of zlib of `qcow2_helper bitmap`."""
-    expected = header.helper_bitmap_length()
     try:
-        compressed = base64.b64decode(value.encode("ascii"), validate=True)
-        inflater = zlib.decompressobj()
-        bitmap = inflater.decompress(compressed, expected + 1)
-    except (UnicodeEncodeError, binascii.Error, zlib.error) as error:
-        raise Qcow2Error("sm-config:vhd-blocks is not base64 of zlib data: {}".format(error)) from None
-    if len(bitmap) != expected or not inflater.eof or inflater.unused_data:
-        raise Qcow2Error("sm-config:vhd-blocks does not hold the {}-byte bitmap expected".format(expected))
-    return bitmap
+        return vhdmeta.inflate_vhd_blocks(value, header.helper_bitmap_length())
+    except vhdmeta.VhdMetadataError as error:
+        raise Qcow2Error(str(error)) from None

@@ -115,9 +115,14 @@ def allocation_bitmap(raw, entries):
 def decode_vhd_blocks(value, virtual_size):
     """The bitmap SM keeps in `sm_config:vhd-blocks` (base64 of zlib of `vhd-util read -B` output).
 
-    Its length must be the one `read -B` prints for `virtual_size`; decompression stops past that.
+    Its length must be the one `read -B` prints for `virtual_size`.
     """
-    expected = (virtual_size // BLOCK_SIZE + 7) // 8
+    return inflate_vhd_blocks(value, (virtual_size // BLOCK_SIZE + 7) // 8)
+
+
+def inflate_vhd_blocks(value, expected):
+    """The `expected` bytes an `sm_config:vhd-blocks` value (base64 of zlib of a bitmap, VHD or
+    QCOW2) must hold; decompression stops past them. VhdMetadataError for anything else."""
     try:
         compressed = base64.b64decode(value.encode("ascii"), validate=True)
         inflater = zlib.decompressobj()
