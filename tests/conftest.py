@@ -24,13 +24,14 @@ def sm_generation(request):
 @pytest.fixture
 def sim_host(tmp_path, sm_generation):
     """Factory: sim_host("demo", **params) or sim_host(scenario_dict) builds and starts a simulated host
-    under tmp_path (SM generation `sm_generation` unless `sm=` says); every host it started is stopped
-    at teardown."""
+    under tmp_path (SM generation `sm_generation` unless `sm=` says, UUIDs salted with its directory:
+    tests/dom0sim/hostbuild.py); every host it started is stopped at teardown."""
     hosts = []
 
     def start(scenario="demo", **params):
         params.setdefault("sm", sm_generation)
-        host = SimHost(str(tmp_path / "h{}".format(len(hosts))), scenario, **params).build()
+        directory = str(tmp_path / "h{}".format(len(hosts)))
+        host = SimHost(directory, scenario, uuid_salt=directory, **params).build()
         hosts.append(host)
         return host.start()
 

@@ -48,12 +48,13 @@ class SimHost(object):
 
     `sm` is the storage manager's generation ("3.2" as XCP-ng 8.3, "4.1" as XenServer 8), and
     `snapshot_seconds` how long each internal snapshot of a snapshot-coalesce round pauses the leaf;
-    `qcow2_helper=False` makes a host without SM's qcow2_helper; the other keyword parameters are the
-    scenario's."""
+    `qcow2_helper=False` makes a host without SM's qcow2_helper; `uuid_salt` gives its objects other
+    UUIDs than the scenario's usual ones; the other keyword parameters are the scenario's."""
 
     def __init__(self, state_dir, scenario, sm=DEFAULT_GENERATION, snapshot_seconds=DEFAULT_SNAPSHOT_SECONDS,
-                 qcow2_helper=True, **params):
+                 qcow2_helper=True, uuid_salt="", **params):
         self.state_dir = os.path.abspath(state_dir)
+        self.uuid_salt = uuid_salt
         self.sm_generation = get_generation(sm).name
         self.snapshot_seconds = snapshot_seconds
         self.qcow2_helper = qcow2_helper

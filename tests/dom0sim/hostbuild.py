@@ -1,7 +1,10 @@
 """Building a scenario (tests/dom0sim/scenarios.py) on the simulated host: the hosts, pool and SRs in the
 xapi database, the SRs' directories or volume groups, each disk's VHD or QCOW2 chain replayed step by
 step (writes, snapshots, deletions, a lost parent), VM snapshots, garbage files and hostile images;
-the same UUIDs on every build.
+the same UUIDs on every build with the same salt (none: the README's). The test suite salts each host
+with its directory, as simulated hosts on one machine share its process table: a GC's
+`cleanup -u <sr>` process of one host would be seen by the agent of another whose SR had the same
+UUID (two suites run at once), which no real host sees.
 """
 import contextlib
 import os
@@ -16,7 +19,7 @@ UUID_NAMESPACE = uuidlib.UUID("6c6e0d5a-2f0e-4a55-9b49-64f3a3c1a0de")
 
 
 def stable_uuid(*parts):
-    """The same UUID for the same scenario object on every build."""
+    """The same UUID for the same parts (salt, scenario, object) on every build."""
     return str(uuidlib.uuid5(UUID_NAMESPACE, ":".join(str(part) for part in parts)))
 
 
@@ -34,12 +37,13 @@ class Builder(object):
         self.db = host.db
         self.scenario = host.scenario
         self.name = self.scenario["name"]
+        self.salt = (host.uuid_salt,) if host.uuid_salt else ()
         self.host_refs = {}
         self.snapshot_vdis = {}     # (VM name, snapshot name) -> [VDI ref]
         self.stores = {}            # SR uuid -> its store
 
     def uuid(self, *parts):
-        return stable_uuid(self.name, *parts)
+        return stable_uuid(*self.salt + (self.name,) + parts)
 
     def build(self):
         db = self.db
