@@ -21,7 +21,8 @@ EXTENT = 4 * 1024 * 1024
 
 
 def started_host(tmp_path_factory, scenario, name=None):
-    host = SimHost(str(tmp_path_factory.mktemp(name or str(scenario))), scenario).build()
+    directory = str(tmp_path_factory.mktemp(name or str(scenario)))
+    host = SimHost(directory, scenario, uuid_salt=directory).build()
     return host.start()
 
 
@@ -148,6 +149,36 @@ def test_states_scenario_shows_every_state_with_its_reason(states_host):
     garbage = [vdi for vdi in by_name["Local ext"].vdis if vdi.state == model.GARBAGE]
     assert by_name["Local ext"].gc_pending_bytes >= sum(vdi.physical_bytes for vdi in garbage) > 0
     assert result.errors == []
+
+
+def test_a_raw_vdi_shows_xapis_sizes_and_its_vm(states_host):
+    """A raw VDI has no image to scan: its sizes are xapi's, read only for the SRs that have one."""
+    result = inspection.inspect(agent_config(states_host))
+    (raw,) = [vdi for sr_report in result.srs for vdi in sr_report.vdis if vdi.state == model.NOT_COW]
+    record = states_host.db.get("VDI", states_host.vdi_ref("raw-disk"))
+    assert (raw.uuid, raw.format, raw.vm_name) == (states_host.vdis["raw-disk"], model.RAW, "formats")
+    assert (raw.physical_bytes, raw.virtual_size_bytes) == (record["physical_utilisation"], record["virtual_size"])
+    assert raw.virtual_size_bytes == 16 * 1024 * 1024
+
+
+def test_disks_belong_to_guests_whatever_else_plugs_them(tmp_path_factory):
+    """Every VM has an empty CD drive, and a disk plugged into the control domain (a backup reading
+    it) is still its VM's: only the guests' disk VBDs name a VDI's VM."""
+    host = started_host(tmp_path_factory, "demo", "guests")
+    db = host.db
+    try:
+        dom0 = db.find("VM", is_control_domain=True)[0]
+        for position, uuid in enumerate(host.vdis.values()):
+            db.create("VBD", VM=dom0, VDI=db.ref_of("VDI", uuid), device="xvd" + "fghijklmnop"[position],
+                      userdevice=str(position + 4), currently_attached=True)
+        result = inspection.inspect(agent_config(host))
+    finally:
+        host.stop()
+    cd_drives = [vbd for vbd in db.all("VBD") if db.get_field("VBD", vbd, "type") == "CD"]
+    assert cd_drives and {db.get_field("VBD", vbd, "VDI") for vbd in cd_drives} == {"OpaqueRef:NULL"}
+    owners = {host.vdis[disk["key"]]: spec["name"] for spec in host.scenario["vms"] for disk in spec["disks"]}
+    reports = {vdi.uuid: vdi for sr_report in result.srs for vdi in sr_report.vdis}
+    assert owners and all(reports[uuid].vm_name == name for uuid, name in owners.items())
 
 
 def test_pool_member_inspects_only_its_own_attached_local_srs(tmp_path_factory):

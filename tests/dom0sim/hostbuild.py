@@ -15,12 +15,18 @@ from tests.dom0sim.xapi import wire
 from tests.dom0sim.xapi.schema import NULL_REF
 
 MIB = 1024 * 1024
+CD_SLOT = 3
 UUID_NAMESPACE = uuidlib.UUID("6c6e0d5a-2f0e-4a55-9b49-64f3a3c1a0de")
 
 
 def stable_uuid(*parts):
     """The same UUID for the same parts (salt, scenario, object) on every build."""
     return str(uuidlib.uuid5(UUID_NAMESPACE, ":".join(str(part) for part in parts)))
+
+
+def disk_slot(position):
+    """The VBD slot (userdevice) of a VM's disk at `position`: 0, 1, 2, then past the CD drive's."""
+    return position if position < CD_SLOT else position + 1
 
 
 def pattern(label, mib):
@@ -159,8 +165,15 @@ class Builder(object):
         for position, disk in enumerate(spec["disks"]):
             vdi_ref = self.build_disk(spec, disk)
             if vdi_ref is not None:
-                db.create("VBD", VM=vm_ref, VDI=vdi_ref, device="xvd" + "abcdefgh"[position],
-                          userdevice=str(position), bootable=position == 0, currently_attached=running)
+                slot = disk_slot(position)
+                db.create("VBD", VM=vm_ref, VDI=vdi_ref, device="xvd" + "abcdefghi"[slot],
+                          userdevice=str(slot), bootable=position == 0, currently_attached=running)
+        self.build_cd_drive(vm_ref, currently_attached=running)
+
+    def build_cd_drive(self, vm_ref, currently_attached=False):
+        """The empty CD drive every VM made from a template has (read-only, in slot 3)."""
+        self.db.create("VBD", VM=vm_ref, VDI=NULL_REF, type="CD", mode="RO", empty=True, device="xvdd",
+                       userdevice=str(CD_SLOT), currently_attached=currently_attached)
 
     def build_disk(self, vm_spec, disk):
         db = self.db
@@ -218,8 +231,10 @@ class Builder(object):
             snap_ref = db.create("VM", name_label=snap_name, is_a_snapshot=True, snapshot_of=vm_ref,
                                  snapshot_time=wire.now(), power_state="Halted")
             for position, vdi_ref in enumerate(live):
-                db.create("VBD", VM=snap_ref, VDI=vdi_ref, device="xvd" + "abcdefgh"[position],
-                          userdevice=str(position))
+                slot = disk_slot(position)
+                db.create("VBD", VM=snap_ref, VDI=vdi_ref, device="xvd" + "abcdefghi"[slot],
+                          userdevice=str(slot))
+            self.build_cd_drive(snap_ref)
 
 
 class _DiskHistory(object):

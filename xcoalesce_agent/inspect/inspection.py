@@ -29,10 +29,16 @@ RECORD_FIELDS = {
            "sm_config"),
     "PBD": ("host", "SR", "currently_attached"),
     "VDI": ("uuid", "name_label", "location", "is_a_snapshot", "on_boot", "allow_caching", "other_config",
-            "sm_config", "physical_utilisation", "virtual_size"),
-    "VBD": ("VM", "VDI", "type"),
-    "VM": ("uuid", "name_label", "tags", "is_control_domain", "is_a_snapshot", "snapshot_of"),
+            "sm_config"),
+    "VBD": ("VM", "VDI"),
+    "VM": ("uuid", "name_label", "tags", "is_a_snapshot", "snapshot_of"),
 }
+# Only disks (a VM's CD drives hold ISOs, never the SRs' images) and only guests (no control domain):
+# xapi filters the records, which are then neither sent nor read.
+DISK_VBDS = 'field "type" = "Disk"'
+GUEST_VMS = 'field "is_control_domain" = "false"'
+# What only a raw VDI's report shows (an image's sizes come from its scan): read for SRs that have raw VDIs.
+RAW_VDI_FIELDS = ("physical_utilisation", "virtual_size")
 
 
 BITMAPS = BitmapCache()
@@ -95,13 +101,12 @@ def select_srs(host_ref, is_master, srs, pbds):
 class _Vm(object):
     """What an inspection keeps of one VM record: thousands of them, so no dict each."""
 
-    __slots__ = ("uuid", "name", "tags", "is_control_domain", "is_snapshot", "snapshot_of")
+    __slots__ = ("uuid", "name", "tags", "is_snapshot", "snapshot_of")
 
     def __init__(self, record):
         self.uuid = record.get("uuid", "")
         self.name = record.get("name_label", "")
         self.tags = tuple(record.get("tags") or ())
-        self.is_control_domain = bool(record.get("is_control_domain"))
         self.is_snapshot = bool(record.get("is_a_snapshot"))
         self.snapshot_of = record.get("snapshot_of", "") if self.is_snapshot else ""
 
@@ -115,16 +120,19 @@ def vdi_users(vbds, vms):
     snapshots), or, once that VM is gone, to the snapshot VM itself: what `xe snapshot-list` still
     shows an administrator, and what they would exclude.
 
-    `vbds` is any iterable of VBD records (xapi's stream of them: none is kept), `vms` {ref: _Vm}.
+    `vbds` is any iterable of disk VBD records (xapi's stream of them: none is kept), `vms` {ref: _Vm}
+    of the guests: a VBD of any other VM (the control domain's) is left out.
     """
     users = {}
+    vm_of, user_of = vms.get, users.get
     for vbd in vbds:
-        vm = vms.get(vbd["VM"])
-        if vm is None or vm.is_control_domain or vbd.get("type") == "CD":
+        vm = vm_of(vbd["VM"])
+        if vm is None:
             continue
-        current = users.get(vbd["VDI"])
+        vdi = vbd["VDI"]
+        current = user_of(vdi)
         if current is None or (current.is_snapshot and not vm.is_snapshot):
-            users[vbd["VDI"]] = vm
+            users[vdi] = vm
     return {ref: vms.get(vm.snapshot_of, vm) if vm.is_snapshot else vm for ref, vm in users.items()}
 
 
@@ -147,9 +155,9 @@ class _Inspector(object):
         self.images = srimages.SrImages(config, tools, bitmaps, self.error)
         self.signals = gcaccount.empty_signals()
 
-    def records(self, class_name, where=None):
+    def records(self, class_name, where=None, fields=None):
         """(ref, record) of `class_name` from xapi, with only the fields an inspection reads."""
-        return xapi.iter_records(self.config, self.session, class_name, RECORD_FIELDS[class_name], where)
+        return xapi.iter_records(self.config, self.session, class_name, fields or RECORD_FIELDS[class_name], where)
 
     def run(self, host_uuid):
         pools, hosts = dict(self.records("pool")), dict(self.records("host"))
@@ -182,8 +190,8 @@ class _Inspector(object):
 
     def vdi_users(self):
         """`vdi_users` of xapi's VMs and VBDs: the VBD records are folded in as they stream."""
-        vms = {ref: _Vm(record) for ref, record in self.records("VM")}
-        return vdi_users((record for _, record in self.records("VBD")), vms)
+        vms = {ref: _Vm(record) for ref, record in self.records("VM", GUEST_VMS)}
+        return vdi_users((record for _, record in self.records("VBD", DISK_VBDS)), vms)
 
     def error(self, stage, sr, message):
         self.errors.append({"stage": stage, "message": "SR {} ({}): {}".format(sr["name_label"], sr["uuid"], message)})
@@ -203,10 +211,11 @@ class _Inspector(object):
 
         The records stream from xapi and go: only what classification and the report use is kept.
         """
-        facts, reports, vhd_blocks = {}, [], {}
+        facts, raw, vhd_blocks = {}, {}, {}
         lvm = report.type in LVM_SR_TYPES
         no_map = {}
-        for vdi_ref, vdi in self.records("VDI", 'field "SR" = "{}"'.format(sr_ref)):
+        of_sr = 'field "SR" = "{}"'.format(sr_ref)
+        for vdi_ref, vdi in self.records("VDI", of_sr):
             vm = users.get(vdi_ref, NO_VM)
             other_config = vdi.get("other_config") or no_map
             if other_config and marks.VDI_MARK_KEY in other_config:
@@ -215,7 +224,7 @@ class _Inspector(object):
             vdi_type = sm_config.get("vdi_type", "vhd")
             if vdi_type in NOT_COW_TYPES:
                 report.skipped_vdis += 1
-                reports.append(_not_cow_report(vdi, vm, NOT_COW_TYPES[vdi_type]))
+                raw[vdi_ref] = (vdi, vm, NOT_COW_TYPES[vdi_type])
                 continue
             uuid = vdi["uuid"]
             location = vdi.get("location")
@@ -231,7 +240,15 @@ class _Inspector(object):
             facts[image_uuid] = vhdtree.VdiFacts(
                 uuid, _is_true(vdi.get("is_a_snapshot")), _ON_BOOT.get(on_boot, on_boot),
                 _is_true(vdi.get("allow_caching")), leaf_flag, vm.uuid, vm.tags, vdi["name_label"], vm.name)
-        return facts, reports, vhd_blocks
+        return facts, self.raw_reports(of_sr, raw), vhd_blocks
+
+    def raw_reports(self, of_sr, raw):
+        """The reports of an SR's raw VDIs ({ref: (record, _Vm, kind)}), their sizes read from xapi
+        in a second pass over the SR's records only when it has some (one gone by then shows 0)."""
+        if not raw:
+            return []
+        sizes = {ref: record for ref, record in self.records("VDI", of_sr, RAW_VDI_FIELDS) if ref in raw}
+        return [_not_cow_report(vdi, sizes.get(ref, {}), vm, kind) for ref, (vdi, vm, kind) in raw.items()]
 
     def sr_report(self, ref, sr, users, gc_seconds):
         """The SR's report: its scan first, then xapi's VDI records of that SR only, joined."""
@@ -364,10 +381,10 @@ def _parent_bitmap_used(lvm, node, leaf):
     return not (lvm and leaf and node.record.qcow2 is None)
 
 
-def _not_cow_report(vdi, vm, kind):
+def _not_cow_report(vdi, sizes, vm, kind):
     return model.VdiReport(
         uuid=vdi["uuid"], name=vdi["name_label"], vm_uuid=vm.uuid, vm_name=vm.name,
         chain_length=0, state=model.NOT_COW, reason="{} VDI: not a copy-on-write image; left alone".format(kind),
         reclaimable_bytes=0, merge_bytes=0, merge_free_bytes=0,
-        physical_bytes=int(vdi.get("physical_utilisation") or 0), virtual_size_bytes=int(vdi.get("virtual_size") or 0),
-        parent_uuid="", hidden=False, format=model.RAW)
+        physical_bytes=int(sizes.get("physical_utilisation") or 0),
+        virtual_size_bytes=int(sizes.get("virtual_size") or 0), parent_uuid="", hidden=False, format=model.RAW)

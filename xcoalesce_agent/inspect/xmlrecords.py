@@ -8,7 +8,7 @@ encloses it, and decodes only the wanted values. Pure: bytes in, plain values ou
 xapi writes no whitespace between elements; the line breaks Python's XML-RPC writer puts after
 tags are removed first.
 """
-import html
+from html import unescape
 import re
 import xmlrpc.client
 from xml.parsers.expat import ExpatError
@@ -38,7 +38,7 @@ class ResponseError(ValueError):
 
 def _text(raw):
     text = raw.decode("utf-8")
-    return html.unescape(text) if "&" in text else text
+    return unescape(text) if "&" in text else text
 
 
 def _value(data, at):
@@ -89,34 +89,39 @@ class _Reader(object):
         find, rfind, index, startswith = data.find, data.rfind, data.index, data.startswith
         for name, anchor, width in self.anchors:
             found = find(anchor, position, end)
-            if found != -1:
+            if found == -1:
+                if position == start:
+                    continue
+                found = _member(data, anchor, start, find(anchor, start, end), end)  # held in another order
+                if found == -1:
+                    continue
+            else:
                 opened = rfind(b"<struct>", position, found)
                 if opened != -1 and find(b"</struct>", opened, found) == -1:  # inside a map: look further
                     found = _member(data, anchor, position, found, end)
-            if found == -1 and position != start:  # this record holds its fields in another order
-                found = _member(data, anchor, start, find(anchor, start, end), end)
-            if found == -1:
-                continue
-            at = found + width  # after "<value"
-            first = data[at + 1]
-            if data[at] != 62:  # not ">": "<value/>", an empty string
-                record[name] = ""
-                position = at + 2
-            elif first != 60:  # not "<": a bare string, as xapi writes them
+                    if found == -1 and position != start:
+                        found = _member(data, anchor, start, find(anchor, start, end), end)
+                    if found == -1:
+                        continue
+            at = found + width + 1  # after "<value>"
+            if data[at] != 60 and data[at - 1] == 62:  # a bare string, as xapi writes them
                 position = index(b"</value>", at)
-                text = data[at + 1:position].decode("utf-8")
-                record[name] = html.unescape(text) if "&" in text else text
-            elif startswith(b"<boolean>", at + 1) and startswith(b"</boolean>", at + 11):
-                record[name] = data[at + 10] == 49  # "1"
-                position = at + 21
-            elif startswith(b"<struct></struct>", at + 1):
+                text = data[at:position].decode("utf-8")
+                record[name] = unescape(text) if "&" in text else text
+            elif data[at - 1] != 62:  # "<value/>", an empty string
+                record[name] = ""
+                position = at + 1
+            elif startswith(b"<boolean>", at) and startswith(b"</boolean>", at + 10):
+                record[name] = data[at + 9] == 49  # "1"
+                position = at + 20
+            elif startswith(b"<struct></struct>", at):
                 record[name] = {}
-                position = at + 18
-            elif startswith(b"<array><data></data></array>", at + 1):
+                position = at + 17
+            elif startswith(b"<array><data></data></array>", at):
                 record[name] = []
-                position = at + 29
+                position = at + 28
             else:
-                record[name], position = _value(data, at + 1)
+                record[name], position = _value(data, at)
         return record
 
 
