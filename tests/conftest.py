@@ -1,4 +1,6 @@
 """Fixtures that run a simulated Dom0 (tests/dom0sim) for a test, in its tmp_path."""
+import shutil
+
 import pytest
 
 from tests.dom0sim.host import SimHost
@@ -14,6 +16,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("sm_generation", generations, indirect=True)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Notes on the test whether its body passed, for fixtures to keep what a failure leaves."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.body_passed = report.passed
+
+
 @pytest.fixture
 def sm_generation(request):
     """The SM generation sim_host gives its hosts unless `sm=` says: the default one, or each of a
@@ -22,10 +33,12 @@ def sm_generation(request):
 
 
 @pytest.fixture
-def sim_host(tmp_path, sm_generation):
+def sim_host(tmp_path, sm_generation, request):
     """Factory: sim_host("demo", **params) or sim_host(scenario_dict) builds and starts a simulated host
     under tmp_path (SM generation `sm_generation` unless `sm=` says, UUIDs salted with its directory:
-    tests/dom0sim/hostbuild.py); every host it started is stopped at teardown."""
+    tests/dom0sim/hostbuild.py); every host it started is stopped at teardown, and its directory (disk
+    images: gigabytes over the suite, which pytest would keep for three runs) removed once the test
+    passed."""
     hosts = []
 
     def start(scenario="demo", **params):
@@ -38,6 +51,9 @@ def sim_host(tmp_path, sm_generation):
     yield start
     for host in hosts:
         host.stop()
+    if getattr(request.node, "body_passed", False):
+        for host in hosts:
+            shutil.rmtree(host.state_dir, ignore_errors=True)
 
 
 @pytest.fixture
