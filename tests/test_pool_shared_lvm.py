@@ -11,13 +11,14 @@ import pytest
 
 from tests.runner_support import REPOSITORY, agent_command, configure, digests, other_configs, power_states, run_now
 
-# Runs inside the agent's process (Python >= 3.8): every process it starts, every lock call (with the
-# file it is on) and every file it opens, written to $AUDIT_LOG as JSON lines.
+# Runs inside the agent's process (Python >= 3.8): every process it starts and every command its tool
+# shell runs, every lock call (with the file it is on) and every file it opens, written to $AUDIT_LOG
+# as JSON lines.
 AUDIT_HOOK = textwrap.dedent("""\
     import json, os, sys
     _log = open(os.environ["AUDIT_LOG"], "a")
     def _hook(event, args):
-        if event in ("subprocess.Popen", "os.exec", "os.posix_spawn"):
+        if event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "xcoalesce_agent.tool"):
             _log.write(json.dumps([event, repr(args)]) + "\\n")
             _log.flush()
         elif event in ("fcntl.lockf", "fcntl.flock", "fcntl.fcntl"):
@@ -100,7 +101,8 @@ def test_now_frees_each_estimate_and_leaves_activation_as_it_was(pool_host, tmp_
     if environment is not None:
         with open(environment["AUDIT_LOG"]) as stream:
             events = [json.loads(line) for line in stream]
-        commands = [event[1] for event in events if event[0] in ("subprocess.Popen", "os.exec", "os.posix_spawn")]
+        commands = [event[1] for event in events
+                    if event[0] in ("subprocess.Popen", "os.exec", "os.posix_spawn", "xcoalesce_agent.tool")]
         assert not [command for command in commands if any(name in command for name in LVM_CHANGES)]
         lock_dir = os.path.join(pool_host.state_dir, "lock")
         assert not [event for event in events if event[1].startswith(lock_dir)]   # SM's locks: never opened

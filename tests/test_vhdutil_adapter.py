@@ -152,8 +152,8 @@ def scan_file_sr(tool, tmp_path):
     pytest.param("printf 'ab'", lambda tool, _: tool.read_bitmap("x.vhd", 64 << 20),
                  ["printed 2 bytes where a 4-byte bitmap was expected"], id="short-bitmap"),
     pytest.param("exec sleep 30", scan_file_sr, ["timed out after 1 s"], id="hung-tool-times-out"),
-    pytest.param("kill -ABRT $$", lambda tool, _: tool.scan_lvm_sr(SR), ["signal 6", "exit 134"],
-                 id="crash-names-its-signal"),
+    pytest.param("kill -ABRT $$", lambda tool, _: tool.scan_lvm_sr(SR), ["exit 134"],
+                 id="crash-has-the-shells-status"),
 ])
 def test_misbehaving_tool_is_an_error_not_a_crash(tmp_path, body, call, messages):
     """`messages`: what the error says, any one of them."""

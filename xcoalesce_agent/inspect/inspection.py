@@ -45,13 +45,21 @@ BITMAPS = BitmapCache()
 
 
 def inspect(config, tools=None, bitmaps=None):
-    """Inspect this host's SRs; `tools` (a VhdUtil) and `bitmaps` may be given to reuse them."""
+    """Inspect this host's SRs; `tools` (a VhdUtil) and `bitmaps` may be given to reuse them.
+
+    The tools' shell starts first, while this process is smallest (toolshell.py)."""
     started = time.time()
     host_uuid = inventory.host_uuid(config.xapi.inventory)
-    tools = tools or vhdutil.VhdUtil(config)
+    own_tools = tools is None
+    tools = vhdutil.VhdUtil(config) if own_tools else tools
     bitmaps = BITMAPS if bitmaps is None else bitmaps
-    with _without_cyclic_collection(), xapi.open_session(config) as session:
-        result = _Inspector(config, session, tools, bitmaps).run(host_uuid)
+    try:
+        tools.start()
+        with _without_cyclic_collection(), xapi.open_session(config) as session:
+            result = _Inspector(config, session, tools, bitmaps).run(host_uuid)
+    finally:
+        if own_tools:
+            tools.close()
     bitmaps.prune()
     result.started = started
     result.duration_seconds = time.time() - started

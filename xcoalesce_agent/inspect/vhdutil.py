@@ -8,11 +8,11 @@ import binascii
 import errno
 import json
 import os
+import shutil
 import stat
-import subprocess
-import tempfile
 
 from . import qcow2meta, vhdtree
+from .toolshell import ToolShell, ToolShellError
 from ..errors import HostUnreachable
 
 LVM_VG_PREFIX = "VG_XenStorage-"
@@ -24,7 +24,10 @@ class VhdUtilError(Exception):
 
 
 class VhdUtil(object):
-    """The configured `vhd-util`, counting its runs and the processes forked for them (for the benchmark)."""
+    """The configured `vhd-util`, counting its runs and the processes forked for them (for the benchmark).
+
+    Every command runs through one `ToolShell`, started on the first; `close()` ends it.
+    """
 
     def __init__(self, config):
         self.binary = config.tools.vhd_util
@@ -33,7 +36,22 @@ class VhdUtil(object):
         self.timeout = config.tools.timeout_seconds
         self.environment = dict(os.environ, PATH=config.tools.path, LC_ALL="C")
         self.spawned = 0      # runs of vhd-util, qcow2_helper and qemu-img
-        self.forked = 0       # processes this one started (a batch's shell runs several vhd-util)
+        self.shell = ToolShell(self.environment)
+
+    @property
+    def forked(self):
+        """Processes this one started: the shells, which fork the tools."""
+        return self.shell.started
+
+    def start(self):
+        """Starts the tools' shell now (else on the first command); a failure waits for that command."""
+        try:
+            self.shell.start()
+        except (ToolShellError, OSError):
+            pass
+
+    def close(self):
+        self.shell.close()
 
     def run(self, args):
         """stdout of `vhd-util ARGS` as bytes; a non-zero exit or a timeout raises VhdUtilError."""
@@ -47,28 +65,23 @@ class VhdUtil(object):
         output = self._run_command([command] + list(args), "{} {}".format(command, " ".join(args)))
         return output.decode("utf-8", "replace")
 
-    def _run_command(self, command, what, output=None):
-        """stdout of `command` (read back from the file `output` when given), or VhdUtilError."""
+    def _run_command(self, command, what):
+        """stdout of `command`, or VhdUtilError; HostUnreachable when the program is not there to run."""
+        if shutil.which(command[0], path=self.environment["PATH"]) is None:
+            code = errno.EACCES if os.path.exists(command[0]) else errno.ENOENT
+            raise HostUnreachable("cannot run {}: {}".format(command[0], os.strerror(code)))
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output or subprocess.PIPE,
-                                       stderr=subprocess.PIPE, env=self.environment, close_fds=True)
+            result = self.shell.run(command, self.timeout)
+        except ToolShellError as error:
+            raise VhdUtilError(str(error)) from None
         except OSError as error:
-            if error.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
-                raise HostUnreachable("cannot run {}: {}".format(command[0], os.strerror(error.errno))) from None
             raise VhdUtilError("cannot run {}: {}".format(command[0], os.strerror(error.errno))) from None
-        self.forked += 1
-        try:
-            stdout, stderr = process.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise VhdUtilError("`{}` timed out after {:g} s".format(what, self.timeout)) from None
-        if output is not None:
-            output.seek(0)
-            stdout = output.read()
-        if process.returncode != 0:
+        if result is None:
+            raise VhdUtilError("`{}` timed out after {:g} s".format(what, self.timeout))
+        returncode, stdout, stderr = result
+        if returncode != 0:
             raise VhdUtilError("`{}` failed (exit {}): {}".format(
-                what, _exit_status(process.returncode), _first_line(stderr, stdout)))
+                what, returncode, _first_line(stderr, stdout)))
         return stdout
 
     def qcow2_bitmap(self, path, header):
@@ -114,9 +127,8 @@ class VhdUtil(object):
     def read_bitmaps(self, images):
         """{path: bitmap or VhdUtilError} for [(path, virtual_size)]: one `read -B` per image.
 
-        The reads run from one small shell per batch rather than each forked from this process,
-        whose size makes every fork cost milliseconds of its CPU; the batch writes to a temporary
-        file, read once at its end, rather than to a pipe that would wake this process per image.
+        Each batch is one command of the tool shell: its output goes to the shell's file, read once
+        at its end, rather than to a pipe that would wake this process per image.
         """
         results = {}
         for first in range(0, len(images), BITMAP_BATCH):
@@ -129,15 +141,8 @@ class VhdUtil(object):
 
     def _read_batch(self, batch):
         boundary = "--xcoalesce-{}--".format(binascii.hexlify(os.urandom(12)).decode("ascii"))
-        try:
-            spool = tempfile.TemporaryFile(prefix="xcoalesce-bitmaps-")
-        except OSError as error:
-            raise VhdUtilError("cannot create a temporary file for `vhd-util read -B` output: {}".format(
-                os.strerror(error.errno) if error.errno else error)) from None
-        with spool:
-            output = self._run_command(["/bin/sh", "-c", _BATCH_SCRIPT, "sh", boundary, self.binary]
-                                       + [path for path, _ in batch],
-                                       "vhd-util read -B (batch of {})".format(len(batch)), spool)
+        output = self._run_command(["/bin/sh", "-c", _BATCH_SCRIPT, "sh", boundary, self.binary]
+                                   + [path for path, _ in batch], "vhd-util read -B (batch of {})".format(len(batch)))
         self.spawned += len(batch)
         parts = output.split(("\n" + boundary + " ").encode("ascii"))
         return {path: _batch_result(path, virtual_size, parts, index)
@@ -187,10 +192,6 @@ def qemu_image_alone(path):
 
 def lvm_vg_name(sr_uuid):
     return LVM_VG_PREFIX + sr_uuid
-
-
-def _exit_status(returncode):
-    return "signal {}".format(-returncode) if returncode < 0 else str(returncode)
 
 
 def _first_line(*outputs):
