@@ -17,7 +17,9 @@ import sys
 import tempfile
 import time
 
-# (scenario, its size parameter): `large` takes VDIs; `pool-shared-lvm` takes VMs, about 2.8 VHDs each;
+# (scenario, its size parameter), also the figures' prefix (`large:10000`): `large` takes disks (one VM
+# each; with the hidden parents their snapshots left, 1.5 VDIs each in xapi, as the figures count them);
+# `pool-shared-lvm` takes VMs, about 2.8 VDIs each;
 # `qcow2` (QCOW2 chains beside VHDs on file and LVM SRs) takes about as many VDIs, and is skipped on
 # a simulated host without it.
 CASES = (("large", 1000), ("large", 10000), ("pool-shared-lvm", 3560), ("qcow2", 1000))
@@ -63,6 +65,7 @@ def child_inspect(conf):
         tools = vhdutil.VhdUtil(settings)
         meter = Meter()
         result = inspection.inspect(settings, tools=tools, bitmaps=cache)
+        tools.close()   # the tools' shell reaped: their CPU is in RUSAGE_CHILDREN once it is
         figures = meter.read()
         figures["spawned"] = tools.spawned
         figures["forked"] = tools.forked
@@ -100,6 +103,7 @@ def child_baseline(conf):
             tools.run(["query", "-n", path, "-v", "-s", "-p", "-f"])
         except vhdutil.VhdUtilError:
             pass
+    tools.close()
     sample = meter.read()
     scale = len(paths) / float(min(len(paths), BASELINE_SAMPLE))
     return {"spawned": len(paths), "sampled": min(len(paths), BASELINE_SAMPLE),
@@ -145,7 +149,7 @@ def run(cases=CASES):
             continue
         agent, baseline = measure(scenario, count)
         cold, warm = agent["cold"], agent["warm"]
-        prefix = "{} {} VDIs: ".format(scenario, agent["vhds"])
+        prefix = "{}:{}, {} VDIs: ".format(scenario, count, agent["vhds"])
         target = " (target {})".format(agent["srs"] + 2 * agent["candidates"]) if scenario == "large" else ""
         figures += [
             (prefix + "SRs, leaf-coalesce candidates", "{} SRs, {} candidates".format(
@@ -174,7 +178,8 @@ def run(cases=CASES):
             cold_cpu[count] = (cold["agent_cpu"], warm["agent_cpu"])
     if len(cold_cpu) > 1:
         low, high = min(cold_cpu), max(cold_cpu)
-        figures.append(("agent CPU growth {} -> {} VDIs, first / next (linear: {:.0f}x)".format(low, high, high / low),
+        figures.append(("agent CPU growth large:{} -> large:{}, first / next (linear: {:.0f}x)".format(
+            low, high, high / low),
                         "{} / {}".format(ratio(cold_cpu[high][0], cold_cpu[low][0]),
                                          ratio(cold_cpu[high][1], cold_cpu[low][1]))))
     return figures

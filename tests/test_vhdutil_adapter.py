@@ -1,6 +1,10 @@
 """The `vhd-util` adapter against real VHD files and the simulated host's `vhd-util` (blktap's exact output)."""
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -197,3 +201,38 @@ def test_bitmap_reads_without_a_temporary_directory_are_errors_per_image(host, t
     results = vhdutil.VhdUtil(agent_config).read_bitmaps([(str(tmp_path / "a.vhd"), 64 << 20)])
     assert "cannot create a temporary file" in str(results[str(tmp_path / "a.vhd")])
     assert "No such file or directory" in str(results[str(tmp_path / "a.vhd")])
+
+
+def test_an_agent_killed_outright_leaves_no_file_and_no_shell(tmp_path):
+    """The tools' output files have no name and the shell ends with its pipe: a SIGKILL of the agent
+    (the OOM killer, `kill -9`) leaves nothing in the temporary directory and no shell running."""
+    fake_tool(tmp_path, "echo $PPID")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    agent = ("import os, signal, sys\n"
+             "from xcoalesce_agent import config\n"
+             "from xcoalesce_agent.inspect import vhdutil\n"
+             "settings = config.defaults()\n"
+             "settings.tools.vhd_util = sys.argv[1]\n"
+             "tool = vhdutil.VhdUtil(settings)\n"
+             "print(tool.run(['scan']).decode().strip(), sorted(os.listdir(sys.argv[2])), flush=True)\n"
+             "os.kill(os.getpid(), signal.SIGKILL)\n")
+    process = subprocess.run([sys.executable, "-c", agent, str(tmp_path / "vhd-util"), str(temporary)],
+                             stdout=subprocess.PIPE, universal_newlines=True,
+                             env=dict(os.environ, TMPDIR=str(temporary)), timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    shell, listed = process.stdout.split(" ", 1)
+    assert listed.strip() == "[]"
+    deadline = time.monotonic() + 30
+    while os.path.exists("/proc/{}".format(shell)) and _state(shell) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists("/proc/{}".format(shell)) or _state(shell) == "Z"
+    assert os.listdir(str(temporary)) == []
+
+
+def _state(pid):
+    try:
+        with open("/proc/{}/stat".format(pid)) as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

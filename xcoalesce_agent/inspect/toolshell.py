@@ -4,13 +4,13 @@ Forking the agent for each tool run costs it more than the fork: a fork write-pr
 of the agent (tens of MB at 10,000 VDIs), and each page written afterwards faults back in, some
 30,000 faults and a tenth of a second of system CPU per inspection (more in a PV Dom0, where page
 tables are the hypervisor's). The shell is forked once, while it is small, and forks the tools. Each
-command's output and errors go to two files in a private directory; its exit status comes back as
-one line on a pipe, waited for with a deadline.
+command's output and errors go to two unnamed temporary files (the shell reopens them, truncated,
+through /proc/self/fd: no name anywhere, so nothing is left behind whatever ends the agent); its
+exit status comes back as one line on a pipe, waited for with a deadline.
 """
 import os
 import select
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +22,13 @@ import weakref
 _audit = getattr(sys, "audit", lambda event, *args: None)
 AUDIT_EVENT = "xcoalesce_agent.tool"
 
-# $1, $2: the files for each command's stdout and stderr. A command reads no stdin (the pipe of commands).
+# $1, $2: the files for each command's stdout and stderr (truncated by each redirection). A command
+# reads no stdin (the pipe of commands).
 _LOOP = 'while IFS= read -r c; do eval "$c" </dev/null >"$1" 2>"$2"; echo "$?"; done'
 
 
 class ToolShellError(Exception):
-    """The shell could not run a command (no temporary directory, a word it cannot pass, it died)."""
+    """The shell could not run a command (no temporary file, a word it cannot pass, it died)."""
 
 
 class ToolShell(object):
@@ -79,22 +80,26 @@ class ToolShell(object):
 
 class _Shell(object):
     def __init__(self, environment):
+        self.files = {}
         try:
-            self.directory = tempfile.mkdtemp(prefix="xcoalesce-tools-")
+            for name in ("out", "err"):
+                self.files[name] = tempfile.TemporaryFile(prefix="xcoalesce-tools-")
         except OSError as error:
+            _close(self.files.values())
             raise ToolShellError("cannot create a temporary file for the tools' output: {}".format(
                 os.strerror(error.errno) if error.errno else error)) from None
-        self.files = {name: os.path.join(self.directory, name) for name in ("out", "err")}
+        descriptors = [self.files[name].fileno() for name in ("out", "err")]
         try:
-            self.process = subprocess.Popen(["/bin/sh", "-c", _LOOP, "sh", self.files["out"], self.files["err"]],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                            env=environment, close_fds=True, start_new_session=True)
+            self.process = subprocess.Popen(
+                ["/bin/sh", "-c", _LOOP, "sh"] + ["/proc/self/fd/{}".format(fd) for fd in descriptors],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=environment,
+                close_fds=True, pass_fds=descriptors, start_new_session=True)
         except OSError:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _close(self.files.values())
             raise
         self.stdin, self.stdout = self.process.stdin.fileno(), self.process.stdout.fileno()
         self.pending = b""
-        self.finalizer = weakref.finalize(self, _end, self.process, self.directory)
+        self.finalizer = weakref.finalize(self, _end, self.process, list(self.files.values()))
 
     def status(self, timeout):
         """The exit status line of the command sent last, or None past `timeout`."""
@@ -111,18 +116,23 @@ class _Shell(object):
         return int(line)
 
     def read(self, name):
-        with open(self.files[name], "rb") as stream:
-            return stream.read()
+        stream = self.files[name]
+        stream.seek(0)
+        return stream.read()
 
 
-def _end(process, directory):
-    """Ends a shell and whatever command still runs in it (its process group); removes its directory."""
+def _close(streams):
+    for stream in streams:
+        stream.close()
+
+
+def _end(process, files):
+    """Ends a shell and whatever command still runs in it (its process group); closes its files."""
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except OSError:
             pass
-    for stream in (process.stdin, process.stdout):
-        stream.close()
+    _close((process.stdin, process.stdout))
     process.wait()
-    shutil.rmtree(directory, ignore_errors=True)
+    _close(files)
